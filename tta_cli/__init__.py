@@ -1,0 +1,3 @@
+"""tta: test-time training for vision classifiers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,193 @@
+"""Typed configuration: nested dataclasses loaded from a YAML recipe, then overridden by flags.
+
+Every hyper-parameter lives here, not as literals in loops. `key=value` overrides use dotted
+paths (`optim.lr=0.05`) and values are parsed as YAML, so `optim.milestones=[50,75]` works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from tta_cli.errors import TTAError
+
+T = TypeVar("T")
+
+
+@dataclass
+class DataConfig:
+    """Where images come from. `source`: cifar10-mini (embedded), cifar10 (torchvision folder),
+    or a path to a class-folder tree / .tar(.gz) archive of one."""
+
+    source: str = "cifar10-mini"
+    root: str = "data"  # --data-root for torchvision's cifar-10-batches-py
+    limit_train: int | None = None  # first n training images (after a seeded shuffle); None = all
+    limit_test: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and split point. `split` names the last encoder stage (layer1|layer2|layer3 for
+    ResNets, `blockN` for ViTs); the self-supervised head is a fresh copy of the rest."""
+
+    backbone: str = "preact_resnet"  # preact_resnet | timm_resnet | vit
+    depth: int = 26
+    width: int = 1
+    norm: str = "gn"  # gn | bn
+    groups: int = 8
+    split: str = "layer2"
+    timm_name: str = "resnet18"  # timm_resnet only
+    img_size: int = 32
+    patch_size: int = 4  # vit only
+    embed_dim: int = 192  # vit only
+    vit_depth: int = 12  # vit only
+    vit_heads: int = 3  # vit only
+    num_classes: int = 10
+
+
+@dataclass
+class TaskConfig:
+    """Self-supervised task. rotation: `rotation_mode` expand (all 4 per image) | random (one each).
+    masked: hide `mask_ratio` of `patch_size` patches and reconstruct them."""
+
+    name: str = "rotation"  # rotation | masked
+    rotation_mode: str = "expand"
+    mask_ratio: float = 0.75
+    patch_size: int = 4
+
+
+@dataclass
+class OptimConfig:
+    """Joint training: loss = CE(main) + ssl_weight * L(ssl), SGD + momentum + weight decay."""
+
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    batch_size: int = 128
+    epochs: int = 150
+    schedule: str = "multistep"  # multistep | cosine | onecycle
+    milestones: list[int] = field(default_factory=lambda: [75, 125])
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    ssl_weight: float = 1.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Everything `tta train` needs; saved in full beside every checkpoint."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval_every: int = 5  # epochs between test evaluations (the last epoch always evaluates)
+    device: str = "auto"
+    seed: int = 0
+    compile: bool = False
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True  # on CUDA only
+    out: str = "runs/train"
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys with the valid ones listed."""
+    if not isinstance(values, dict):
+        raise TTAError(f"config section {where or 'root'!r} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise TTAError(f"unknown config key {where + unknown[0]!r}; valid keys here: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = from_dict(kind, value or {}, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, kind, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check (and gently convert: int -> float, scalar -> list) a value against its annotation."""
+    origin = typing.get_origin(kind)
+    args = typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        kind = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(v, args[0], key) for v in items]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if kind in (int, float, str, bool) and not isinstance(value, kind):
+        raise TTAError(f"config key {key!r} wants {kind.__name__}, got {value!r}")
+    if kind is int and isinstance(value, bool):
+        raise TTAError(f"config key {key!r} wants int, got {value!r}")
+    return value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["optim.lr=0.05", "model.norm=bn"]` -> nested dict with YAML-parsed values."""
+    nested: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise TTAError(f"override {pair!r} is not key=value (example: --set optim.lr=0.05)")
+        key, raw = pair.split("=", 1)
+        set_dotted(nested, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return nested
+
+
+def set_dotted(nested: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = nested
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `update` into a copy of `base`."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise TTAError(f"recipe {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise TTAError(f"recipe {path} is not valid YAML: {error}") from None
+    return loaded or {}
+
+
+def load_config(cls: type[T], recipe: str | Path | None, overrides: dict[str, Any]) -> T:
+    """Defaults <- recipe YAML <- overrides (flags and --set), validated into `cls`."""
+    values = to_dict(cls())
+    if recipe is not None:
+        values = merge(values, read_yaml(recipe))
+    values = merge(values, overrides)
+    return from_dict(cls, values)

@@ -1,0 +1,31 @@
+"""The one in-memory form of every image source: decoded once, uint8, channels last."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ImageSet:
+    """images: uint8 (N, H, W, 3); labels: int64 (N,); class_names in label order.
+
+    `meta` carries source-specific facts (corruption, severity, path) for reports.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, index: torch.Tensor | slice) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index], self.class_names, dict(self.meta))
+
+
+def to_float_nchw(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1], on the images' device."""
+    return images.permute(0, 3, 1, 2).float().div_(255.0)

@@ -1,0 +1,19 @@
+"""Self-supervised tasks behind one interface (`make_batch`, `loss`), shared by train and adapt."""
+
+from tta_cli.config import TaskConfig
+from tta_cli.errors import TTAError
+from tta_cli.tasks.masked import MaskedTask
+from tta_cli.tasks.rotation import RotationTask
+
+TASKS = ("rotation", "masked")
+
+
+def build_task(config: TaskConfig):
+    if config.name == "rotation":
+        return RotationTask(config.rotation_mode)
+    if config.name == "masked":
+        return MaskedTask(config.mask_ratio, config.patch_size)
+    raise TTAError(f"unknown task {config.name!r}; choose one of: {', '.join(TASKS)}")
+
+
+__all__ = ["TASKS", "MaskedTask", "RotationTask", "build_task"]

@@ -1,0 +1,32 @@
+"""The interface every self-supervised task implements, used by training and adaptation alike."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from tta_cli.models.features import FeatureSpec
+
+
+class SSLTask(Protocol):
+    """make_batch builds inputs/targets from clean images; loss scores the ssl head's outputs.
+
+    `mode="train"` may expand the batch (rotation `expand`); `mode="adapt"` draws one random
+    transformation per image, which is what per-sample test-time training needs.
+    """
+
+    name: str
+
+    def build_output(self, spec: FeatureSpec, img_size: int) -> nn.Module: ...
+
+    def make_batch(
+        self, images: torch.Tensor, mode: str = "train", generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+
+    def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """A per-image quality number for reports: rotation accuracy, or negative reconstruction error."""
+        ...
