@@ -1,0 +1,1 @@
+"""Joint training of the TTT model and its checkpoints."""

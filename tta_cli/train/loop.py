@@ -1,0 +1,225 @@
+"""Joint training: loss = CE(main head on clean images) + ssl_weight * L(ssl head on task inputs).
+
+GPU-resident data and augmentation, bf16 autocast + channels_last on CUDA, optional torch.compile.
+The loop never prints: it reports through `on_event(kind, **values)` for the CLI to render.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tta_cli.config import TrainConfig, to_dict
+from tta_cli.data.imageset import ImageSet, to_float_nchw
+from tta_cli.data.loader import DeviceLoader
+from tta_cli.errors import TTAError
+from tta_cli.models import TTTModel, build_model
+from tta_cli.tasks import build_task
+from tta_cli.train import checkpoint
+from tta_cli.train.schedule import lr_at
+
+Events = Callable[..., None]
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    metrics: dict
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std in [0, 1] of uint8 (N, H, W, 3) images, computed in float64 chunks."""
+    total = torch.zeros(3, dtype=torch.float64, device=images.device)
+    total_sq = torch.zeros(3, dtype=torch.float64, device=images.device)
+    for chunk in images.split(8192):
+        pixels = chunk.reshape(-1, 3).double() / 255.0
+        total += pixels.sum(0)
+        total_sq += pixels.pow(2).sum(0)
+    count = images[..., 0].numel()
+    mean = total / count
+    std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+class JointLoss(nn.Module):
+    """One step's loss. For rotation `expand` the encoder runs once on the 4 rotations and the main
+    head reads the 0-degree quarter, which is the clean batch (identical to a separate pass with
+    GroupNorm; with BatchNorm the statistics then cover all four rotations)."""
+
+    def __init__(self, model: TTTModel, task, ssl_weight: float, label_smoothing: float):
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.ssl_weight = ssl_weight
+        self.label_smoothing = label_smoothing
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, ssl_inputs: torch.Tensor, ssl_targets: torch.Tensor):
+        batch = images.shape[0]
+        shared = getattr(self.task, "mode", None) == "expand" and ssl_inputs.shape[0] == 4 * batch
+        if shared:
+            features = self.model.features(ssl_inputs)
+            main_logits = self.model.main_head(features[:batch])
+            ssl_outputs = self.model.ssl_head(features)
+        else:
+            main_logits = self.model(images)
+            ssl_outputs = self.model.ssl(ssl_inputs)
+        main_loss = nn.functional.cross_entropy(main_logits.float(), labels, label_smoothing=self.label_smoothing)
+        ssl_loss = self.task.loss(ssl_outputs, ssl_targets)
+        correct = (main_logits.argmax(1) == labels).sum()
+        return main_loss + self.ssl_weight * ssl_loss, main_loss.detach(), ssl_loss.detach(), correct
+
+
+@torch.no_grad()
+def evaluate(model: TTTModel, task, test: ImageSet, device: torch.device, batch_size: int = 1000, amp: bool = True) -> dict:
+    """Main-head accuracy and ssl quality (rotation accuracy over all four rotations, or masked MSE)."""
+    model.eval()
+    correct = torch.zeros((), device=device)
+    ssl_score = torch.zeros((), device=device, dtype=torch.float64)
+    ssl_count = 0
+    generator = torch.Generator(device=device).manual_seed(1234)
+    use_amp = amp and device.type == "cuda"
+    for start in range(0, len(test), batch_size):
+        images = to_float_nchw(test.images[start : start + batch_size].to(device, non_blocking=True))
+        labels = test.labels[start : start + batch_size].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            correct += (model(images).argmax(1) == labels).sum()
+            mode = "train" if task.name == "rotation" else "adapt"
+            ssl_inputs, ssl_targets = task.make_batch(images, mode=mode, generator=generator)
+            scores = task.score(model.ssl(ssl_inputs), ssl_targets)
+        ssl_score += scores.double().sum()
+        ssl_count += scores.shape[0]
+    model.train()
+    metrics = {"test_acc": float(correct) / len(test)}
+    if task.name == "rotation":
+        metrics["test_ssl_acc"] = float(ssl_score) / ssl_count
+    else:
+        metrics["test_ssl_mse"] = -float(ssl_score) / ssl_count
+    return metrics
+
+
+def prepare_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
+    """Refuse to overwrite a finished checkpoint unless asked; --resume needs the resume state."""
+    if resume:
+        return
+    if (out_dir / checkpoint.META).exists() or (out_dir / checkpoint.RESUME).exists():
+        if not force:
+            raise TTAError(f"{out_dir} already holds a checkpoint; use --resume to continue it, --force to overwrite, or another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def train(
+    config: TrainConfig,
+    train_set: ImageSet,
+    test_set: ImageSet,
+    device: torch.device,
+    resume: bool = False,
+    force: bool = False,
+    on_event: Events = lambda kind, **values: None,
+) -> TrainResult:
+    """Train a TTTModel jointly and write its checkpoint to `config.out`."""
+    out_dir = Path(config.out)
+    prepare_out_dir(out_dir, resume, force)
+    torch.manual_seed(config.seed)
+    config.model.num_classes = len(train_set.class_names)
+    if test_set.class_names != train_set.class_names:
+        raise TTAError(f"train and test class names differ: {train_set.class_names} vs {test_set.class_names}")
+
+    task = build_task(config.task)
+    on_gpu = device.type == "cuda"
+    train_images = train_set.images.to(device)
+    mean, std = channel_stats(train_images)
+    model = build_model(config.model, task, mean, std).to(device)
+    if on_gpu and config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.optim.lr,
+        momentum=config.optim.momentum,
+        weight_decay=config.optim.weight_decay,
+        nesterov=config.optim.nesterov,
+        **({"fused": True} if on_gpu else {}),
+    )
+    loader = DeviceLoader(
+        ImageSet(train_images, train_set.labels.to(device), train_set.class_names),
+        batch_size=config.optim.batch_size,
+        device=device,
+        augment=True,
+        seed=config.seed,
+        drop_last=True,
+    )
+    start_epoch, history = 0, []
+    if resume:
+        state = checkpoint.load_resume(out_dir)
+        checkpoint.load_state(model, state["model"], str(out_dir / checkpoint.RESUME))
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history = state["epoch"], state["history"]
+        on_event("resumed", epoch=start_epoch)
+
+    step_loss = JointLoss(model, task, config.optim.ssl_weight, config.optim.label_smoothing)
+    compiled_loss = torch.compile(step_loss) if config.compile else step_loss
+    generator = torch.Generator(device=device).manual_seed(config.seed + 1)
+    use_amp = config.amp and on_gpu
+    steps_per_epoch = len(loader)
+    started = time.perf_counter()
+    metrics: dict = history[-1] if history else {}
+    on_event("start", epochs=config.optim.epochs, steps_per_epoch=steps_per_epoch, start_epoch=start_epoch)
+    for epoch in range(start_epoch, config.optim.epochs):
+        loader.set_epoch(epoch)
+        totals = torch.zeros(4, device=device)  # loss sum, main loss sum, ssl loss sum, correct
+        seen = 0
+        for step, (images, labels) in enumerate(loader):
+            lr = lr_at(config.optim, epoch + step / steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            ssl_inputs, ssl_targets = task.make_batch(images, mode="train", generator=generator)
+            if on_gpu and config.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+                ssl_inputs = ssl_inputs.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, main_loss, ssl_loss, correct = compiled_loss(images, labels, ssl_inputs, ssl_targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            totals += torch.stack([loss.detach(), main_loss, ssl_loss, correct.float()])
+            seen += labels.shape[0]
+            on_event("step", epoch=epoch, step=step, lr=lr)
+        loss_sum, main_sum, ssl_sum, correct_sum = totals.tolist()  # one sync per epoch
+        if not math.isfinite(loss_sum):
+            raise TTAError(f"training loss became NaN/inf in epoch {epoch + 1}; lower optim.lr (now {config.optim.lr}) or check the data. Nothing was overwritten.")
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": loss_sum / steps_per_epoch,
+            "train_main_loss": main_sum / steps_per_epoch,
+            "train_ssl_loss": ssl_sum / steps_per_epoch,
+            "train_acc": correct_sum / seen,
+            "seconds": time.perf_counter() - started,
+        }
+        last = epoch + 1 == config.optim.epochs
+        if last or (config.eval_every > 0 and (epoch + 1) % config.eval_every == 0):
+            record.update(evaluate(model, task, test_set, device, amp=config.amp))
+        history.append(record)
+        metrics = record
+        on_event("epoch", **record)
+        checkpoint.save_resume(
+            out_dir, {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+                "config": to_dict(config),
+            }
+        )
+    seconds = time.perf_counter() - started
+    final = dict(metrics, train_seconds=seconds, device=str(device))
+    model = model.to(memory_format=torch.contiguous_format)
+    checkpoint.save_model(out_dir, model, config, train_set.class_names, final)
+    return TrainResult(out_dir, final, history, seconds)
