@@ -1,0 +1,1 @@
+"""Test-time adaptation: TTT (episodic, batched), TTT-Online with reset/rollback, and comparators."""

@@ -1,0 +1,103 @@
+"""One factory for every adaptation method, from one typed settings object.
+
+Each method has the same interface: `adapt(images) -> logits`, `reset()`, `counters()`, `name`,
+`episodic`. Adding a method touches its own module and one entry here.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from tta_cli.adapt.comparators import NormAdapt, SourceModel, Tent
+from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT
+from tta_cli.adapt.online import OnlineConfig, OnlineTTT
+from tta_cli.adapt.policies import ResetPolicy, RollbackPolicy
+from tta_cli.errors import TTAError
+
+METHODS = ("source", "norm", "tent", "ttt", "ttt-online")
+
+
+@dataclass
+class AdaptSettings:
+    """Every knob of `tta adapt`; `steps` None means the method's default (ttt 10, ttt-online 1)."""
+
+    methods: list[str] = field(default_factory=lambda: ["source", "ttt", "ttt-online"])
+    steps: int | None = None
+    lr: float = 0.001
+    copies: int = 32
+    momentum: float = 0.0
+    params: str = "encoder"
+    batch: int = 1  # ttt-online mini-batch of consecutive samples
+    chunk: int | None = None  # ttt samples adapted at once (None: sized to free GPU memory)
+    reset: str = "never"
+    rollback: bool = False
+    rollback_margin: float = 0.2
+    collapse_entropy: float = 0.5
+    skip_above: float | None = None
+    pre_update: bool = False
+    tent_lr: float = 1e-3
+    comparator_batch: int = 200  # norm and tent batches, as in Tent
+    order: str = "per-corruption"
+    dirichlet: float | None = None
+    amp: bool = True
+    cuda_graph: bool = True
+    seed: int = 0
+
+
+def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSettings, classes: int, device: torch.device):
+    """A fresh copy of the model per method, so methods never see each other's changes."""
+    if name not in METHODS:
+        raise TTAError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}")
+    if settings.skip_above is not None and not hasattr(task, "confidence"):
+        raise TTAError(f"--skip-above needs the rotation task; this checkpoint's task is {task.name}")
+    model = copy.deepcopy(model).to(device)
+    if name == "source":
+        return SourceModel(model, settings.amp)
+    if name == "norm":
+        return NormAdapt(model, settings.amp)
+    if name == "tent":
+        return Tent(model, settings.tent_lr, settings.amp)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    if name == "ttt":
+        config = EpisodicConfig(
+            steps=10 if settings.steps is None else settings.steps,
+            lr=settings.lr,
+            copies=settings.copies,
+            momentum=settings.momentum,
+            params=settings.params,
+            skip_above=settings.skip_above,
+            chunk=settings.chunk,
+            amp=settings.amp,
+        )
+        return EpisodicTTT(model, task, config, generator)
+    use_graph = settings.cuda_graph and device.type == "cuda"
+    if use_graph:  # graph capture draws from the default CUDA generator, seeded here
+        torch.cuda.manual_seed(settings.seed)
+        generator = None
+    config = OnlineConfig(
+        steps=1 if settings.steps is None else settings.steps,
+        lr=settings.lr,
+        copies=settings.copies,
+        momentum=settings.momentum,
+        params=settings.params,
+        batch=settings.batch,
+        skip_above=settings.skip_above,
+        reset=ResetPolicy.parse(settings.reset),
+        rollback=RollbackPolicy(enabled=settings.rollback, margin=settings.rollback_margin, min_entropy=settings.collapse_entropy),
+        pre_update=settings.pre_update,
+        amp=settings.amp,
+        cuda_graph=use_graph,
+    )
+    return OnlineTTT(model, task, config, classes, generator)
+
+
+def batch_size_for(method, settings: AdaptSettings, total: int) -> int:
+    """How many samples the runner hands the method at once."""
+    if method.name == "ttt-online":
+        return settings.batch
+    if method.name in ("norm", "tent"):
+        return settings.comparator_batch
+    return 2048 if method.name == "ttt" else 1000

@@ -1,0 +1,218 @@
+"""Online TTT: the same self-supervised update as episodic TTT, but the weights carry over through
+the stream (implicit memory), with optional reset, rollback and a confidence gate.
+
+The adapted parameters live as views of one flat buffer, so an update, a snapshot, a rollback or a
+reset is one kernel each, and every decision is a device tensor: a whole step runs without a host
+sync and, on CUDA, is captured once in a CUDA graph and replayed per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tta_cli.adapt.params import adapted_parameter_names
+from tta_cli.adapt.policies import PredictionWindow, ResetPolicy, RollbackPolicy, ShiftDetector
+from tta_cli.adapt.views import full_precision, make_views
+from tta_cli.errors import TTAError
+
+
+@dataclass
+class OnlineConfig:
+    steps: int = 1
+    lr: float = 0.001
+    copies: int = 32
+    momentum: float = 0.0
+    params: str = "encoder"
+    batch: int = 1  # consecutive samples adapted together
+    skip_above: float | None = None
+    reset: ResetPolicy = field(default_factory=ResetPolicy)
+    rollback: RollbackPolicy = field(default_factory=RollbackPolicy)
+    pre_update: bool = False  # predict before the update (lowest latency) instead of after
+    amp: bool = True
+    cuda_graph: bool = True  # capture the step on CUDA
+
+
+class FlatParameters:
+    """Re-point the chosen parameters at slices of one contiguous buffer (shared storage)."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        named = dict(model.named_parameters())
+        self.params = [named[n] for n in names]
+        self.flat = torch.cat([p.detach().reshape(-1) for p in self.params]).clone()
+        offset = 0
+        for param in self.params:
+            size = param.numel()
+            param.data = self.flat[offset : offset + size].view_as(param)
+            offset += size
+
+    def flat_grad(self, loss: torch.Tensor) -> torch.Tensor:
+        grads = torch.autograd.grad(loss, self.params)
+        return torch.cat([g.reshape(-1) for g in grads]).to(self.flat.dtype)
+
+
+class OnlineTTT:
+    """Online TTT behind the common method interface (`adapt(images) -> logits`, `reset()`)."""
+
+    name = "ttt-online"
+    episodic = False
+
+    def __init__(self, model: nn.Module, task, config: OnlineConfig, classes: int, generator: torch.Generator | None = None):
+        if config.reset.kind == "every" and config.reset.every % config.batch:
+            raise TTAError(f"--reset every:{config.reset.every} must be a multiple of the online batch ({config.batch})")
+        if config.skip_above is not None and not hasattr(task, "confidence"):
+            raise TTAError(f"--skip-above needs a task with a confidence (rotation), not {task.name}")
+        self.model = model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.task = task
+        self.config = config
+        self.generator = generator
+        self.device = next(model.parameters()).device
+        self.weights = FlatParameters(model, adapted_parameter_names(model, config.params))
+        for param in self.weights.params:
+            param.requires_grad_(True)
+        flat = self.weights.flat
+        self.source = flat.clone()
+        self.snapshot = flat.clone()
+        self.velocity = torch.zeros_like(flat)
+        zero = torch.zeros((), device=self.device, dtype=torch.long)
+        self.counts = {k: zero.clone() for k in ("updates", "skipped", "rollbacks", "rollbacks_to_source", "collapse_resets", "shift_resets", "good_steps", "strikes")}
+        self.detector = ShiftDetector(config.reset, self.device) if config.reset.kind == "on-shift" else None
+        self.window = PredictionWindow(config.rollback.window, classes, self.device) if config.rollback.enabled else None
+        self.samples_seen = 0
+        self.scheduled_resets = 0
+        self._graph = None
+        self._static_images = None
+        self._static_logits = None
+
+    # ---- the interface ----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Back to the source weights (and clear momentum, snapshot and detector history)."""
+        self.weights.flat.copy_(self.source)
+        self.snapshot.copy_(self.source)
+        self.velocity.zero_()
+        self.counts["strikes"].zero_()
+        if self.detector is not None:
+            self.detector.clear()
+        if self.window is not None:
+            self.window.count.zero_()
+
+    def counters(self) -> dict:
+        values = {k: int(v) for k, v in self.counts.items() if k not in ("good_steps", "strikes")}
+        values["scheduled_resets"] = self.scheduled_resets
+        values["resets"] = values["scheduled_resets"] + values["shift_resets"] + values["collapse_resets"]
+        return values
+
+    def adapt(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) with B == config.batch (the last batch may be smaller)."""
+        policy = self.config.reset
+        if policy.kind == "every" and self.samples_seen and self.samples_seen % policy.every == 0:
+            self.reset()
+            self.scheduled_resets += 1
+        self.samples_seen += images.shape[0]
+        if self.config.cuda_graph and self.device.type == "cuda" and images.shape[0] == self.config.batch:
+            return self._replay(images)
+        return self.step(images)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def _autocast(self):
+        enabled = self.config.amp and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _predict(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), self._autocast():
+            return full_precision(self.model(images))
+
+    def step(self, images: torch.Tensor) -> torch.Tensor:
+        config, counts, flat = self.config, self.counts, self.weights.flat
+        logits = self._predict(images) if config.pre_update else None
+        for step_index in range(config.steps):
+            inputs, targets = make_views(self.task, images, config.copies, self.generator)
+            with self._autocast():
+                outputs = self.model(inputs, head="ssl")
+                loss = self.task.loss(outputs, targets)
+            gate = torch.ones((), device=self.device)
+            if config.skip_above is not None:
+                gate = (self.task.confidence(outputs, targets) <= config.skip_above).float()
+            if self.detector is not None and step_index == 0:
+                fired = self.detector.update(loss)
+                self._restore(fired, self.source, also_snapshot=True)
+                self.detector.clear(fired)
+                counts["shift_resets"] += fired.long()
+                gate = gate * (~fired).float()  # the gradient belongs to the weights just replaced
+            grad = self.weights.flat_grad(loss)
+            self.velocity.copy_(torch.where(gate > 0, self.velocity * config.momentum + grad, self.velocity))
+            flat.sub_(config.lr * gate * self.velocity)
+            counts["updates"] += gate.long()
+            counts["skipped"] += (1 - gate).long()
+            if config.rollback.enabled:
+                self._check_update(inputs, targets, loss.detach(), gate)
+        if logits is None:
+            logits = self._predict(images)
+        if self.window is not None:
+            self.window.update(logits.argmax(1))
+            collapsed = self.window.collapsed(config.rollback.min_entropy)
+            self._restore(collapsed, self.source, also_snapshot=True)
+            self.window.clear(collapsed)
+            counts["collapse_resets"] += collapsed.long()
+        return logits
+
+    def _check_update(self, inputs, targets, loss_before, gate) -> None:
+        """Roll back an update that raised the ssl loss on its own views by more than the margin."""
+        policy, counts = self.config.rollback, self.counts
+        with torch.no_grad(), self._autocast():
+            loss_after = self.task.loss(self.model(inputs, head="ssl"), targets)
+        worse = (loss_after > loss_before * (1.0 + policy.margin)) & (gate > 0)
+        counts["strikes"].copy_(torch.where(worse, counts["strikes"] + 1, torch.zeros_like(counts["strikes"])))
+        to_source = counts["strikes"] >= policy.max_strikes
+        self._restore(worse, torch.where(to_source, self.source, self.snapshot))
+        self.snapshot.copy_(torch.where(to_source, self.source, self.snapshot))
+        counts["strikes"].copy_(torch.where(to_source, torch.zeros_like(counts["strikes"]), counts["strikes"]))
+        counts["rollbacks"] += worse.long()
+        counts["rollbacks_to_source"] += to_source.long()
+        good = (~worse) & (gate > 0)
+        counts["good_steps"] += good.long()
+        take = good & (counts["good_steps"] % policy.snapshot_every == 0)
+        self.snapshot.copy_(torch.where(take, self.weights.flat, self.snapshot))
+
+    def _restore(self, condition: torch.Tensor, target: torch.Tensor, also_snapshot: bool = False) -> None:
+        flat = self.weights.flat
+        flat.copy_(torch.where(condition, target, flat))
+        self.velocity.copy_(torch.where(condition, torch.zeros_like(self.velocity), self.velocity))
+        if also_snapshot:
+            self.snapshot.copy_(torch.where(condition, target, self.snapshot))
+
+    # ---- CUDA graph -------------------------------------------------------------------------
+    def _state_tensors(self) -> list[torch.Tensor]:
+        tensors = [self.weights.flat, self.snapshot, self.velocity, *self.counts.values()]
+        if self.detector is not None:
+            tensors += [self.detector.losses, self.detector.count]
+        if self.window is not None:
+            tensors += [self.window.predictions, self.window.count]
+        return tensors
+
+    def _replay(self, images: torch.Tensor) -> torch.Tensor:
+        if self._graph is None:
+            self._capture(images)
+        self._static_images.copy_(images)
+        self._graph.replay()
+        return self._static_logits.clone()
+
+    def _capture(self, images: torch.Tensor) -> None:
+        """Warm up on a side stream (then undo the warm-up's effect on the state), capture one step."""
+        saved = [t.clone() for t in self._state_tensors()]
+        self._static_images = images.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.step(self._static_images)
+        torch.cuda.current_stream().wait_stream(stream)
+        for tensor, value in zip(self._state_tensors(), saved):
+            tensor.copy_(value)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._static_logits = self.step(self._static_images)

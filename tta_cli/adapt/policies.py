@@ -1,0 +1,123 @@
+"""Reset and rollback policies for online adaptation, shared by `tta adapt` and `tta stream`.
+
+Decisions are 0-dim tensors on the model's device and are applied with `torch.where`, so an
+online step needs no host synchronisation and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tta_cli.errors import TTAError
+
+
+@dataclass
+class ResetPolicy:
+    """`never`, `every:N` (back to the source weights after every N samples), or `on-shift`.
+
+    on-shift compares the mean self-supervised loss (before the update) of the last `short` samples
+    with the mean and spread of the `long` samples before them, and fires when the short mean is
+    both `ratio` times the long mean and `sigmas` standard errors above it: a sudden, sustained jump.
+    """
+
+    kind: str = "never"
+    every: int = 0
+    short: int = 8
+    long: int = 64
+    ratio: float = 1.3
+    sigmas: float = 4.0
+
+    @classmethod
+    def parse(cls, text: str) -> ResetPolicy:
+        text = text.strip().lower()
+        if text in ("never", "on-shift"):
+            return cls(kind=text)
+        if text.startswith("every:"):
+            try:
+                every = int(text.split(":", 1)[1])
+            except ValueError:
+                every = 0
+            if every <= 0:
+                raise TTAError(f"--reset {text!r}: N must be a positive integer, as in every:100")
+            return cls(kind="every", every=every)
+        raise TTAError(f"unknown --reset {text!r}; use never, every:N or on-shift")
+
+
+class ShiftDetector:
+    """Ring buffer of recent ssl losses on the device and the on-shift test (see ResetPolicy)."""
+
+    def __init__(self, policy: ResetPolicy, device: torch.device):
+        self.policy = policy
+        self.size = policy.short + policy.long
+        self.losses = torch.zeros(self.size, device=device)
+        self.count = torch.zeros((), device=device, dtype=torch.long)
+
+    def clear(self, fired: torch.Tensor | None = None) -> None:
+        if fired is None:
+            self.count.zero_()
+        else:
+            self.count.copy_(torch.where(fired, torch.zeros_like(self.count), self.count))
+
+    def update(self, loss: torch.Tensor) -> torch.Tensor:
+        """Record one loss; return a 0-dim bool: has a shift just been detected?"""
+        policy = self.policy
+        self.losses.copy_(torch.roll(self.losses, -1))
+        self.losses[-1] = loss.detach().float()
+        self.count.add_(1)
+        recent = self.losses[-policy.short :]
+        history = self.losses[: policy.long]
+        long_mean = history.mean()
+        long_std = history.std()
+        short_mean = recent.mean()
+        standard_error = long_std / math.sqrt(policy.short) + 1e-6
+        jump = (short_mean > policy.ratio * long_mean) & (short_mean > long_mean + policy.sigmas * standard_error)
+        return jump & (self.count >= self.size)
+
+
+@dataclass
+class RollbackPolicy:
+    """Undo harmful updates. After each update the ssl loss on the same views is measured again; if it
+    rose by more than `margin` (relative), the weights go back to the last-good snapshot, and after
+    `max_strikes` rollbacks in a row (the snapshot itself is bad) to the source weights. Predictions
+    collapsing (entropy of the predicted-class histogram over the last `window` samples below
+    `min_entropy` nats) also restores the source weights. A snapshot is taken every `snapshot_every`
+    good updates."""
+
+    enabled: bool = False
+    margin: float = 0.2
+    max_strikes: int = 3
+    window: int = 128
+    min_entropy: float = 0.5
+    snapshot_every: int = 16
+
+
+class PredictionWindow:
+    """Histogram of the last `window` predicted classes, kept on the device."""
+
+    def __init__(self, window: int, classes: int, device: torch.device):
+        self.window = window
+        self.classes = classes
+        self.predictions = torch.zeros(window, device=device, dtype=torch.long)
+        self.count = torch.zeros((), device=device, dtype=torch.long)
+
+    def update(self, predicted: torch.Tensor) -> None:
+        """predicted: (B,) class indices, B <= window."""
+        batch = predicted.shape[0]
+        self.predictions.copy_(torch.roll(self.predictions, -batch))
+        self.predictions[-batch:] = predicted
+        self.count.add_(batch)
+
+    def entropy(self) -> torch.Tensor:
+        ones = torch.ones(self.window, device=self.predictions.device)
+        counts = torch.zeros(self.classes, device=self.predictions.device).scatter_add_(0, self.predictions, ones)
+        histogram = counts / self.window  # scatter_add, unlike bincount, needs no host sync
+        return -(histogram * histogram.clamp_min(1e-12).log()).sum()
+
+    def collapsed(self, min_entropy: float) -> torch.Tensor:
+        return (self.entropy() < min_entropy) & (self.count >= self.window)
+
+    def clear(self, fired: torch.Tensor) -> None:
+        self.count.copy_(torch.where(fired, torch.zeros_like(self.count), self.count))

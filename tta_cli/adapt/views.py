@@ -1,0 +1,21 @@
+"""Augmented views of test inputs for the self-supervised loss: crop (4-pixel padding) + flip, then
+one random task transformation (rotation or mask) per view. Drawn on the inputs' device."""
+
+from __future__ import annotations
+
+import torch
+
+from tta_cli.data.augment import random_crop_flip
+
+
+def make_views(task, images: torch.Tensor, copies: int, generator: torch.Generator | None = None):
+    """images (B, C, H, W) in [0, 1] -> inputs (B * copies, C, H, W), targets (B * copies, ...),
+    grouped per image: rows i*copies .. (i+1)*copies-1 come from image i."""
+    repeated = images.repeat_interleave(copies, dim=0)
+    augmented = random_crop_flip(repeated, padding=4, generator=generator)
+    return task.make_batch(augmented, mode="adapt", generator=generator)
+
+
+def full_precision(logits: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 autocast outputs -> float32; float32/float64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits

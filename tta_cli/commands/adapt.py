@@ -1,0 +1,274 @@
+"""`tta adapt`: test-time training (and comparators) on shifted test sets, with a results table."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tta_cli.commands.common import CkptOpt, DataOpt, DeviceOpt, OutOpt, SeedOpt, SetOpt, console, user_errors
+from tta_cli.config import from_dict, merge, parse_overrides, read_yaml, to_dict
+from tta_cli.device import resolve_device
+from tta_cli.errors import TTAError
+
+EXAMPLES = """
+Methods (--method, comma-separated; each gets a fresh copy of the checkpoint):
+
+  source      no adaptation.
+  ttt         episodic TTT: per sample, start from the trained weights, take --steps (10) SGD steps
+              (--lr 0.001) on the self-supervised loss of --copies (32) augmented views of that one
+              sample (crop with 4-pixel padding + flip, then one random rotation or mask per view),
+              then predict the un-augmented sample with the main head. Nothing carries over.
+  ttt-online  the same update, --steps 1 by default, weights carried through the stream (mini-batches
+              of --batch consecutive samples); --reset never|every:N|on-shift, --rollback, --skip-above.
+  norm        BatchNorm with test-batch statistics (batches of 200); BatchNorm models only.
+  tent        entropy minimisation of the normalization affine parameters, Adam 1e-3, batches of 200.
+
+Examples:
+
+  tta adapt --ckpt runs/quickstart --data runs/cifar10-c --method source,ttt,ttt-online --out runs/adapt
+
+  tta adapt --ckpt runs/sun2020 --data ~/data/CIFAR-10-C --severities 5 --n 1000 --plot runs/adapt.png
+
+  tta adapt --ckpt runs/bn --data runs/cifar10-c --method source,norm,tent,ttt-online --order continual
+
+  tta adapt --ckpt runs/sun2020 --data cifar10-mini --corruptions fog,snow --severities 3,5 --method ttt-online --reset on-shift --rollback
+"""
+
+
+def register(app: typer.Typer) -> None:
+    app.command("adapt", help=(adapt_command.__doc__ or "") + EXAMPLES)(user_errors(adapt_command))
+
+
+def parse_ints(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise TTAError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def adapt_command(
+    ckpt: CkptOpt,
+    data: DataOpt = None,
+    corruptions: Annotated[str | None, typer.Option("--corruptions", help="Comma list, `all` (the 15) or `extra`.")] = None,
+    severities: Annotated[str | None, typer.Option("--severities", help="Comma list of severities 1-5 (default 5).")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="First n images of each set.")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="Comma list of: source, ttt, ttt-online, norm, tent.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="SGD steps per sample (ttt 10, ttt-online 1).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="TTT learning rate (0.001).")] = None,
+    copies: Annotated[int | None, typer.Option("--copies", help="Augmented views per sample (32).")] = None,
+    params: Annotated[str | None, typer.Option("--params", help="encoder | encoder+ssl | norm.")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", help="ttt-online: consecutive samples per update (1).")] = None,
+    reset: Annotated[str | None, typer.Option("--reset", help="ttt-online: never | every:N | on-shift.")] = None,
+    rollback: Annotated[bool | None, typer.Option("--rollback/--no-rollback", help="ttt-online: undo harmful updates.")] = None,
+    skip_above: Annotated[float | None, typer.Option("--skip-above", help="Skip an update when the rotation head's confidence exceeds P.")] = None,
+    order: Annotated[str | None, typer.Option("--order", help="per-corruption | continual | gradual | mixed | correlated.")] = None,
+    dirichlet: Annotated[float | None, typer.Option("--dirichlet", help="correlated order: Dirichlet concentration D.")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="YAML of adapt settings (keys as in results.json 'settings').")] = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG bar chart (methods side by side per corruption).")] = None,
+    predictions: Annotated[bool, typer.Option("--predictions", help="Also write per-sample predictions to --out.")] = False,
+    overrides: SetOpt = None,
+) -> None:
+    """Adapt a `tta train` checkpoint on shifted test sets and report error (%) per corruption.
+
+    --data is a CIFAR-10-C style folder (official download, or made by `tta corrupt`), CIFAR-10.1, or a
+    clean source (cifar10-mini, a folder, ...), which is then corrupted on the fly with --corruptions.
+    """
+    from tta_cli.adapt.methods import AdaptSettings
+    from tta_cli.train.checkpoint import load_model
+
+    flags = {
+        "methods": method.split(",") if method else None,
+        "steps": steps, "lr": lr, "copies": copies, "params": params, "batch": batch, "reset": reset,
+        "rollback": rollback, "skip_above": skip_above, "order": order, "dirichlet": dirichlet, "seed": seed,
+    }
+    values = to_dict(AdaptSettings())
+    if recipe is not None:
+        values = merge(values, read_yaml(recipe))
+    values = merge(values, {k: v for k, v in flags.items() if v is not None})
+    values = merge(values, parse_overrides(overrides or []))
+    settings = from_dict(AdaptSettings, values)
+    torch_device = resolve_device(device or "auto")
+    model, train_config, meta = load_model(ckpt, torch_device)
+    from tta_cli.tasks import build_task
+
+    task = build_task(train_config.task)
+    sets = load_sets(data or "cifar10-mini", corruptions, parse_ints(severities, "--severities") or [5], n, settings.seed, torch_device)
+    check_classes(meta["class_names"], sets, ckpt)
+    results = run_all(model, task, settings, sets, len(meta["class_names"]), torch_device)
+    table = print_table(results, sets)
+    if out is not None:
+        write_outputs(out, results, sets, settings, ckpt, data, torch_device, table, predictions)
+    if plot is not None:
+        write_plot(plot, results, sets)
+
+
+def load_sets(data: str, corruptions: str | None, severities: list[int], n: int | None, seed: int, device: torch.device):
+    from tta_cli.data.shifted import is_shifted_root, load_shifted
+    from tta_cli.data.sources import load_split
+
+    if is_shifted_root(data):
+        return load_shifted(data, corruptions, severities, n)
+    clean = load_split(data, "test", limit=n, seed=seed)
+    if corruptions is None:
+        clean.meta.update({"corruption": "clean", "severity": 0})
+        return [clean]
+    from tta_cli.corrupt import corrupt, resolve_corruptions
+
+    sets = []
+    images = clean.images.to(device)
+    for name in resolve_corruptions(corruptions):
+        for severity in severities:
+            shifted = corrupt(images, name, severity, seed=seed).cpu()
+            sets.append(type(clean)(shifted, clean.labels, clean.class_names, {"corruption": name, "severity": severity, "source": data}))
+    return sets
+
+
+def check_classes(checkpoint_classes: list[str], sets, ckpt) -> None:
+    for image_set in sets:
+        if len(image_set.class_names) != len(checkpoint_classes) or int(image_set.labels.max()) >= len(checkpoint_classes):
+            raise TTAError(
+                f"the data has {len(image_set.class_names)} classes but checkpoint {ckpt} was trained on "
+                f"{len(checkpoint_classes)} ({', '.join(checkpoint_classes[:4])}, ...): they do not match"
+            )
+        if image_set.class_names != list(checkpoint_classes):
+            raise TTAError(f"class names of the data ({image_set.class_names[:3]}...) differ from the checkpoint's ({checkpoint_classes[:3]}...)")
+
+
+def run_all(model, task, settings, sets, classes: int, device):
+    from tta_cli.adapt.methods import batch_size_for, build_method
+    from tta_cli.adapt.orders import build_order
+    from tta_cli.adapt.runner import run_method
+
+    segments = build_order(sets, settings.order, settings.seed, settings.dirichlet)
+    total = sum(len(s.indices) for s in segments)
+    results = []
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        for name in settings.methods:
+            adapter = build_method(name, model, task, settings, classes, device)
+            bar = progress.add_task(name, total=total, rate="")
+            started = time.perf_counter()
+
+            def on_batch(done: int, bar=bar, started=started) -> None:
+                rate = done / max(time.perf_counter() - started, 1e-9)
+                progress.update(bar, completed=done, rate=f"{rate:,.0f} samples/s")
+
+            results.append(run_method(adapter, sets, segments, batch_size_for(adapter, settings, total), device, on_batch))
+    return results
+
+
+def column_names(results, sets) -> list[tuple[str, int]]:
+    severities = sorted({int(s.meta.get("severity", 0)) for s in sets})
+    return [(r.method, sev) for r in results for sev in severities]
+
+
+def error_grid(results, sets) -> tuple[list[str], dict[str, list[float | None]]]:
+    """Rows: corruptions in the sets' (canonical) order; columns: method (x severity when several)."""
+    corruptions = list(dict.fromkeys(s.meta.get("corruption", "clean") for s in sets))
+    severities = sorted({int(s.meta.get("severity", 0)) for s in sets})
+    grid: dict[str, list[float | None]] = {}
+    for result in results:
+        for severity in severities:
+            key = result.method if len(severities) == 1 else f"{result.method} s{severity}"
+            column = []
+            for corruption in corruptions:
+                match = [e for s, e in zip(sets, result.errors) if s.meta.get("corruption", "clean") == corruption and int(s.meta.get("severity", 0)) == severity]
+                column.append(match[0] if match else None)
+            grid[key] = column
+    return corruptions, grid
+
+
+def mean(values) -> float:
+    present = [v for v in values if v is not None]
+    return sum(present) / max(len(present), 1)
+
+
+def print_table(results, sets) -> dict:
+    corruptions, grid = error_grid(results, sets)
+    table = Table(title="tta adapt: error (%)")
+    table.add_column("corruption")
+    for key in grid:
+        table.add_column(key, justify="right")
+    for row, corruption in enumerate(corruptions):
+        table.add_row(corruption, *[("-" if grid[k][row] is None else f"{grid[k][row]:.1f}") for k in grid])
+    if len(corruptions) > 1:
+        table.add_row("[bold]mean", *[f"[bold]{mean(grid[k]):.1f}" for k in grid])
+    console.print(table)
+    speed = Table(title="throughput")
+    for column in ("method", "samples", "seconds", "samples/s", "counters"):
+        speed.add_column(column, justify="right" if column != "counters" else "left")
+    for result in results:
+        counters = ", ".join(f"{k} {v}" for k, v in result.counters.items() if v)
+        speed.add_row(result.method, str(result.samples), f"{result.seconds:.1f}", f"{result.samples / max(result.seconds, 1e-9):,.1f}", counters)
+    console.print(speed)
+    return {"corruptions": corruptions, "errors": grid, "mean": {k: mean(v) for k, v in grid.items()}}
+
+
+def write_outputs(out: Path, results, sets, settings, ckpt, data, device, table, predictions: bool) -> None:
+    from tta_cli.files import write_csv, write_json
+
+    rows = []
+    for result in results:
+        for image_set, error in zip(sets, result.errors):
+            rows.append({
+                "method": result.method,
+                "corruption": image_set.meta.get("corruption", "clean"),
+                "severity": image_set.meta.get("severity", 0),
+                "n": len(image_set),
+                "error": round(error, 4),
+            })
+    write_csv(out / "results.csv", rows)
+    write_json(out / "results.json", {
+        "checkpoint": str(ckpt),
+        "data": data,
+        "device": str(device),
+        "settings": dataclasses.asdict(settings),
+        "semantics": SEMANTICS,
+        "table": table,
+        "rows": rows,
+        "methods": {r.method: {"seconds": r.seconds, "samples": r.samples, "samples_per_s": r.samples / max(r.seconds, 1e-9), "counters": r.counters} for r in results},
+    })
+    if predictions:
+        labels = torch.cat([s.labels for s in sets]).tolist()
+        names = [(s.meta.get("corruption", "clean"), s.meta.get("severity", 0), i) for s in sets for i in range(len(s))]
+        prediction_rows = []
+        for index, (corruption, severity, sample) in enumerate(names):
+            row = {"corruption": corruption, "severity": severity, "index": sample, "label": labels[index]}
+            row.update({r.method: int(r.predictions[index]) for r in results})
+            prediction_rows.append(row)
+        write_csv(out / "predictions.csv", prediction_rows)
+    console.print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
+
+
+def write_plot(path: Path, results, sets) -> None:
+    from tta_cli.plots import grouped_bars
+
+    corruptions, grid = error_grid(results, sets)
+    series = {k: [v if v is not None else 0.0 for v in values] for k, values in grid.items()}
+    groups = corruptions + (["mean"] if len(corruptions) > 1 else [])
+    if len(corruptions) > 1:
+        series = {k: v + [mean(grid[k])] for k, v in series.items()}
+    grouped_bars(path, groups, series, "error (%)", "test-time adaptation: error per corruption")
+    console.print(f"wrote {path}")
+
+
+SEMANTICS = {
+    "source": "no adaptation",
+    "ttt": "episodic: per sample, reset to trained weights, `steps` SGD steps on the ssl loss of `copies` augmented views, predict after",
+    "ttt-online": "online: same update, weights carried across the stream in `order`; reset per `reset` and at each segment; rollback if enabled",
+    "norm": "BatchNorm with test-batch statistics",
+    "tent": "entropy minimisation on normalization affine parameters, Adam, one step per batch, predictions before the update",
+    "orders": "per-corruption resets between sets; continual/gradual/mixed never reset; correlated resets between sets",
+}
