@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny class-folder tree, the shared CIFAR-10 JPEG archive, a private decode cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+TINY_CLASSES = ("cat", "dog", "frog")
+TINY_COUNTS = {"train": 4, "test": 2}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_decode_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Keep decoded-image caches out of ~/.cache during tests (one folder per test session)."""
+    previous = os.environ.get("TTA_CACHE_DIR")
+    os.environ["TTA_CACHE_DIR"] = str(tmp_path_factory.mktemp("tta-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("TTA_CACHE_DIR", None)
+    else:
+        os.environ["TTA_CACHE_DIR"] = previous
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    """Save uint8 (H, W, 3) pixels losslessly."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture
+def tiny_folder(tmp_path: Path) -> Path:
+    """`<root>/{train,test}/{cat,dog,frog}/NN.png`: 4 train + 2 test random 32x32 images per class."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tiny"
+    for split, count in TINY_COUNTS.items():
+        for class_name in TINY_CLASSES:
+            for index in range(count):
+                write_png(root / split / class_name / f"{index:02d}.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_archive() -> Path:
+    """The full CIFAR-10 JPEG archive next to the repository, or skip."""
+    if not SHARED_ARCHIVE.is_file():
+        pytest.skip(f"{SHARED_ARCHIVE} is not here")
+    return SHARED_ARCHIVE
