@@ -144,12 +144,15 @@ class OnlineTTT:
                 counts["shift_resets"] += fired.long()
                 gate = gate * (~fired).float()  # the gradient belongs to the weights just replaced
             grad = self.weights.flat_grad(loss)
+            if config.rollback.enabled:  # held-out views of the same input judge the update
+                check_inputs, check_targets = make_views(self.task, images, config.copies, self.generator)
+                check_before = self._ssl_loss(check_inputs, check_targets)
             self.velocity.copy_(torch.where(gate > 0, self.velocity * config.momentum + grad, self.velocity))
             flat.sub_(config.lr * gate * self.velocity)
             counts["updates"] += gate.long()
             counts["skipped"] += (1 - gate).long()
             if config.rollback.enabled:
-                self._check_update(inputs, targets, loss.detach(), gate)
+                self._check_update(check_inputs, check_targets, check_before, gate)
         if logits is None:
             logits = self._predict(images)
         if self.window is not None:
@@ -160,11 +163,15 @@ class OnlineTTT:
             counts["collapse_resets"] += collapsed.long()
         return logits
 
-    def _check_update(self, inputs, targets, loss_before, gate) -> None:
-        """Roll back an update that raised the ssl loss on its own views by more than the margin."""
-        policy, counts = self.config.rollback, self.counts
+    def _ssl_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self._autocast():
-            loss_after = self.task.loss(self.model(inputs, head="ssl"), targets)
+            return self.task.loss(self.model(inputs, head="ssl"), targets)
+
+    def _check_update(self, inputs, targets, loss_before, gate) -> None:
+        """Roll back an update that raised the ssl loss by more than the margin, measured on fresh
+        views of the current input (the update's own views would reward over-fitting them)."""
+        policy, counts = self.config.rollback, self.counts
+        loss_after = self._ssl_loss(inputs, targets)
         worse = (loss_after > loss_before * (1.0 + policy.margin)) & (gate > 0)
         counts["strikes"].copy_(torch.where(worse, counts["strikes"] + 1, torch.zeros_like(counts["strikes"])))
         to_source = counts["strikes"] >= policy.max_strikes

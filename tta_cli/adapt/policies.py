@@ -79,8 +79,8 @@ class ShiftDetector:
 
 @dataclass
 class RollbackPolicy:
-    """Undo harmful updates. After each update the ssl loss on the same views is measured again; if it
-    rose by more than `margin` (relative), the weights go back to the last-good snapshot, and after
+    """Undo harmful updates. The ssl loss on fresh views of the current input is measured before and
+    after each update; if it rose by more than `margin` (relative), the weights go back to the last-good snapshot, and after
     `max_strikes` rollbacks in a row (the snapshot itself is bad) to the source weights. Predictions
     collapsing (entropy of the predicted-class histogram over the last `window` samples below
     `min_entropy` nats) also restores the source weights. A snapshot is taken every `snapshot_every`

@@ -1,0 +1,152 @@
+"""Online TTT: weights carry over, resets happen exactly when asked, rollback catches harmful updates."""
+
+import copy
+
+import pytest
+import torch
+
+from tta_cli.adapt.online import OnlineConfig, OnlineTTT
+from tta_cli.adapt.policies import PredictionWindow, ResetPolicy, RollbackPolicy, ShiftDetector
+from tta_cli.config import ModelConfig, TaskConfig
+from tta_cli.errors import TTAError
+from tta_cli.models import build_model
+from tta_cli.tasks import build_task
+
+
+def tiny(dtype=torch.float32):
+    torch.manual_seed(0)
+    task = build_task(TaskConfig(name="rotation"))
+    model = build_model(ModelConfig(depth=8, groups=4), task).to(dtype)
+    return model, task
+
+
+def encoder_vector(model) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.encoder.parameters()])
+
+
+def test_online_changes_weights_and_keeps_them():
+    model, task = tiny()
+    source = encoder_vector(model)
+    method = OnlineTTT(copy.deepcopy(model), task, OnlineConfig(copies=4, lr=0.01, amp=False), classes=10)
+    method.adapt(torch.rand(1, 3, 32, 32))
+    after_one = encoder_vector(method.model)
+    method.adapt(torch.rand(1, 3, 32, 32))
+    after_two = encoder_vector(method.model)
+    assert not torch.equal(after_one, source)
+    assert not torch.equal(after_two, after_one)
+    assert torch.equal(encoder_vector(model), source)  # the caller's model is untouched (it was copied)
+    method.reset()
+    assert torch.equal(encoder_vector(method.model), source)
+
+
+def test_online_single_step_equals_plain_sgd_step():
+    model, task = tiny(torch.float64)
+    images = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    method = OnlineTTT(copy.deepcopy(model), task, OnlineConfig(copies=4, lr=0.1, amp=False), classes=10, generator=torch.Generator().manual_seed(5))
+    logits = method.adapt(images)
+    from tta_cli.adapt.episodic import EpisodicConfig, adapt_sequential
+
+    reference = adapt_sequential(copy.deepcopy(model), task, EpisodicConfig(steps=1, lr=0.1, copies=4, amp=False), images, torch.Generator().manual_seed(5))
+    assert torch.allclose(logits, reference, atol=1e-10)
+
+
+def test_every_n_resets_exactly_every_n_samples():
+    model, task = tiny()
+    source = encoder_vector(model)
+    config = OnlineConfig(copies=2, lr=0.01, amp=False, reset=ResetPolicy.parse("every:3"))
+    method = OnlineTTT(copy.deepcopy(model), task, config, classes=10)
+    reset_at, original_reset = [], method.reset
+
+    def recording_reset():
+        original_reset()
+        reset_at.append(method.samples_seen)
+        assert torch.equal(encoder_vector(method.model), source)
+
+    method.reset = recording_reset
+    for _ in range(7):
+        method.adapt(torch.rand(1, 3, 32, 32))
+    assert reset_at == [3, 6]  # before the 4th and the 7th sample: after every 3 samples
+    assert method.counters()["scheduled_resets"] == 2
+
+
+def test_every_n_must_divide_by_batch():
+    model, task = tiny()
+    with pytest.raises(TTAError):
+        OnlineTTT(model, task, OnlineConfig(batch=4, reset=ResetPolicy.parse("every:6")), classes=10)
+
+
+def test_reset_policy_parsing():
+    assert ResetPolicy.parse("never").kind == "never"
+    assert ResetPolicy.parse("every:10").every == 10
+    assert ResetPolicy.parse("on-shift").kind == "on-shift"
+    for bad in ("sometimes", "every:0", "every:x"):
+        with pytest.raises(TTAError):
+            ResetPolicy.parse(bad)
+
+
+def feed(detector: ShiftDetector, losses) -> list[bool]:
+    return [bool(detector.update(torch.tensor(value))) for value in losses]
+
+
+def test_shift_detector_fires_on_a_jump_and_not_on_a_steady_stream():
+    generator = torch.Generator().manual_seed(0)
+    steady = (0.5 + 0.05 * torch.randn(400, generator=generator)).tolist()
+    assert not any(feed(ShiftDetector(ResetPolicy(kind="on-shift"), torch.device("cpu")), steady))
+    switched = steady[:200] + (1.2 + 0.05 * torch.randn(100, generator=generator)).tolist()
+    fired = feed(ShiftDetector(ResetPolicy(kind="on-shift"), torch.device("cpu")), switched)
+    first = fired.index(True)
+    assert 200 <= first < 200 + 8  # within the short window after the switch
+    assert not any(fired[:200])
+
+
+def oriented_images(count: int, generator) -> torch.Tensor:
+    """Images whose rotation is easy to tell: bright top, dark bottom, plus mild noise."""
+    ramp = torch.linspace(1.0, 0.0, 32).view(1, 1, 32, 1).expand(count, 3, 32, 32)
+    return (ramp + 0.05 * torch.randn(count, 3, 32, 32, generator=generator)).clamp(0, 1)
+
+
+def test_on_shift_fires_on_a_switch_of_corruption_not_on_a_steady_stream():
+    """Teach the rotation head oriented images, then stream them clean and switch to heavy noise."""
+    model, task = tiny()
+    generator = torch.Generator().manual_seed(1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(25):
+        inputs, targets = task.make_batch(oriented_images(16, generator), mode="train")
+        optimizer.zero_grad()
+        task.loss(model.ssl(inputs), targets).backward()
+        optimizer.step()
+    config = OnlineConfig(copies=8, lr=0.0, amp=False, reset=ResetPolicy(kind="on-shift", short=4, long=16))
+    steady = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(0))
+    for image in oriented_images(40, generator):
+        steady.adapt(image[None])
+    assert steady.counters()["shift_resets"] == 0
+    switching = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(0))
+    noisy = torch.rand(8, 3, 32, 32, generator=generator)
+    for image in torch.cat([oriented_images(24, generator), noisy]):
+        switching.adapt(image[None])
+    assert switching.counters()["shift_resets"] >= 1
+
+
+def test_rollback_catches_an_absurd_learning_rate():
+    model, task = tiny()
+    images = torch.rand(6, 3, 32, 32)
+    config = OnlineConfig(copies=8, lr=1e4, amp=False, rollback=RollbackPolicy(enabled=True, margin=0.05, max_strikes=2))
+    method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(0))
+    for image in images:
+        method.adapt(image[None])
+    counters = method.counters()
+    assert counters["rollbacks"] >= 1
+    assert counters["rollbacks_to_source"] >= 1
+    assert torch.isfinite(encoder_vector(method.model)).all()
+    without = OnlineTTT(copy.deepcopy(model), task, OnlineConfig(copies=8, lr=1e4, amp=False), classes=10, generator=torch.Generator().manual_seed(0))
+    for image in images:
+        without.adapt(image[None])
+    assert (encoder_vector(without.model) - encoder_vector(model)).abs().max() > (encoder_vector(method.model) - encoder_vector(model)).abs().max()
+
+
+def test_prediction_window_detects_collapse():
+    window = PredictionWindow(8, 10, torch.device("cpu"))
+    window.update(torch.arange(8) % 10)
+    assert not bool(window.collapsed(0.5))
+    window.update(torch.zeros(8, dtype=torch.long))
+    assert bool(window.collapsed(0.5))
