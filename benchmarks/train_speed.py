@@ -1,0 +1,69 @@
+"""Training images/s for a recipe's model (clean images per second; the rotation task adds 4x views).
+
+    python benchmarks/train_speed.py recipes/sun2020-rotation-gn.yaml --batch-sizes 128,512 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from tta_cli.config import TrainConfig, load_config
+from tta_cli.data.augment import random_crop_flip
+from tta_cli.models import build_model
+from tta_cli.tasks import build_task
+from tta_cli.train.loop import JointLoss
+
+
+def measure(config: TrainConfig, batch: int, steps: int, compile_model: bool, device) -> float:
+    task = build_task(config.task)
+    model = build_model(config.model, task).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, fused=device.type == "cuda")
+    loss_fn = JointLoss(model, task, 1.0, 0.0)
+    step_fn = torch.compile(loss_fn) if compile_model else loss_fn
+    data = torch.rand(batch * 8, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (batch * 8,), device=device)
+
+    def one(i):
+        images = random_crop_flip(data[(i % 8) * batch : (i % 8 + 1) * batch])
+        inputs, targets = task.make_batch(images)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, *_ = step_fn(images.contiguous(memory_format=torch.channels_last), labels[:batch], inputs.contiguous(memory_format=torch.channels_last), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for i in range(10):
+        one(i)
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    started = time.perf_counter()
+    for i in range(steps):
+        one(i)
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    return batch * steps / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("recipe")
+    parser.add_argument("--batch-sizes", default="128,512")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    config = load_config(TrainConfig, args.recipe, {})
+    device = torch.device(args.device)
+    rows = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        for compile_model in (False, True):
+            rows.append((batch, compile_model, measure(config, batch, args.steps, compile_model, device)))
+            print(rows[-1], flush=True)
+    print(f"\ntrain speed: {args.recipe} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}")
+    print(f"{'batch':>6} {'compiled':>9} {'clean images/s':>15}")
+    for batch, compiled, rate in rows:
+        print(f"{batch:>6} {str(compiled):>9} {rate:>15,.0f}")
+
+
+if __name__ == "__main__":
+    main()
