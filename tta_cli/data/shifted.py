@@ -1,0 +1,245 @@
+"""Readers for distribution-shifted test sets: CIFAR-10-C (official download or `tta corrupt`
+output), CIFAR-10.1, and class-folder trees of shifted images, each as ImageSets with
+meta = {"corruption", "severity", "source"}.
+
+Layouts (see data/README.md): `<root>/CIFAR-10-C/<corruption>.npy` uint8 (5*N, H, W, 3) with
+severities 1..5 stacked in blocks of N rows and `labels.npy` (5*N,) (the N labels tiled 5 times;
+N alone is accepted too); the alias `<root>/cifar10_c/`; or `<root>` itself. CIFAR-10.1:
+`cifar10.1_v6_data.npy` (or v4) uint8 (M, 32, 32, 3) + `cifar10.1_v6_labels.npy` (M,).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tta_cli.data.imageset import ImageSet
+from tta_cli.errors import TTAError
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+C_FOLDERS = ("CIFAR-10-C", "cifar10_c")
+CIFAR101_VERSIONS = ("v6", "v4")
+CIFAR101 = "cifar10.1"
+SEVERITY_COUNT = 5
+
+
+def _corruption_names() -> tuple[str, ...]:
+    from tta_cli.corrupt import ALL_CORRUPTIONS
+
+    return ALL_CORRUPTIONS
+
+
+def _c_folder(root: Path) -> Path | None:
+    """The folder holding `<corruption>.npy` + labels.npy: an official name under root, or root."""
+    for name in C_FOLDERS:
+        if (root / name / "labels.npy").is_file():
+            return root / name
+    if (root / "labels.npy").is_file() and any((root / f"{name}.npy").is_file() for name in _corruption_names()):
+        return root
+    return None
+
+
+def _cifar101_files(root: Path) -> tuple[Path, Path, str] | None:
+    for folder in (root, root / "CIFAR-10.1"):
+        for version in CIFAR101_VERSIONS:
+            data = folder / f"cifar10.1_{version}_data.npy"
+            if data.is_file():
+                return data, folder / f"cifar10.1_{version}_labels.npy", version
+    return None
+
+
+def _severity_folders(root: Path) -> list[tuple[str, int, Path]]:
+    """ImageNet-C style trees `<root>/<corruption>/<severity>/<class>/*.png`."""
+    found = []
+    for name in _corruption_names():
+        for severity in range(1, SEVERITY_COUNT + 1):
+            folder = root / name / str(severity)
+            if folder.is_dir():
+                found.append((name, severity, folder))
+    return found
+
+
+def is_shifted_root(path: str | Path) -> bool:
+    """Does `path` hold CIFAR-10-C style .npy files, CIFAR-10.1, or `<corruption>/<severity>/` folders?"""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        return False
+    return _c_folder(root) is not None or _cifar101_files(root) is not None or bool(_severity_folders(root))
+
+
+def load_shifted(
+    root: str | Path,
+    corruptions: Iterable[str] | str | None = None,
+    severities: Iterable[int] = (5,),
+    n: int | None = None,
+) -> list[ImageSet]:
+    """One ImageSet per (corruption, severity) found under `root`, plus CIFAR-10.1 when present.
+
+    `corruptions=None` takes every corruption whose file is there (and CIFAR-10.1); names may
+    include "cifar10.1". `n` keeps the first n images of each set. A plain class-folder tree is
+    read whole by the data layer as one set (corruption = folder name, severity 0).
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise TTAError(f"no such folder: {root} (expected a CIFAR-10-C folder, CIFAR-10.1 files or a shifted class-folder tree)")
+    severities = _check_severities(severities)
+    if n is not None and n < 1:
+        raise TTAError(f"n must be a positive number of images, got {n}")
+    wanted = _wanted(corruptions)
+    sets: list[ImageSet] = []
+    c_folder = _c_folder(root)
+    cifar101 = _cifar101_files(root)
+    severity_folders = _severity_folders(root)
+    if c_folder is not None:
+        sets += _load_c_folder(c_folder, wanted, severities, n)
+    elif severity_folders:
+        sets += _load_severity_folders(root, severity_folders, wanted, severities, n)
+    elif wanted and wanted != {CIFAR101}:
+        raise TTAError(
+            f"no CIFAR-10-C files under {root}: expected {root}/CIFAR-10-C/<corruption>.npy (or {root}/cifar10_c/ "
+            f"or {root}/<corruption>.npy) next to labels.npy, as written by `tta corrupt --out {root}`"
+        )
+    if cifar101 is not None and (wanted is None or CIFAR101 in wanted):
+        sets.append(_load_cifar101(*cifar101, n))
+    elif wanted and CIFAR101 in wanted:
+        raise TTAError(f"no CIFAR-10.1 under {root}: expected {root}/cifar10.1_v6_data.npy and cifar10.1_v6_labels.npy (or v4)")
+    if not sets:
+        if c_folder is None and cifar101 is None and not severity_folders:
+            return [_load_class_folder(root, n)]
+        raise TTAError(f"none of the requested corruptions were found under {root}")
+    return sets
+
+
+def _check_severities(severities: Iterable[int]) -> list[int]:
+    if isinstance(severities, int):
+        severities = [severities]
+    checked = sorted(set(severities))
+    if not checked or any(isinstance(s, bool) or s not in range(1, SEVERITY_COUNT + 1) for s in checked):
+        raise TTAError(f"severities must be among 1, 2, 3, 4, 5; got {list(severities)}")
+    return checked
+
+
+def _wanted(corruptions: Iterable[str] | str | None) -> set[str] | None:
+    """None = whatever is there; else the resolved names (plus "cifar10.1" when asked)."""
+    if corruptions is None:
+        return None
+    from tta_cli.corrupt import resolve_corruptions
+
+    tokens = [corruptions] if isinstance(corruptions, str) else list(corruptions)
+    parts = [part.strip() for token in tokens for part in token.split(",") if part.strip()]
+    wanted = {part.lower() for part in parts if part.lower() == CIFAR101}
+    rest = [part for part in parts if part.lower() != CIFAR101]
+    if rest or not wanted:
+        wanted.update(resolve_corruptions(rest))
+    return wanted
+
+
+def _class_names(folder: Path) -> list[str]:
+    """`tta corrupt` records its source's class names in meta.json; the official set is CIFAR-10."""
+    meta_path = folder / "meta.json"
+    if meta_path.is_file():
+        try:
+            names = json.loads(meta_path.read_text()).get("class_names")
+        except (OSError, ValueError):
+            names = None
+        if isinstance(names, list) and names:
+            return [str(name) for name in names]
+    return list(CIFAR10_CLASSES)
+
+
+def _load_c_folder(folder: Path, wanted: set[str] | None, severities: list[int], n: int | None) -> list[ImageSet]:
+    names = [name for name in _corruption_names() if wanted is None or name in wanted]
+    if wanted is None:
+        names = [name for name in names if (folder / f"{name}.npy").is_file()]
+        if not names:
+            raise TTAError(f"{folder} has labels.npy but no <corruption>.npy files (e.g. {folder}/gaussian_noise.npy)")
+    labels_path = folder / "labels.npy"
+    labels = np.load(labels_path, mmap_mode="r")
+    if labels.ndim != 1:
+        raise TTAError(f"{labels_path} has shape {labels.shape}; expected (5*N,) integer labels (N test labels tiled 5 times)")
+    class_names = _class_names(folder)
+    sets = []
+    for name in names:
+        path = folder / f"{name}.npy"
+        if not path.is_file():
+            raise TTAError(
+                f"{path} not found: expected uint8 (5*N, H, W, 3) with severities 1..5 stacked "
+                f"(official CIFAR-10-C: (50000, 32, 32, 3)); make it with `tta corrupt --corruptions {name} --out {folder}`"
+            )
+        images = np.load(path, mmap_mode="r")
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] % SEVERITY_COUNT:
+            raise TTAError(
+                f"{path} is {images.dtype} {tuple(images.shape)}; expected uint8 (5*N, H, W, 3) with severities 1..5 "
+                "stacked in blocks of N rows (official CIFAR-10-C: (50000, 32, 32, 3))"
+            )
+        per_severity = images.shape[0] // SEVERITY_COUNT
+        if labels.shape[0] not in (images.shape[0], per_severity):
+            raise TTAError(
+                f"{labels_path} has {labels.shape[0]} labels but {path} has {images.shape[0]} images; "
+                f"expected {images.shape[0]} (the {per_severity} labels tiled 5 times) or {per_severity}"
+            )
+        keep = per_severity if n is None else min(n, per_severity)
+        for severity in severities:
+            start = (severity - 1) * per_severity
+            label_start = start if labels.shape[0] == images.shape[0] else 0
+            sets.append(
+                ImageSet(
+                    torch.from_numpy(np.array(images[start : start + keep])),
+                    torch.from_numpy(np.array(labels[label_start : label_start + keep]).astype(np.int64)),
+                    class_names,
+                    {"corruption": name, "severity": severity, "source": str(path)},
+                )
+            )
+    return sets
+
+
+def _load_cifar101(data_path: Path, labels_path: Path, version: str, n: int | None) -> ImageSet:
+    if not labels_path.is_file():
+        raise TTAError(f"{labels_path} not found: CIFAR-10.1 needs it next to {data_path.name}")
+    images = np.load(data_path, mmap_mode="r")
+    labels = np.load(labels_path, mmap_mode="r")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise TTAError(f"{data_path} is {images.dtype} {tuple(images.shape)}; expected uint8 (M, 32, 32, 3)")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise TTAError(f"{labels_path} has shape {tuple(labels.shape)}; expected ({images.shape[0]},) to match {data_path.name}")
+    keep = images.shape[0] if n is None else min(n, images.shape[0])
+    return ImageSet(
+        torch.from_numpy(np.array(images[:keep])),
+        torch.from_numpy(np.array(labels[:keep]).astype(np.int64)),
+        list(CIFAR10_CLASSES),
+        {"corruption": CIFAR101, "severity": 0, "source": str(data_path), "version": version},
+    )
+
+
+def _load_severity_folders(
+    root: Path, found: list[tuple[str, int, Path]], wanted: set[str] | None, severities: list[int], n: int | None
+) -> list[ImageSet]:
+    from tta_cli.data.sources import load_folder
+
+    chosen = [(name, severity, folder) for name, severity, folder in found if (wanted is None or name in wanted) and severity in severities]
+    if wanted is not None:
+        missing = sorted((wanted - {CIFAR101}) - {name for name, _, _ in chosen})
+        if missing:
+            raise TTAError(f"no folders {root}/<corruption>/<severity>/ for {', '.join(missing)} at severities {severities}")
+    sets = []
+    for name, severity, folder in chosen:
+        data = load_folder(folder)
+        if n is not None:
+            data = data.subset(slice(0, n))
+        data.meta.update(corruption=name, severity=severity, source=str(folder))
+        sets.append(data)
+    return sets
+
+
+def _load_class_folder(root: Path, n: int | None) -> ImageSet:
+    from tta_cli.data.sources import load_folder
+
+    data = load_folder(root)
+    if n is not None:
+        data = data.subset(slice(0, n))
+    data.meta.update(corruption=root.name, severity=0, source=str(root))
+    return data
