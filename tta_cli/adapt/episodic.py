@@ -30,6 +30,7 @@ class EpisodicConfig:
     skip_above: float | None = None  # skip a step when the rotation head's confidence exceeds this
     chunk: int | None = None  # samples adapted together; None sizes it to free GPU memory
     amp: bool = True  # bf16 autocast on CUDA
+    compile: bool = False  # torch.compile the per-sample gradient (CUDA; the last chunk is padded)
 
 
 def split_state(model: nn.Module, names: list[str]) -> tuple[dict, dict]:
@@ -56,6 +57,7 @@ class EpisodicTTT:
         self.skipped = 0
         self.device = next(model.parameters()).device
         self._chunk = config.chunk
+        self._functions = None
 
     def reset(self) -> None:
         """Nothing to reset: the live model is never modified."""
@@ -71,13 +73,9 @@ class EpisodicTTT:
         enabled = self.config.amp and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def adapt_chunk(self, images: torch.Tensor) -> torch.Tensor:
-        """images (S, C, H, W) -> logits (S, classes), each sample adapted on its own weights."""
-        samples = images.shape[0]
-        config = self.config
-        params = {n: p.unsqueeze(0).repeat(samples, *([1] * p.dim())) for n, p in self.source.items()}
-        velocity = {n: torch.zeros_like(p) for n, p in params.items()} if config.momentum else None
-        frozen, task, model = self.frozen, self.task, self.model
+    def _build_functions(self):
+        """vmap(grad(ssl loss)) and vmap(predict) over per-sample weights; compiled once when asked."""
+        frozen, task, model, config = self.frozen, self.task, self.model, self.config
 
         def sample_loss(sample_params, inputs, targets):
             outputs = functional_call(model, (sample_params, frozen), (inputs,), {"head": "ssl"})
@@ -85,30 +83,52 @@ class EpisodicTTT:
             confidence = task.confidence(outputs, targets) if config.skip_above is not None else loss.detach()
             return loss, confidence
 
-        per_sample_grad = vmap(grad(sample_loss, has_aux=True))
-        for _ in range(config.steps):
-            inputs, targets = make_views(task, images, config.copies, self.generator)
-            inputs = inputs.reshape(samples, config.copies, *inputs.shape[1:])  # (S, copies, C, H, W)
-            targets = targets.reshape(samples, config.copies, *targets.shape[1:])
-            with self._autocast():
-                grads, confidence = per_sample_grad(params, inputs, targets)
-            keep = None
-            if config.skip_above is not None:
-                keep = (confidence <= config.skip_above).float()  # (S,)
-                self.skipped += (samples - keep.sum()).detach()
-            for name, param in params.items():
-                step = grads[name].to(param.dtype)
-                gate = 1.0 if keep is None else keep.view(-1, *([1] * (step.dim() - 1)))
-                if velocity is not None:  # a skipped step leaves both velocity and weights untouched
-                    velocity[name] += gate * (velocity[name] * (config.momentum - 1.0) + step)
-                    step = velocity[name]
-                param.sub_(config.lr * gate * step)
-
         def predict(sample_params, image):
             return functional_call(model, (sample_params, frozen), (image.unsqueeze(0),)).squeeze(0)
 
+        per_sample_grad, predict_all = vmap(grad(sample_loss, has_aux=True)), vmap(predict)
+        if config.compile:
+            per_sample_grad = torch.compile(per_sample_grad, dynamic=False)
+            predict_all = torch.compile(predict_all, dynamic=False)
+        return per_sample_grad, predict_all
+
+    def adapt_chunk(self, images: torch.Tensor) -> torch.Tensor:
+        """images (S, C, H, W) -> logits (S, classes), each sample adapted on its own weights."""
+        if self._functions is None:
+            self._functions = self._build_functions()
+        per_sample_grad, predict_all = self._functions
+        config = self.config
+        real = images.shape[0]
+        if config.compile and self._chunk and real < self._chunk:  # keep one static shape for the compiled code
+            images = torch.cat([images, images[-1:].expand(self._chunk - real, *images.shape[1:])])
+        samples = images.shape[0]
+        names = list(self.source)
+        params = [self.source[n].unsqueeze(0).repeat(samples, *([1] * self.source[n].dim())) for n in names]
+        velocity = [torch.zeros_like(p) for p in params] if config.momentum else None
+        for _ in range(config.steps):
+            inputs, targets = make_views(self.task, images, config.copies, self.generator)
+            inputs = inputs.reshape(samples, config.copies, *inputs.shape[1:])  # (S, copies, C, H, W)
+            targets = targets.reshape(samples, config.copies, *targets.shape[1:])
+            with self._autocast():
+                grads, confidence = per_sample_grad(dict(zip(names, params)), inputs, targets)
+            steps = [grads[n].to(p.dtype) for n, p in zip(names, params)]
+            if config.skip_above is None and velocity is None:
+                torch._foreach_add_(params, steps, alpha=-config.lr)
+                continue
+            dtype = params[0].dtype  # gates in the weights' dtype: a float32 gate would round lr in float64 runs
+            keep = torch.ones(samples, device=images.device, dtype=dtype)
+            if config.skip_above is not None:
+                keep = (confidence <= config.skip_above).to(dtype)  # (S,)
+                self.skipped += (real - keep[:real].sum()).detach()
+            for index, param in enumerate(params):
+                step = steps[index]
+                gate = keep.view(-1, *([1] * (step.dim() - 1)))
+                if velocity is not None:  # a skipped step leaves both velocity and weights untouched
+                    velocity[index] += gate * (velocity[index] * (config.momentum - 1.0) + step)
+                    step = velocity[index]
+                param.sub_(config.lr * gate * step)
         with torch.no_grad(), self._autocast():
-            return full_precision(vmap(predict)(params, images))
+            return full_precision(predict_all(dict(zip(names, params)), images))[:real]
 
     def auto_chunk(self, images: torch.Tensor) -> int:
         """On CUDA, measure one step's memory per sample on a small probe chunk and fill ~70% of free memory."""
@@ -121,17 +141,19 @@ class EpisodicTTT:
         base = torch.cuda.memory_allocated()
         saved_generator_state = self.generator.get_state() if self.generator is not None else None
         probe_config = self.config
-        self.config = dataclasses.replace(probe_config, steps=1)
+        self.config = dataclasses.replace(probe_config, steps=1, compile=False)  # eager over-estimates: safe
+        self._functions = None
         try:
             self.adapt_chunk(images[:probe])
         finally:
             self.config = probe_config
+            self._functions = None
             if saved_generator_state is not None:
                 self.generator.set_state(saved_generator_state)
         torch.cuda.synchronize()
         per_sample = max((torch.cuda.max_memory_allocated() - base) / probe, 1)
         free, _ = torch.cuda.mem_get_info()
-        self._chunk = int(max(1, min(images.shape[0], 4096, 0.7 * free // per_sample)))
+        self._chunk = int(max(8, min(4096, 0.7 * free // per_sample)) // 8 * 8)
         return self._chunk
 
 
