@@ -8,6 +8,7 @@ sync and, on CUDA, is captured once in a CUDA graph and replayed per batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,12 +55,25 @@ class FlatParameters:
 
 
 class OnlineTTT:
-    """Online TTT behind the common method interface (`adapt(images) -> logits`, `reset()`)."""
+    """Online TTT behind the common method interface (`adapt(images) -> logits`, `reset()`).
+
+    `train_source`, when given, supplies the images the ssl views come from (one view each), drawn afresh for
+    every step inside the step (and so inside the CUDA graph): e.g. a batch from a window of recent video frames.
+    Without it the views are `copies` augmented copies of each input, as in the paper.
+    """
 
     name = "ttt-online"
     episodic = False
 
-    def __init__(self, model: nn.Module, task, config: OnlineConfig, classes: int, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        task,
+        config: OnlineConfig,
+        classes: int,
+        generator: torch.Generator | None = None,
+        train_source: Callable[[], torch.Tensor] | None = None,
+    ):
         if config.reset.kind == "every" and config.reset.every % config.batch:
             raise TTAError(f"--reset every:{config.reset.every} must be a multiple of the online batch ({config.batch})")
         if config.skip_above is not None and not hasattr(task, "confidence"):
@@ -70,6 +84,7 @@ class OnlineTTT:
         self.task = task
         self.config = config
         self.generator = generator
+        self.train_source = train_source
         self.device = next(model.parameters()).device
         self.weights = FlatParameters(model, adapted_parameter_names(model, config.params))
         for param in self.weights.params:
@@ -79,14 +94,16 @@ class OnlineTTT:
         self.snapshot = flat.clone()
         self.velocity = torch.zeros_like(flat)
         zero = torch.zeros((), device=self.device, dtype=torch.long)
-        self.counts = {k: zero.clone() for k in ("updates", "skipped", "rollbacks", "rollbacks_to_source", "collapse_resets", "shift_resets", "good_steps", "strikes")}
+        self.counts = {
+            k: zero.clone()
+            for k in ("updates", "skipped", "rollbacks", "rollbacks_to_source", "collapse_resets", "shift_resets", "good_steps", "strikes")
+        }
         self.detector = ShiftDetector(config.reset, self.device) if config.reset.kind == "on-shift" else None
         self.window = PredictionWindow(config.rollback.window, classes, self.device) if config.rollback.enabled else None
+        self.ssl_loss = torch.full((), float("nan"), device=self.device)  # first step's loss on the latest input
         self.samples_seen = 0
         self.scheduled_resets = 0
-        self._graph = None
-        self._static_images = None
-        self._static_logits = None
+        self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
     # ---- the interface ----------------------------------------------------------------------
     def reset(self) -> None:
@@ -106,16 +123,35 @@ class OnlineTTT:
         values["resets"] = values["scheduled_resets"] + values["shift_resets"] + values["collapse_resets"]
         return values
 
-    def adapt(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W) with B == config.batch (the last batch may be smaller)."""
+    def adapt(self, images: torch.Tensor, update: bool = True) -> torch.Tensor:
+        """images (B, C, H, W) with B == config.batch (the last batch may be smaller).
+
+        update=False only predicts with the current weights (a stream that fell behind skips the update);
+        the samples still count towards `--reset every:N`.
+        """
         policy = self.config.reset
         if policy.kind == "every" and self.samples_seen and self.samples_seen % policy.every == 0:
             self.reset()
             self.scheduled_resets += 1
         self.samples_seen += images.shape[0]
-        if self.config.cuda_graph and self.device.type == "cuda" and images.shape[0] == self.config.batch:
-            return self._replay(images)
-        return self.step(images)
+        if self._use_graph(images):
+            return self._replay("step" if update else "predict", images)
+        return self.step(images) if update else self._predict(images)
+
+    def update(self, images: torch.Tensor) -> None:
+        """Adapt on `images` without counting them as new samples: the second half of predicting first with
+        `adapt(images, update=False)`, so that the prediction is ready before the update runs."""
+        if self._use_graph(images):
+            self._replay("step", images)
+        else:
+            self.step(images)
+
+    def prepare(self, images: torch.Tensor) -> None:
+        """Capture the CUDA graphs for inputs shaped like `images` now, so the first real input does not pay for it."""
+        if self._use_graph(images):
+            for kind in ("step", "predict"):
+                if kind not in self._graphs:
+                    self._graphs[kind] = self._capture(kind, images)
 
     # ---- one step ---------------------------------------------------------------------------
     def _autocast(self):
@@ -130,10 +166,12 @@ class OnlineTTT:
         config, counts, flat = self.config, self.counts, self.weights.flat
         logits = self._predict(images) if config.pre_update else None
         for step_index in range(config.steps):
-            inputs, targets = make_views(self.task, images, config.copies, self.generator)
+            inputs, targets = self._views(images)
             with self._autocast():
                 outputs = self.model(inputs, head="ssl")
                 loss = self.task.loss(outputs, targets)
+            if step_index == 0:
+                self.ssl_loss.copy_(loss.detach().float())
             gate = torch.ones((), device=self.device)
             if config.skip_above is not None:
                 gate = (self.task.confidence(outputs, targets) <= config.skip_above).float()
@@ -145,7 +183,7 @@ class OnlineTTT:
                 gate = gate * (~fired).float()  # the gradient belongs to the weights just replaced
             grad = self.weights.flat_grad(loss)
             if config.rollback.enabled:  # held-out views of the same input judge the update
-                check_inputs, check_targets = make_views(self.task, images, config.copies, self.generator)
+                check_inputs, check_targets = self._views(images)
                 check_before = self._ssl_loss(check_inputs, check_targets)
             self.velocity.copy_(torch.where(gate > 0, self.velocity * config.momentum + grad, self.velocity))
             flat.sub_(config.lr * gate * self.velocity)
@@ -162,6 +200,11 @@ class OnlineTTT:
             self.window.clear(collapsed)
             counts["collapse_resets"] += collapsed.long()
         return logits
+
+    def _views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.train_source is not None:
+            return make_views(self.task, self.train_source(), 1, self.generator)
+        return make_views(self.task, images, self.config.copies, self.generator)
 
     def _ssl_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self._autocast():
@@ -193,6 +236,9 @@ class OnlineTTT:
             self.snapshot.copy_(torch.where(condition, target, self.snapshot))
 
     # ---- CUDA graph -------------------------------------------------------------------------
+    def _use_graph(self, images: torch.Tensor) -> bool:
+        return self.config.cuda_graph and self.device.type == "cuda" and images.shape[0] == self.config.batch
+
     def _state_tensors(self) -> list[torch.Tensor]:
         tensors = [self.weights.flat, self.snapshot, self.velocity, *self.counts.values()]
         if self.detector is not None:
@@ -201,25 +247,29 @@ class OnlineTTT:
             tensors += [self.window.predictions, self.window.count]
         return tensors
 
-    def _replay(self, images: torch.Tensor) -> torch.Tensor:
-        if self._graph is None:
-            self._capture(images)
-        self._static_images.copy_(images)
-        self._graph.replay()
-        return self._static_logits.clone()
+    def _replay(self, kind: str, images: torch.Tensor) -> torch.Tensor:
+        """kind "step" (update, then the step's logits) or "predict" (logits only); each captured once."""
+        if kind not in self._graphs:
+            self._graphs[kind] = self._capture(kind, images)
+        graph, static_images, static_logits = self._graphs[kind]
+        static_images.copy_(images)
+        graph.replay()
+        return static_logits.clone()
 
-    def _capture(self, images: torch.Tensor) -> None:
-        """Warm up on a side stream (then undo the warm-up's effect on the state), capture one step."""
+    def _capture(self, kind: str, images: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        """Warm up on a side stream (then undo the warm-up's effect on the state), capture one call."""
+        run = self.step if kind == "step" else self._predict
         saved = [t.clone() for t in self._state_tensors()]
-        self._static_images = images.clone()
+        static_images = images.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
-                self.step(self._static_images)
+                run(static_images)
         torch.cuda.current_stream().wait_stream(stream)
-        for tensor, value in zip(self._state_tensors(), saved):
+        for tensor, value in zip(self._state_tensors(), saved, strict=True):
             tensor.copy_(value)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._static_logits = self.step(self._static_images)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = run(static_images)
+        return graph, static_images, static_logits
