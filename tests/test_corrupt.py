@@ -210,11 +210,14 @@ def test_cli_writes_the_official_layout_that_load_shifted_reads_back(tiny_folder
 
 def test_cli_severity_blocks_equal_corrupt_with_the_same_seed(tiny_folder, tmp_path):
     from tta_cli.commands.corrupt import block_seed
+    from tta_cli.data.imageset import mix_classes
     from tta_cli.data.sources import load_split
 
     out = tmp_path / "c"
     assert run_cli(["corrupt", "--data", str(tiny_folder), "--out", str(out), "--corruptions", "shot_noise"]).exit_code == 0
-    clean = load_split(str(tiny_folder), "test")
+    clean, order = mix_classes(load_split(str(tiny_folder), "test"), seed=0)
+    assert order is not None and sorted(order) == list(range(len(clean)))  # class folders are written mixed
+    assert json.loads((out / "meta.json").read_text())["source_order"] == order
     stacked = np.load(out / "shot_noise.npy")
     count = len(clean)
     assert np.array_equal(stacked[2 * count : 3 * count], corrupt(clean.images, "shot_noise", 3, seed=block_seed(0, 3, 0)).numpy())

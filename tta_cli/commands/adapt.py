@@ -115,12 +115,13 @@ def adapt_command(
 
 
 def load_sets(data: str, corruptions: str | None, severities: list[int], n: int | None, seed: int, device: torch.device):
+    from tta_cli.data.imageset import mix_classes
     from tta_cli.data.shifted import is_shifted_root, load_shifted
     from tta_cli.data.sources import load_split
 
     if is_shifted_root(data):
         return load_shifted(data, corruptions, severities, n)
-    clean = load_split(data, "test", limit=n, seed=seed)
+    clean, _ = mix_classes(load_split(data, "test", limit=n, seed=seed), seed)
     if corruptions is None:
         clean.meta.update({"corruption": "clean", "severity": 0})
         return [clean]

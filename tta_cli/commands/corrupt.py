@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tta_cli.commands.common import DataOpt, DataRootOpt, DeviceOpt, OutOpt, SeedOpt, console, user_errors
+from tta_cli.data.imageset import mix_classes
 from tta_cli.device import resolve_device
 from tta_cli.errors import TTAError
 from tta_cli.files import atomic_write, write_json
@@ -81,6 +82,7 @@ def corrupt_command(
     source = data or DEFAULT_SOURCE
     with console.status(f"loading the {source} test split ..."):
         clean = load_split(source, "test", root=data_root, limit=n, seed=seed)
+    clean, order = mix_classes(clean, seed)
     count = len(clean)
     console.print(
         f"[bold]tta corrupt[/] {len(names)} corruption(s) x 5 severities on {count} {source} test images, {torch_device} -> {out}"
@@ -124,6 +126,7 @@ def corrupt_command(
             "preview_severities": shown_severities,
             "layout": "<corruption>.npy uint8 (5N, H, W, 3): rows (s-1)*N .. s*N-1 hold severity s; labels.npy (5N,) tiled",
             "class_names": clean.class_names,
+            "source_order": order,
             "seconds": seconds,
             "images_per_second": {name: len(SEVERITIES) * count / max(secs, 1e-9) for name, secs in seconds.items()},
         },

@@ -29,3 +29,14 @@ class ImageSet:
 def to_float_nchw(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1], on the images' device."""
     return images.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def mix_classes(image_set: ImageSet, seed: int) -> tuple[ImageSet, list[int] | None]:
+    """Class-folder sources come grouped by class; put them in a seeded random order instead, as the official
+    CIFAR-10(-C) test order is, so that "the first n images" and online streams mix classes. Sets already
+    mixed (torchvision's CIFAR-10, official CIFAR-10-C) keep their order. Returns (set, source row per row or None)."""
+    labels = image_set.labels
+    if len(labels) < 2 or not bool((labels[1:] >= labels[:-1]).all()):
+        return image_set, None
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    return image_set.subset(order), order.tolist()

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU runs behind the numbers in README/docs/results.md, in stages: bash benchmarks/gpu_suite.sh STAGE...
+# Expects the CIFAR-10 JPEG archive at .carry/cifar10-jpeg.tar.gz (copy ../shared/data/cifar10-jpeg.tar.gz
+# there) and writes logs under $WORK, bundled into $OUT/results.tgz after every stage (the device tool
+# brings back at most 8 files). A checkpoint from an earlier call can travel as .carry/ckpt.
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TTA_CACHE_DIR=/tmp/tta-cache
+OUT=${OUT:-gpu-out}
+WORK=${WORK:-/tmp/tta-work}
+ARCHIVE=.carry/cifar10-jpeg.tar.gz
+CKPT=${CKPT:-.carry/ckpt}
+mkdir -p "$OUT" "$WORK"
+tta() { python3 -m tta_cli.cli "$@"; }
+bundle() { tar czf "$OUT/results.tgz" -C "$WORK" --exclude='*.npy' --exclude='resume.pt' --exclude='*.safetensors' . 2>/dev/null; }
+for stage in "$@"; do
+  echo "=== stage $stage ($(date +%T))"
+  SECONDS=0
+  case $stage in
+    env)
+      nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv
+      python3 -c "import torch, timm, typer, rich, safetensors; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())" ;;
+    smoke)
+      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_augment.py tests/test_corrupt.py tests/test_adapt_episodic.py \
+        tests/test_adapt_online.py 2>&1 | tail -15 ;;
+    train-fast)
+      # The fast recipe on the full archive; on a non-timeout failure (say torch.compile), once more eagerly.
+      timeout "${TRAIN_TIMEOUT:-400}" tta train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast" \
+        ${TRAIN_ARGS:-} > "$WORK/train-fast.log" 2>&1
+      rc=$?
+      if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
+        tail -20 "$WORK/train-fast.log"; echo "retrying without torch.compile"
+        timeout 360 tta train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast" --no-compile --force \
+          ${TRAIN_ARGS:-} > "$WORK/train-fast.log" 2>&1
+      fi
+      grep -E "^epoch|test|error|seconds" "$WORK/train-fast.log" | tail -25
+      mkdir -p "$OUT/ckpt" && cp "$WORK"/sun2020-fast/model.* "$OUT/ckpt/" 2>/dev/null
+      CKPT=$WORK/sun2020-fast ;;
+    train-bn)
+      timeout "${TRAIN_TIMEOUT:-300}" tta train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-bn" \
+        --set model.norm=bn ${TRAIN_BN_ARGS:-} > "$WORK/train-bn.log" 2>&1
+      grep -E "^epoch|test|error|seconds" "$WORK/train-bn.log" | tail -12
+      mkdir -p "$OUT/ckpt-bn" && cp "$WORK"/sun2020-bn/model.* "$OUT/ckpt-bn/" 2>/dev/null ;;
+    corrupt)
+      # All 15 corruptions x 5 severities of the 10,000 test images (750,000 images), timed end to end.
+      /usr/bin/time -f "corrupt wall %e s" tta corrupt --data $ARCHIVE --out "$WORK/cifar10-c" --seed 0 \
+        --preview "$WORK/corrupt_preview.png" > "$WORK/corrupt.log" 2>&1
+      tail -25 "$WORK/corrupt.log" ;;
+    adapt)
+      # source / ttt / ttt-online at severity 5; ADAPT_N images of each corruption (default: all 10,000).
+      tta adapt --ckpt "$CKPT" --data "$WORK/cifar10-c" --severities 5 ${ADAPT_N:+--n $ADAPT_N} --method ${ADAPT_METHODS:-source,ttt,ttt-online} \
+        --out "$WORK/adapt${ADAPT_TAG:-}" --plot "$WORK/adapt${ADAPT_TAG:-}/errors.png" ${ADAPT_ARGS:-} > "$WORK/adapt${ADAPT_TAG:-}.log" 2>&1
+      tail -32 "$WORK/adapt${ADAPT_TAG:-}.log" ;;
+    adapt-speed)
+      python3 benchmarks/adapt_speed.py --ckpt "$CKPT" --episodic-samples 2048 --online-samples 3000 --reference-samples 10 \
+        --chunks auto,256 > "$WORK/adapt_speed.txt" 2>&1
+      tail -16 "$WORK/adapt_speed.txt" ;;
+    train-speed)
+      python3 benchmarks/train_speed.py recipes/sun2020-rotation-gn.yaml --batch-sizes 128,512 --steps 40 > "$WORK/train_speed.txt" 2>&1
+      tail -8 "$WORK/train_speed.txt" ;;
+    corrupt-speed)
+      python3 benchmarks/corrupt_speed.py --archive $ARCHIVE --device cuda > "$WORK/corrupt_speed.txt" 2>&1
+      tail -24 "$WORK/corrupt_speed.txt" ;;
+    stream-speed)
+      python3 benchmarks/stream_speed.py ${STREAM_SPEED_ARGS:-} > "$WORK/stream_speed.txt" 2>&1
+      tail -12 "$WORK/stream_speed.txt" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+  echo "--- stage $stage took ${SECONDS}s"
+  bundle
+done
