@@ -20,7 +20,7 @@ for stage in "$@"; do
       nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv
       python3 -c "import torch, timm, typer, rich, safetensors; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())" ;;
     smoke)
-      timeout 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_augment.py tests/test_corrupt.py tests/test_adapt_episodic.py \
+      timeout ${SMOKE_TIMEOUT:-120} python3 -m pytest -q -x -p no:cacheprovider tests/test_augment.py tests/test_corrupt.py tests/test_adapt_episodic.py \
         tests/test_adapt_online.py 2>&1 | tail -15 ;;
     train-fast)
       # The fast recipe on the full archive; on a non-timeout failure (say torch.compile), once more eagerly.
@@ -34,6 +34,7 @@ for stage in "$@"; do
       fi
       grep -E "^epoch|test|error|seconds" "$WORK/train-fast.log" | tail -25
       mkdir -p "$OUT/ckpt" && cp "$WORK"/sun2020-fast/model.* "$OUT/ckpt/" 2>/dev/null
+      [ -f "$WORK/sun2020-fast/model.safetensors" ] || cp "$WORK/sun2020-fast/resume.pt" "$OUT/ckpt/" 2>/dev/null
       CKPT=$WORK/sun2020-fast ;;
     train-bn)
       timeout "${TRAIN_TIMEOUT:-300}" tta train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-bn" \
