@@ -10,7 +10,7 @@ WORK=${WORK:-/tmp/tta-work}
 ARCHIVE=.carry/cifar10-jpeg.tar.gz
 CKPT=${CKPT:-.carry/ckpt}
 mkdir -p "$OUT" "$WORK"
-tta() { python3 -m tta_cli.cli "$@"; }
+TTA="python3 -m tta_cli.cli"
 bundle() { tar czf "$OUT/results.tgz" -C "$WORK" --exclude='*.npy' --exclude='resume.pt' --exclude='*.safetensors' . 2>/dev/null; }
 for stage in "$@"; do
   echo "=== stage $stage ($(date +%T))"
@@ -24,12 +24,12 @@ for stage in "$@"; do
         tests/test_adapt_online.py 2>&1 | tail -15 ;;
     train-fast)
       # The fast recipe on the full archive; on a non-timeout failure (say torch.compile), once more eagerly.
-      timeout "${TRAIN_TIMEOUT:-400}" tta train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast" \
+      timeout "${TRAIN_TIMEOUT:-400}" $TTA train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast" \
         ${TRAIN_ARGS:-} > "$WORK/train-fast.log" 2>&1
       rc=$?
       if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
         tail -20 "$WORK/train-fast.log"; echo "retrying without torch.compile"
-        timeout 360 tta train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast" --no-compile --force \
+        timeout 360 $TTA train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast" --no-compile --force \
           ${TRAIN_ARGS:-} > "$WORK/train-fast.log" 2>&1
       fi
       grep -E "^epoch|test|error|seconds" "$WORK/train-fast.log" | tail -25
@@ -37,18 +37,18 @@ for stage in "$@"; do
       [ -f "$WORK/sun2020-fast/model.safetensors" ] || cp "$WORK/sun2020-fast/resume.pt" "$OUT/ckpt/" 2>/dev/null
       CKPT=$WORK/sun2020-fast ;;
     train-bn)
-      timeout "${TRAIN_TIMEOUT:-300}" tta train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-bn" \
+      timeout "${TRAIN_TIMEOUT:-300}" $TTA train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-bn" \
         --set model.norm=bn ${TRAIN_BN_ARGS:-} > "$WORK/train-bn.log" 2>&1
       grep -E "^epoch|test|error|seconds" "$WORK/train-bn.log" | tail -12
       mkdir -p "$OUT/ckpt-bn" && cp "$WORK"/sun2020-bn/model.* "$OUT/ckpt-bn/" 2>/dev/null ;;
     corrupt)
       # All 15 corruptions x 5 severities of the 10,000 test images (750,000 images), timed end to end.
-      /usr/bin/time -f "corrupt wall %e s" tta corrupt --data $ARCHIVE --out "$WORK/cifar10-c" --seed 0 \
+      /usr/bin/time -f "corrupt wall %e s" $TTA corrupt --data $ARCHIVE --out "$WORK/cifar10-c" --seed 0 \
         --preview "$WORK/corrupt_preview.png" > "$WORK/corrupt.log" 2>&1
       tail -25 "$WORK/corrupt.log" ;;
     adapt)
       # source / ttt / ttt-online at severity 5; ADAPT_N images of each corruption (default: all 10,000).
-      tta adapt --ckpt "$CKPT" --data "$WORK/cifar10-c" --severities 5 ${ADAPT_N:+--n $ADAPT_N} --method ${ADAPT_METHODS:-source,ttt,ttt-online} \
+      $TTA adapt --ckpt "$CKPT" --data "$WORK/cifar10-c" --severities 5 ${ADAPT_N:+--n $ADAPT_N} --method ${ADAPT_METHODS:-source,ttt,ttt-online} \
         --out "$WORK/adapt${ADAPT_TAG:-}" --plot "$WORK/adapt${ADAPT_TAG:-}/errors.png" ${ADAPT_ARGS:-} > "$WORK/adapt${ADAPT_TAG:-}.log" 2>&1
       tail -32 "$WORK/adapt${ADAPT_TAG:-}.log" ;;
     adapt-speed)

@@ -214,7 +214,7 @@ def test_cli_severity_blocks_equal_corrupt_with_the_same_seed(tiny_folder, tmp_p
     from tta_cli.data.sources import load_split
 
     out = tmp_path / "c"
-    assert run_cli(["corrupt", "--data", str(tiny_folder), "--out", str(out), "--corruptions", "shot_noise"]).exit_code == 0
+    assert run_cli(["corrupt", "--data", str(tiny_folder), "--out", str(out), "--corruptions", "shot_noise", "--device", "cpu"]).exit_code == 0
     clean, order = mix_classes(load_split(str(tiny_folder), "test"), seed=0)
     assert order is not None and sorted(order) == list(range(len(clean)))  # class folders are written mixed
     assert json.loads((out / "meta.json").read_text())["source_order"] == order

@@ -78,6 +78,7 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     ssl_weight: float = 1.0
     label_smoothing: float = 0.0
+    clip_grad_norm: float | None = None  # clip the global gradient norm (guards large-batch GN runs against spikes)
 
 
 @dataclass
@@ -134,6 +135,11 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         return [_coerce(v, args[0], key) for v in items]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if kind in (int, float, str, bool) and not isinstance(value, kind):

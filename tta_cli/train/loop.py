@@ -79,9 +79,11 @@ class JointLoss(nn.Module):
 
 @torch.no_grad()
 def evaluate(model: TTTModel, task, test: ImageSet, device: torch.device, batch_size: int = 1000, amp: bool = True) -> dict:
-    """Main-head accuracy and ssl quality (rotation accuracy over all four rotations, or masked MSE)."""
+    """Main-head accuracy and ssl quality (rotation accuracy over all four rotations, or masked MSE).
+    NaN/inf outputs mean training diverged (even when every loss seen so far was finite): a user error."""
     model.eval()
     correct = torch.zeros((), device=device)
+    nonfinite = torch.zeros((), device=device, dtype=torch.long)
     ssl_score = torch.zeros((), device=device, dtype=torch.float64)
     ssl_count = 0
     generator = torch.Generator(device=device).manual_seed(1234)
@@ -90,13 +92,17 @@ def evaluate(model: TTTModel, task, test: ImageSet, device: torch.device, batch_
         images = to_float_nchw(test.images[start : start + batch_size].to(device, non_blocking=True))
         labels = test.labels[start : start + batch_size].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            correct += (model(images).argmax(1) == labels).sum()
+            logits = model(images)
+            correct += (logits.argmax(1) == labels).sum()
+            nonfinite += (~logits.isfinite()).any(1).sum()
             mode = "train" if task.name == "rotation" else "adapt"
             ssl_inputs, ssl_targets = task.make_batch(images, mode=mode, generator=generator)
             scores = task.score(model.ssl(ssl_inputs), ssl_targets)
         ssl_score += scores.double().sum()
         ssl_count += scores.shape[0]
     model.train()
+    if int(nonfinite):
+        raise TTAError(f"training diverged: the model gives NaN/inf outputs on {int(nonfinite)} of {len(test)} test images; lower optim.lr or check the data. Nothing was overwritten.")
     metrics = {"test_acc": float(correct) / len(test)}
     if task.name == "rotation":
         metrics["test_ssl_acc"] = float(ssl_score) / ssl_count
@@ -105,13 +111,38 @@ def evaluate(model: TTTModel, task, test: ImageSet, device: torch.device, batch_
     return metrics
 
 
-def prepare_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
+def check_config(config: TrainConfig, resume: bool = False, force: bool = False) -> None:
+    """Fail before any data is read or file written: unknown backbone/task/split/schedule, bad sizes,
+    or an existing checkpoint in `config.out` (building the model on the CPU validates the architecture)."""
+    if config.optim.epochs < 1 or config.optim.batch_size < 1:
+        raise TTAError(f"optim.epochs and optim.batch_size must be at least 1, got {config.optim.epochs} and {config.optim.batch_size}")
+    lr_at(config.optim, 0.0)
+    build_model(config.model, build_task(config.task))
+    refuse_overwrite(Path(config.out), resume, force)
+
+
+def check_data(config: TrainConfig, train_set: ImageSet, test_set: ImageSet) -> None:
+    """The splits agree on the classes and hold at least one training batch."""
+    if test_set.class_names != train_set.class_names:
+        raise TTAError(f"train and test class names differ: {train_set.class_names} vs {test_set.class_names}")
+    if len(train_set) < config.optim.batch_size:
+        raise TTAError(
+            f"only {len(train_set)} training images, fewer than one batch (optim.batch_size {config.optim.batch_size}); "
+            "lower --batch-size or use more data"
+        )
+
+
+def refuse_overwrite(out_dir: Path, resume: bool, force: bool) -> None:
     """Refuse to overwrite a finished checkpoint unless asked; --resume needs the resume state."""
     if resume:
         return
     if (out_dir / checkpoint.META).exists() or (out_dir / checkpoint.RESUME).exists():
         if not force:
             raise TTAError(f"{out_dir} already holds a checkpoint; use --resume to continue it, --force to overwrite, or another --out")
+
+
+def prepare_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
+    refuse_overwrite(out_dir, resume, force)
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -126,11 +157,11 @@ def train(
 ) -> TrainResult:
     """Train a TTTModel jointly and write its checkpoint to `config.out`."""
     out_dir = Path(config.out)
+    check_config(config, resume, force)
+    check_data(config, train_set, test_set)
+    config.model.num_classes = len(train_set.class_names)
     prepare_out_dir(out_dir, resume, force)
     torch.manual_seed(config.seed)
-    config.model.num_classes = len(train_set.class_names)
-    if test_set.class_names != train_set.class_names:
-        raise TTAError(f"train and test class names differ: {train_set.class_names} vs {test_set.class_names}")
 
     task = build_task(config.task)
     on_gpu = device.type == "cuda"
@@ -155,17 +186,19 @@ def train(
         seed=config.seed,
         drop_last=True,
     )
+    generator = torch.Generator(device=device).manual_seed(config.seed + 1)  # the task's random draws
     start_epoch, history = 0, []
     if resume:
         state = checkpoint.load_resume(out_dir)
         checkpoint.load_state(model, state["model"], str(out_dir / checkpoint.RESUME))
         optimizer.load_state_dict(state["optimizer"])
+        if "task_rng" in state:
+            generator.set_state(state["task_rng"])
         start_epoch, history = state["epoch"], state["history"]
         on_event("resumed", epoch=start_epoch)
 
     step_loss = JointLoss(model, task, config.optim.ssl_weight, config.optim.label_smoothing)
     compiled_loss = torch.compile(step_loss) if config.compile else step_loss
-    generator = torch.Generator(device=device).manual_seed(config.seed + 1)
     use_amp = config.amp and on_gpu
     steps_per_epoch = len(loader)
     started = time.perf_counter()
@@ -187,13 +220,16 @@ def train(
                 loss, main_loss, ssl_loss, correct = compiled_loss(images, labels, ssl_inputs, ssl_targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.optim.clip_grad_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm, foreach=on_gpu)
             optimizer.step()
             totals += torch.stack([loss.detach(), main_loss, ssl_loss, correct.float()])
             seen += labels.shape[0]
             on_event("step", epoch=epoch, step=step, lr=lr)
-        loss_sum, main_sum, ssl_sum, correct_sum = totals.tolist()  # one sync per epoch
-        if not math.isfinite(loss_sum):
-            raise TTAError(f"training loss became NaN/inf in epoch {epoch + 1}; lower optim.lr (now {config.optim.lr}) or check the data. Nothing was overwritten.")
+        weights_finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+        loss_sum, main_sum, ssl_sum, correct_sum, finite = torch.cat([totals, weights_finite.float()[None]]).tolist()  # one sync per epoch
+        if not (math.isfinite(loss_sum) and finite):
+            raise TTAError(f"training diverged: loss or weights became NaN/inf in epoch {epoch + 1}; lower optim.lr (now {config.optim.lr}) or check the data. Nothing was overwritten.")
         record = {
             "epoch": epoch + 1,
             "lr": lr,
@@ -216,6 +252,7 @@ def train(
                 "epoch": epoch + 1,
                 "history": history,
                 "config": to_dict(config),
+                "task_rng": generator.get_state(),
             }
         )
     seconds = time.perf_counter() - started
