@@ -50,3 +50,30 @@ def shared_archive() -> Path:
     if not SHARED_ARCHIVE.is_file():
         pytest.skip(f"{SHARED_ARCHIVE} is not here")
     return SHARED_ARCHIVE
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart.yaml"
+# The quick-start recipe (depth-8 pre-activation ResNet, GroupNorm, rotation) on 200 + 50 embedded images, 1 epoch.
+TINY_TRAIN_ARGS = ["--limit-train", "200", "--limit-test", "50", "--epochs", "1", "--device", "cpu"]
+
+
+def run_cli(args: list[str]):
+    """Invoke the `tta` Typer app in-process; result.stdout / result.stderr are kept apart."""
+    from typer.testing import CliRunner
+
+    from tta_cli.cli import app
+
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A `tta train` checkpoint folder of the tiny quick-start model, trained once per test session.
+    Tests that write next to it must copy it first."""
+    out = tmp_path_factory.mktemp("tiny-ckpt") / "run"
+    result = run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, "--out", out])
+    assert result.exit_code == 0, result.output
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from pathlib import Path
 from typing import Annotated
@@ -43,7 +44,7 @@ Examples:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("adapt", help=(adapt_command.__doc__ or "") + EXAMPLES)(user_errors(adapt_command))
+    app.command("adapt", help=inspect.cleandoc(adapt_command.__doc__ or "") + "\n" + EXAMPLES)(user_errors(adapt_command))
 
 
 def parse_ints(text: str | None, what: str) -> list[int] | None:
@@ -104,12 +105,15 @@ def adapt_command(
     from tta_cli.tasks import build_task
 
     task = build_task(train_config.task)
-    sets = load_sets(data or "cifar10-mini", corruptions, parse_ints(severities, "--severities") or [5], n, settings.seed, torch_device)
+    adapters = build_methods(model, task, settings, len(meta["class_names"]), torch_device)  # bad methods fail before any work
+    severity_list = parse_ints(severities, "--severities") or [5]
+    sets = load_sets(data or "cifar10-mini", corruptions, severity_list, n, settings.seed, torch_device)
     check_classes(meta["class_names"], sets, ckpt)
-    results = run_all(model, task, settings, sets, len(meta["class_names"]), torch_device)
+    results = run_all(adapters, settings, sets, torch_device)
     table = print_table(results, sets)
     if out is not None:
-        write_outputs(out, results, sets, settings, ckpt, data, torch_device, table, predictions)
+        selection = {"corruptions": corruptions, "severities": severity_list, "n": n}
+        write_outputs(out, results, sets, settings, ckpt, data, selection, torch_device, table, predictions)
     if plot is not None:
         write_plot(plot, results, sets)
 
@@ -147,8 +151,15 @@ def check_classes(checkpoint_classes: list[str], sets, ckpt) -> None:
             raise TTAError(f"class names of the data ({image_set.class_names[:3]}...) differ from the checkpoint's ({checkpoint_classes[:3]}...)")
 
 
-def run_all(model, task, settings, sets, classes: int, device):
-    from tta_cli.adapt.methods import batch_size_for, build_method
+def build_methods(model, task, settings, classes: int, device) -> list:
+    """One adapter per --method, each on its own copy of the model; unknown or unsuitable methods raise here."""
+    from tta_cli.adapt.methods import build_method
+
+    return [build_method(name, model, task, settings, classes, device) for name in settings.methods]
+
+
+def run_all(adapters: list, settings, sets, device):
+    from tta_cli.adapt.methods import batch_size_for
     from tta_cli.adapt.orders import build_order
     from tta_cli.adapt.runner import run_method
 
@@ -157,9 +168,8 @@ def run_all(model, task, settings, sets, classes: int, device):
     results = []
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        for name in settings.methods:
-            adapter = build_method(name, model, task, settings, classes, device)
-            bar = progress.add_task(name, total=total, rate="")
+        for adapter in adapters:
+            bar = progress.add_task(adapter.name, total=total, rate="")
             started = time.perf_counter()
 
             def on_batch(done: int, bar=bar, started=started) -> None:
@@ -217,7 +227,7 @@ def print_table(results, sets) -> dict:
     return {"corruptions": corruptions, "errors": grid, "mean": {k: mean(v) for k, v in grid.items()}}
 
 
-def write_outputs(out: Path, results, sets, settings, ckpt, data, device, table, predictions: bool) -> None:
+def write_outputs(out: Path, results, sets, settings, ckpt, data, selection: dict, device, table, predictions: bool) -> None:
     from tta_cli.files import write_csv, write_json
 
     rows = []
@@ -234,6 +244,7 @@ def write_outputs(out: Path, results, sets, settings, ckpt, data, device, table,
     write_json(out / "results.json", {
         "checkpoint": str(ckpt),
         "data": data,
+        "selection": selection,
         "device": str(device),
         "settings": dataclasses.asdict(settings),
         "semantics": SEMANTICS,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated
 
@@ -27,7 +28,7 @@ Examples:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train", help=(train_command.__doc__ or "") + EXAMPLES)(user_errors(train_command))
+    app.command("train", help=inspect.cleandoc(train_command.__doc__ or "") + "\n" + EXAMPLES)(user_errors(train_command))
 
 
 def train_command(
@@ -47,9 +48,12 @@ def train_command(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing checkpoint in --out.")] = False,
     overrides: SetOpt = None,
 ) -> None:
-    """Train a TTT model jointly (classifier + self-supervised head) and write a checkpoint folder
-    (model.safetensors + model.yaml) that `tta adapt` and `tta stream` load."""
+    """Train a TTT model jointly (classifier + self-supervised head) and write a checkpoint folder.
+
+    The folder (model.safetensors + model.yaml, plus resume.pt for --resume) is what `tta adapt` and
+    `tta stream` load. An existing checkpoint is never overwritten without --force."""
     from tta_cli.data.sources import load_split
+    from tta_cli.train.loop import check_config, check_data
 
     flags: dict = parse_overrides(overrides or [])
     for key, value in {
@@ -71,9 +75,11 @@ def train_command(
     if resume:
         config = resumed_config(config, flags)
     torch_device = resolve_device(config.device)
+    check_config(config, resume, force)  # before any output, data loading or file writing
     with console.status(f"loading {config.data.source} ..."):
         train_set = load_split(config.data.source, "train", root=config.data.root, limit=config.data.limit_train, seed=config.seed)
         test_set = load_split(config.data.source, "test", root=config.data.root, limit=config.data.limit_test, seed=config.seed)
+    check_data(config, train_set, test_set)
     console.print(
         f"[bold]tta train[/] {config.model.backbone} depth {config.model.depth} ({config.model.norm}), split {config.model.split}, "
         f"task {config.task.name}, {len(train_set)} train / {len(test_set)} test images on {torch_device}"

@@ -1,0 +1,85 @@
+"""`tta adapt` end to end through the Typer app: outputs, a `tta corrupt` folder read back, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import yaml
+from conftest import run_cli
+from test_cli_train import assert_one_line_error
+
+TINY_ADAPT_ARGS = ["--n", "20", "--steps", "1", "--copies", "4", "--device", "cpu"]
+
+
+def test_adapt_writes_results_json_csv_and_a_plot(tiny_checkpoint, tmp_path):
+    out = tmp_path / "adapt"
+    result = run_cli([
+        "adapt", "--ckpt", tiny_checkpoint, "--data", "cifar10-mini", "--corruptions", "gaussian_noise,fog",
+        "--severities", "5", "--method", "source,ttt,ttt-online", *TINY_ADAPT_ARGS, "--out", out, "--plot", out / "p.png",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "mean" in result.stderr and "ttt-online" in result.stderr  # the rich table
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["methods"] == ["source", "ttt", "ttt-online"]
+    assert results["settings"]["steps"] == 1 and results["settings"]["copies"] == 4
+    assert results["selection"] == {"corruptions": "gaussian_noise,fog", "severities": [5], "n": 20}
+    assert {"source", "ttt", "ttt-online"} <= set(results["semantics"])
+    assert results["table"]["corruptions"] == ["gaussian_noise", "fog"]
+    for method in ("source", "ttt", "ttt-online"):
+        assert results["methods"][method]["samples"] == 40 and results["methods"][method]["seconds"] > 0
+        assert 0.0 <= results["table"]["mean"][method] <= 100.0
+    assert results["methods"]["ttt-online"]["counters"]["updates"] == 40
+    assert results["methods"]["ttt"]["counters"] == {"skipped_steps": 0}
+
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["method"], row["corruption"]) for row in rows] == [
+        (method, corruption) for method in ("source", "ttt", "ttt-online") for corruption in ("gaussian_noise", "fog")
+    ]
+    assert {row["n"] for row in rows} == {"20"} and {row["severity"] for row in rows} == {"5"}
+    assert (out / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_adapt_reads_a_tta_corrupt_folder(tiny_checkpoint, tmp_path):
+    shifted = tmp_path / "shifted"
+    made = run_cli(["corrupt", "--corruptions", "gaussian_noise,fog", "--n", "20", "--device", "cpu", "--out", shifted])
+    assert made.exit_code == 0, made.output
+    out = tmp_path / "adapt"
+    result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--data", shifted, "--severities", "5", "--method", "source", *TINY_ADAPT_ARGS, "--out", out])
+    assert result.exit_code == 0, result.output
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["corruption"], row["severity"], row["n"]) for row in rows] == [("gaussian_noise", "5", "20"), ("fog", "5", "20")]
+
+
+def test_unknown_method_is_one_line_before_any_work(tiny_checkpoint, tmp_path):
+    result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--method", "source,magic", *TINY_ADAPT_ARGS, "--out", tmp_path / "adapt"])
+    assert_one_line_error(result, "unknown method 'magic'")
+    assert not (tmp_path / "adapt").exists()
+
+
+def test_norm_on_a_groupnorm_model_is_one_line_before_any_work(tiny_checkpoint, tmp_path):
+    result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--method", "source,norm", *TINY_ADAPT_ARGS, "--out", tmp_path / "adapt"])
+    assert_one_line_error(result, "no BatchNorm", "model.norm=bn")
+    assert not (tmp_path / "adapt").exists()
+
+
+def test_checkpoint_and_data_with_different_classes_is_one_line(tiny_checkpoint, tiny_folder):
+    result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--data", tiny_folder, "--method", "source", "--device", "cpu"])
+    assert_one_line_error(result, "3 classes", "trained on 10")
+
+
+def test_checkpoint_of_another_architecture_is_one_line(tiny_checkpoint, tmp_path):
+    ckpt = shutil.copytree(tiny_checkpoint, tmp_path / "wider")
+    meta = yaml.safe_load((ckpt / "model.yaml").read_text())
+    meta["config"]["model"]["width"] = 2  # the weights stay those of width 1
+    (ckpt / "model.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    result = run_cli(["adapt", "--ckpt", ckpt / "model.safetensors", "--method", "source", *TINY_ADAPT_ARGS])
+    assert_one_line_error(result, "does not match the model architecture", "has shape")
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    assert_one_line_error(run_cli(["adapt", "--ckpt", tmp_path / "nowhere", "--device", "cpu"]), "not a tta checkpoint")

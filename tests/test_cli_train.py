@@ -1,0 +1,179 @@
+"""`tta train` end to end through the Typer app: checkpoint files, reload, --resume, refusals, bad inputs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import QUICKSTART, TINY_TRAIN_ARGS, run_cli
+from safetensors.torch import load_file
+
+
+def file_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    """Exit code 2, exactly one line on stderr (the error), no traceback anywhere."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def test_train_writes_weights_and_a_description_of_them(tiny_checkpoint):
+    meta = yaml.safe_load((tiny_checkpoint / "model.yaml").read_text())
+    assert (tiny_checkpoint / "model.safetensors").is_file()
+    assert meta["format"] == "tta-checkpoint/1"
+    assert meta["config"]["model"]["depth"] == 8 and meta["config"]["optim"]["epochs"] == 1
+    assert len(meta["class_names"]) == 10 and len(meta["normalization"]["mean"]) == 3
+    assert meta["metrics"]["epoch"] == 1 and 0.0 <= meta["metrics"]["test_acc"] <= 1.0
+
+
+def test_checkpoint_reloads_to_identical_outputs_and_metrics(tiny_checkpoint):
+    from tta_cli.data.sources import load_split
+    from tta_cli.models import build_model
+    from tta_cli.tasks import build_task
+    from tta_cli.train.checkpoint import load_model
+    from tta_cli.train.loop import evaluate
+
+    model, config, meta = load_model(tiny_checkpoint)
+    trained = build_model(config.model, build_task(config.task), meta["normalization"]["mean"], meta["normalization"]["std"])
+    trained.load_state_dict(torch.load(tiny_checkpoint / "resume.pt", weights_only=False)["model"])  # the live weights, saved apart
+    model.eval(), trained.eval()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(images), trained(images))
+        assert torch.equal(model.ssl(images), trained.ssl(images))
+    test_set = load_split("cifar10-mini", "test", limit=50, seed=0)
+    recomputed = evaluate(model, build_task(config.task), test_set, torch.device("cpu"))
+    assert recomputed["test_acc"] == meta["metrics"]["test_acc"]
+    assert recomputed["test_ssl_acc"] == meta["metrics"]["test_ssl_acc"]
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path, monkeypatch):
+    from tta_cli.train import checkpoint
+
+    args = ["train", QUICKSTART, *TINY_TRAIN_ARGS, "--epochs", "2", "--batch-size", "64"]
+    assert run_cli([*args, "--out", tmp_path / "whole"]).exit_code == 0
+
+    save_resume = checkpoint.save_resume
+
+    def crash_after_epoch_one(out_dir, state):
+        save_resume(out_dir, state)
+        if state["epoch"] == 1:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(checkpoint, "save_resume", crash_after_epoch_one)
+    crashed = run_cli([*args, "--out", tmp_path / "resumed"])
+    assert isinstance(crashed.exception, RuntimeError)
+    assert not (tmp_path / "resumed" / "model.yaml").exists()
+    monkeypatch.setattr(checkpoint, "save_resume", save_resume)
+
+    resumed = run_cli(["train", "--resume", "--out", tmp_path / "resumed"])  # the saved config wins
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming after epoch 1" in resumed.stderr
+    whole, again = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(whole[name], again[name]) for name in whole)
+    history = torch.load(tmp_path / "resumed" / "resume.pt", weights_only=False)["history"]
+    assert [record["epoch"] for record in history] == [1, 2]
+
+
+def test_resume_with_more_epochs_continues_from_the_saved_epoch(tiny_checkpoint, tmp_path):
+    run = shutil.copytree(tiny_checkpoint, tmp_path / "run")
+    first_epoch = torch.load(run / "resume.pt", weights_only=False)["history"][0]
+    result = run_cli(["train", "--resume", "--epochs", "2", "--out", run])
+    assert result.exit_code == 0, result.output
+    assert "resuming after epoch 1" in result.stderr
+    state = torch.load(run / "resume.pt", weights_only=False)
+    assert state["epoch"] == 2 and state["history"][0] == first_epoch
+    assert yaml.safe_load((run / "model.yaml").read_text())["metrics"]["epoch"] == 2
+
+
+def test_resume_without_a_previous_run_is_one_line(tmp_path):
+    assert_one_line_error(run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, "--resume", "--out", tmp_path / "nothing"]), "resume.pt")
+
+
+def test_existing_checkpoint_is_not_overwritten_without_force(tiny_checkpoint):
+    before = file_bytes(tiny_checkpoint)
+    result = run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, "--out", tiny_checkpoint])
+    assert_one_line_error(result, "already holds a checkpoint", "--force")
+    assert file_bytes(tiny_checkpoint) == before
+
+
+def test_force_overwrites_an_existing_checkpoint(tiny_checkpoint, tmp_path):
+    run = shutil.copytree(tiny_checkpoint, tmp_path / "run")
+    result = run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, "--seed", "1", "--out", run, "--force"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((run / "model.yaml").read_text())["config"]["seed"] == 1
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--data", "no/such/folder"], "no/such/folder"),
+        (["--set", "model.backbone=resnet9000"], "unknown backbone 'resnet9000'"),
+        (["--set", "task.name=jigsaw"], "unknown task 'jigsaw'"),
+        (["--set", "model.split=layer7"], "unknown split 'layer7'"),
+        (["--set", "optim.schedule=linear"], "unknown schedule 'linear'"),
+        (["--set", "model.colour=blue"], "unknown config key 'model.colour'"),
+        (["--batch-size", "512"], "fewer than one batch"),
+    ],
+    ids=["missing-data", "backbone", "task", "split", "schedule", "config-key", "batch-too-large"],
+)
+def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, flags, fragment):
+    out = tmp_path / "run"
+    assert_one_line_error(run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, *flags, "--out", out]), fragment)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_machine_without_it_is_one_line(tmp_path):
+    result = run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, "--device", "cuda", "--out", tmp_path / "run"])
+    assert_one_line_error(result, "no CUDA GPU")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--lr", "1e30"], ["--set", "optim.lr=1e30"], ["--lr", "1e30", "--batch-size", "32"]],
+    ids=["flag", "set", "several-steps"],
+)
+def test_nan_loss_stops_training_and_overwrites_nothing(tiny_checkpoint, tmp_path, flags):
+    run = shutil.copytree(tiny_checkpoint, tmp_path / "run")
+    before = file_bytes(run)
+    result = run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, *flags, "--out", run, "--force"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "diverged" in errors[0] and result.stderr.strip().endswith(errors[0])
+    assert file_bytes(run) == before
+
+
+def leaf_commands() -> list[list[str]]:
+    """Every runnable command path of the app (`train`, ..., `stream make`), read from the click tree."""
+    import typer
+
+    from tta_cli.cli import app
+
+    def walk(command, path: list[str]) -> list[list[str]]:
+        children = getattr(command, "commands", None)  # a group (typer vendors its own click)
+        if children:
+            return [leaf for name, child in sorted(children.items()) for leaf in walk(child, [*path, name])]
+        return [path]
+
+    return walk(typer.main.get_command(app), [])
+
+
+@pytest.mark.parametrize("command", leaf_commands(), ids=" ".join)
+def test_every_command_help_shows_examples(command):
+    result = run_cli([*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Examples:" in result.stdout and f"tta {' '.join(command)} " in result.stdout
