@@ -300,3 +300,24 @@ def _save(path, array):
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path
+
+
+def test_lossy_video_of_another_size_is_resized_and_cropped_to_the_model_input(tmp_path):
+    import av
+
+    generator = torch.Generator().manual_seed(1)
+    coarse = torch.rand(12, 3, 3, 4, generator=generator) * 255
+    smooth = torch.nn.functional.interpolate(coarse, size=(48, 64), mode="bilinear")
+    frames = smooth.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()  # (12, 48, 64, 3)
+    path = tmp_path / "camera.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for frame in frames.numpy():
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    source = open_frames(path, size=32)
+    assert source.native_fps == pytest.approx(25.0)
+    decoded = read_all(source)
+    assert decoded.shape == (12, 32, 32, 3)
+    assert (decoded.float() - fit_square(frames, 32).float()).abs().mean() < 6  # H.264 4:2:0 is lossy, but close

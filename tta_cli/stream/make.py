@@ -308,14 +308,39 @@ def load_stream_labels(source: str | Path) -> StreamLabels | None:
     if schedule_path.is_file():
         return _read_schedule(schedule_path, class_names)
     if labels_path.is_file():
-        try:
-            labels = np.load(labels_path, allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise TTAError(f"cannot read labels {labels_path}: {error}") from None
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise TTAError(f"{labels_path} must hold one integer label per frame, got {labels.dtype} {labels.shape}")
-        return StreamLabels(labels=torch.from_numpy(labels.astype(np.int64)), class_names=class_names)
+        return _read_labels_npy(labels_path, class_names)
     return None
+
+
+def read_labels(path: str | Path) -> StreamLabels:
+    """Ground truth the user pointed at (`--labels`): a labels.npy, a schedule.csv, or a stream folder.
+
+    Class names come from a stream.json beside the file when there is one. Anything else is a TTAError.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TTAError(f"labels {path} do not exist; give a labels.npy, a schedule.csv or a `tta stream make` folder")
+    if path.is_dir():
+        truth = load_stream_labels(path)
+        if truth is None:
+            raise TTAError(f"folder {path} holds neither schedule.csv nor labels.npy")
+        return truth
+    class_names = _read_class_names(path.parent / "stream.json")
+    if path.suffix.lower() == ".npy":
+        return _read_labels_npy(path, class_names)
+    if path.suffix.lower() == ".csv":
+        return _read_schedule(path, class_names)
+    raise TTAError(f"cannot read labels from {path}: use a labels.npy (one integer per frame) or a schedule.csv")
+
+
+def _read_labels_npy(path: Path, class_names: list[str] | None) -> StreamLabels:
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise TTAError(f"cannot read labels {path}: {error}") from None
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise TTAError(f"{path} must hold one integer label per frame, got {labels.dtype} {labels.shape}")
+    return StreamLabels(labels=torch.from_numpy(labels.astype(np.int64)), class_names=class_names)
 
 
 def _read_schedule(path: Path, class_names: list[str] | None) -> StreamLabels:

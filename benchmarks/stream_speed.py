@@ -1,0 +1,110 @@
+"""Stream speed: frames/s and per-frame latency of `tta stream run`'s loop, on synthetic frames made on the device.
+
+Settings as `tta stream run`'s defaults: explicit + implicit memory, a window of 16 frames, 32-image batches drawn
+from it, 1 update per frame, prediction after the update (bf16 and a CUDA graph on CUDA). Models, random weights:
+  resnet26  the reference ResNet-26 GN (split after layer2, rotation head) at 32 px   goal >= 1000 frames/s on an H100
+  resnet50  a timm ResNet-50 with GroupNorm (32 groups) at 224 px                     goal >= 30 frames/s (live video)
+Each row also has a predict-only run (mode none) beside it: the gap is the cost of adapting.
+
+    python benchmarks/stream_speed.py [--frames 2000] [--device cuda] [--models resnet26,resnet50] [--modes explicit,none]
+    python benchmarks/stream_speed.py --device cpu --frames 4          # a quick check that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from tta_cli.config import ModelConfig, TaskConfig
+from tta_cli.models import build_model
+from tta_cli.stream.loop import StreamSettings, run_stream
+from tta_cli.tasks import build_task
+
+MODELS = {
+    "resnet26": ("ResNet-26 GN, 32 px", ModelConfig(), 1000.0),
+    "resnet50": (
+        "timm ResNet-50 GN, 224 px",
+        ModelConfig(backbone="timm_resnet", timm_name="resnet50", img_size=224, norm="gn", groups=32, split="layer2"),
+        30.0,
+    ),
+}
+CLASSES = 10
+
+
+def synthetic_frames(count: int, size: int, device: torch.device) -> torch.Tensor:
+    """uint8 (count, size, size, 3) noise frames, made on the device so decoding and upload are not measured."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    return torch.randint(0, 256, (count, size, size, 3), dtype=torch.uint8, device=device, generator=generator)
+
+
+def measure(model, task, frames: torch.Tensor, settings: StreamSettings, warmup: int, device: torch.device) -> dict:
+    """A short warm-up stream (kernel selection, allocator), then the timed stream; run_stream's own summary."""
+    if warmup:
+        run_stream(model, task, enumerate(frames[:warmup]), dataclasses.replace(settings, max_frames=warmup), CLASSES, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    summary = run_stream(model, task, enumerate(frames), settings, CLASSES, device).summary
+    summary["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=2000, help="timed frames per run")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up frames before each timed run (default: min(32, frames/4))")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default="resnet26,resnet50", help=f"comma list of: {', '.join(MODELS)}")
+    parser.add_argument("--modes", default="explicit,none", help="comma list of stream modes: explicit, implicit, episodic, none")
+    parser.add_argument("--window", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--pre-update", action="store_true", help="predict before each frame's update (lower latency)")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graph (to see what the graph saves)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    warmup = args.warmup if args.warmup is not None else max(1, min(32, args.frames // 4))
+    task = build_task(TaskConfig(name="rotation"))
+    rows = []
+    for key in args.models.split(","):
+        label, config, goal = MODELS[key]
+        torch.manual_seed(0)
+        model = build_model(config, task).to(device).eval()
+        frames = synthetic_frames(args.frames, config.img_size, device)
+        for mode in args.modes.split(","):
+            settings = StreamSettings(
+                mode=mode,
+                window=args.window,
+                batch_size=args.batch_size,
+                steps=args.steps,
+                pre_update=args.pre_update,
+                cuda_graph=not args.eager,
+            )
+            summary = measure(model, task, frames, settings, min(warmup, args.frames), device)
+            rows.append((label, settings.name, summary, goal if mode != "none" else None))
+            print(f"{label:<28} {settings.name:<20} {summary['fps']:>10.1f} frames/s", flush=True)
+        del model, frames
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_table(rows, args, device)
+
+
+def print_table(rows, args, device: torch.device) -> None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(
+        f"\nstream speed on {name}, torch {torch.__version__}: window {args.window}, batch {args.batch_size}, "
+        f"{args.steps} step(s) per frame, {'predict before' if args.pre_update else 'predict after'} the update, "
+        f"{'eager' if args.eager else 'CUDA graph where available'}, {args.frames} frames"
+    )
+    print(f"{'model':<28} {'run':<20} {'frames/s':>10} {'p50 ms':>8} {'p95 ms':>8} {'peak GiB':>9} {'goal':>12}")
+    for label, run, summary, goal in rows:
+        latency = summary["latency_ms"]
+        verdict = "" if goal is None or device.type != "cuda" else f">= {goal:g} {'ok' if summary['fps'] >= goal else 'MISSED'}"
+        numbers = f"{summary['fps']:>10.1f} {latency['p50']:>8.2f} {latency['p95']:>8.2f} {summary['peak_gib']:>9.2f}"
+        print(f"{label:<28} {run:<20} {numbers} {verdict:>12}")
+
+
+if __name__ == "__main__":
+    main()

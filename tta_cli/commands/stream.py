@@ -1,0 +1,420 @@
+"""`tta stream`: make labelled drifting video streams, and classify + adapt on a stream frame by frame, live."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.live import Live
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from tta_cli.commands.common import CkptOpt, DataOpt, DataRootOpt, DeviceOpt, OutOpt, SeedOpt, SetOpt, console, user_errors
+from tta_cli.config import from_dict, merge, parse_overrides, to_dict
+from tta_cli.errors import TTAError
+
+LOG_WIDTH = 120  # columns of the results table when output goes to a file or pipe (rich assumes 80)
+
+MAKE_EXAMPLES = """
+A stream is clips of --clip-length frames, each showing one test image under a smooth pan/zoom; every
+--segment-clips clips the corruption changes, its severity rising from ~0 to --max-severity and back.
+Writes stream.mp4 (lossless), frames.npy, labels.npy, schedule.csv (frame, clip, label, corruption,
+severity) and stream.json; `tta stream run` finds the labels and the schedule beside the video.
+
+Examples:
+
+  tta stream make --out runs/stream
+
+  tta stream make --out runs/stream-long --frames 20000 --corruptions all --seed 1 --device cuda
+
+  tta stream make --data ../shared/data/cifar10-jpeg.tar.gz --corruptions fog,clean,snow --max-severity 3 --out runs/fog-snow
+
+  tta stream make --out /tmp/quick --frames 300 --clip-length 10 --no-video
+"""
+
+RUN_EXAMPLES = """
+Modes (--mode): none (no adaptation), episodic (adapt on the frame, then back to the trained weights),
+implicit (weights carried from frame to frame), explicit (default: implicit memory plus each update
+trains on --batch-size frames drawn from the last --window frames, with fresh crops, flips and rotations).
+
+Examples:
+
+  tta stream run runs/stream/stream.mp4 --ckpt runs/quickstart
+
+  tta stream run runs/stream --ckpt runs/sun2020 --compare --out runs/stream-compare --plot runs/stream-compare/timeline.png
+
+  tta stream run clip.mp4 --ckpt runs/sun2020 --fps native --pre-update --labels clip-labels.npy
+
+  tta stream run runs/stream/frames.npy --ckpt runs/sun2020 --mode implicit --reset every:300 --rollback --lr 0.0005
+
+  ffmpeg -i camera.mp4 -f rawvideo -pix_fmt rgb24 - | tta stream run - --stdin-size 640x480 --ckpt runs/sun2020 --fps 30
+"""
+
+
+def register(app: typer.Typer) -> None:
+    stream_app = typer.Typer(
+        name="stream",
+        help="Online test-time training on video: make labelled drifting streams, run a checkpoint on a stream live.",
+        no_args_is_help=True,
+        add_completion=False,
+        rich_markup_mode="rich",
+    )
+    stream_app.command("make", help=help_text(make_command, MAKE_EXAMPLES))(user_errors(make_command))
+    stream_app.command("run", help=help_text(run_command, RUN_EXAMPLES))(user_errors(run_command))
+    app.add_typer(stream_app, name="stream")
+
+
+def help_text(command, examples: str) -> str:
+    """The docstring, then the examples. Typer's rich mode keeps single line breaks, so prose paragraphs are
+    joined into one line each (the terminal wraps them); indented example lines stay as they are."""
+    paragraphs = (inspect.cleandoc(command.__doc__ or "") + "\n\n" + examples.strip("\n")).split("\n\n")
+    return "\n\n".join(text if text.startswith("  ") else " ".join(text.split("\n")) for text in paragraphs) + "\n"
+
+
+# ---- tta stream make --------------------------------------------------------------------------
+
+
+def make_command(
+    out: OutOpt = None,
+    data: DataOpt = None,
+    data_root: DataRootOpt = None,
+    frames: Annotated[int, typer.Option("--frames", help="Frames in the stream.")] = 3000,
+    clip_length: Annotated[int, typer.Option("--clip-length", help="Frames per clip: one image, one label, one smooth pan/zoom.")] = 30,
+    segment_clips: Annotated[
+        int, typer.Option("--segment-clips", help="Clips per corruption segment (the severity ramps up and down over it).")
+    ] = 4,
+    corruptions: Annotated[
+        str,
+        typer.Option(
+            "--corruptions", help="Comma list in stream order, cycled: names, `all` (the 15), `extra`, or `clean` (no corruption)."
+        ),
+    ] = "all",
+    max_severity: Annotated[int, typer.Option("--max-severity", help="Peak severity of each segment, 0 to 5.")] = 5,
+    size: Annotated[int | None, typer.Option("--size", help="Frame side in pixels (default: the images' own, 32 for CIFAR-10).")] = None,
+    fps: Annotated[float, typer.Option("--fps", help="Frame rate written into the video.")] = 30.0,
+    video: Annotated[bool, typer.Option("--video/--no-video", help="Also write stream.mp4 (lossless H.264 RGB, needs PyAV).")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace a stream already in --out.")] = False,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Make a labelled drifting test stream from the test split of --data (default: the embedded cifar10-mini)."""
+    from tta_cli.stream.make import make_stream_command
+
+    if out is None:
+        raise TTAError("tta stream make needs --out DIR: the folder that receives stream.mp4, frames.npy, labels.npy and schedule.csv")
+    if (out / "stream.json").exists() and not force:
+        raise TTAError(f"{out} already holds a stream (stream.json); pass --force to replace it or pick another --out")
+    with console.status(f"making a {frames}-frame stream from {data or 'cifar10-mini'} ..."):
+        summary = make_stream_command(
+            data or "cifar10-mini",
+            out,
+            frames=frames,
+            clip_length=clip_length,
+            corruptions=corruptions,
+            seed=0 if seed is None else seed,
+            device=device,
+            video=video,
+            max_severity=max_severity,
+            size=size,
+            segment_clips=segment_clips,
+            fps=fps,
+            data_root=data_root,
+        )
+    print_stream_summary(summary)
+
+
+def print_stream_summary(summary: dict) -> None:
+    table = Table(title="tta stream make", show_header=False, box=box.SIMPLE)
+    names = summary["corruptions"]
+    shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+    rows = {
+        "frames": f"{summary['frames']:,} in {summary['clips']:,} clips",
+        "frame size": f"{summary['size']} x {summary['size']}",
+        "corruptions": shown,
+        "max severity": str(summary["max_severity"]),
+        "seed": str(summary["seed"]),
+        "video fps": f"{summary['fps']:g}",
+        "device": summary["device"],
+    }
+    rows.update({f"file ({kind})": path for kind, path in summary["files"].items()})
+    for key, value in rows.items():
+        table.add_row(key, value)
+    console.print(table)
+    console.print(f"next: tta stream run {summary['out']} --ckpt CHECKPOINT", highlight=False)
+
+
+# ---- tta stream run ---------------------------------------------------------------------------
+
+
+def run_command(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A video file, a folder of jpg/png frames or from `tta stream make`, a (T, H, W, 3) uint8 .npy, or - (raw RGB on stdin)."
+        ),
+    ],
+    ckpt: CkptOpt,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels",
+            help="Per-frame labels (-1: unknown): a labels.npy, a schedule.csv or a stream folder. Default: found beside SOURCE.",
+        ),
+    ] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="none | episodic | implicit | explicit (default explicit).")] = None,
+    window: Annotated[int | None, typer.Option("--window", help="Explicit memory: the last W frames updates draw from (16).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Images per update: window draws, or copies of the frame (32).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Updates per frame (1); 0 = no adaptation.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate of the updates (0.001).")] = None,
+    params: Annotated[str | None, typer.Option("--params", help="What adapts: encoder | encoder+ssl | norm (encoder).")] = None,
+    reset: Annotated[str | None, typer.Option("--reset", help="never | every:N (frames) | on-shift, as in `tta adapt` (never).")] = None,
+    rollback: Annotated[
+        bool | None, typer.Option("--rollback/--no-rollback", help="Undo updates that raise the ssl loss; reset on collapse.")
+    ] = None,
+    pre_update: Annotated[
+        bool, typer.Option("--pre-update", help="Predict each frame before its update (lowest latency); default after.")
+    ] = False,
+    fps: Annotated[
+        str | None,
+        typer.Option(
+            "--fps",
+            help="Pace SOURCE like a live camera at F frames/s, or `native` (the video's rate); behind, updates are skipped, never frames.",
+        ),
+    ] = None,
+    max_frames: Annotated[int | None, typer.Option("--max-frames", help="Stop after n frames.")] = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Run every mode (and rollback off/on) on SOURCE and print error per run.")
+    ] = False,
+    stdin_size: Annotated[str | None, typer.Option("--stdin-size", help="Frame size WxH of raw RGB24 frames on stdin (SOURCE -).")] = None,
+    out: OutOpt = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Write a PNG: rolling accuracy and ssl loss over the frames, shift shaded.")
+    ] = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Classify every frame of SOURCE with a `tta train` checkpoint while adapting it online, with a live view.
+
+    --out writes frames.csv and frames.jsonl (one row per frame: time, class, confidence, adapted, rolled back,
+    ssl loss, latency) and summary.json (accuracy, latency p50/p95/max, fps, counts). --set takes any
+    StreamSettings key (e.g. --set momentum=0.9 --set amp=false). Ctrl-C stops early and still writes the results.
+    """
+    from tta_cli.device import resolve_device
+    from tta_cli.stream.loop import comparison_settings
+    from tta_cli.stream.sources import open_frames
+    from tta_cli.tasks import build_task
+    from tta_cli.train.checkpoint import load_model
+
+    settings = stream_settings(
+        {
+            "mode": mode,
+            "window": window,
+            "batch_size": batch_size,
+            "steps": steps,
+            "lr": lr,
+            "params": params,
+            "reset": reset,
+            "rollback": rollback,
+            "pre_update": pre_update or None,
+            "max_frames": max_frames,
+            "seed": seed,
+        },
+        overrides,
+    )
+    if compare and source == "-":
+        raise TTAError("--compare reads SOURCE once per run; give a file or folder, not stdin")
+    torch_device = resolve_device(device or "auto")
+    model, train_config, meta = load_model(ckpt, torch_device)
+    class_names = list(meta["class_names"])
+    frames = open_frames(source, size=train_config.model.img_size, stdin_size=stdin_size)
+    truth = find_labels(source, labels)
+    check_labels(truth, class_names, ckpt, frames.length)
+    pace = parse_fps(fps, frames.native_fps)
+    console.print(
+        f"[bold]tta stream run[/] {escape(frames.description)} ({frames.length or 'unknown number of'} frames"
+        f"{f', paced at {pace:g} fps' if pace else ''}) on {torch_device}; labels: {'yes' if truth else 'none'}",
+        highlight=False,
+    )
+    task = build_task(train_config.task)
+    runs = comparison_settings(settings) if compare else [settings]
+    results = []
+    with frames:
+        for run_settings in runs:
+            result = run_live(model, task, frames, run_settings, truth, class_names, pace, torch_device, transient=compare)
+            results.append(result)
+            if result.interrupted:
+                console.print(f"stopped by Ctrl-C after {len(result):,} frames; the results cover those")
+                break
+    print_results(results, compare)
+    if out is not None:
+        write_outputs(out, results, truth, class_names, {"checkpoint": str(ckpt), "source": source, "device": str(torch_device)})
+    if plot is not None:
+        from tta_cli.stream.report import plot_timeline
+
+        console.print(f"wrote {plot_timeline(plot, results, truth)}")
+
+
+def stream_settings(flags: dict, overrides: list[str] | None):
+    """Defaults <- flags <- --set, validated (bad values are TTAErrors, before anything is loaded)."""
+    from tta_cli.stream.loop import StreamSettings
+
+    values = merge(to_dict(StreamSettings()), {key: value for key, value in flags.items() if value is not None})
+    values = merge(values, parse_overrides(overrides or []))
+    settings = from_dict(StreamSettings, values)
+    settings.validate()
+    return settings
+
+
+def parse_fps(text: str | None, native_fps: float | None) -> float | None:
+    """`--fps 30` or `--fps native`; None (the default) reads as fast as the loop takes frames."""
+    if text is None:
+        return None
+    if text.strip().lower() == "native":
+        if native_fps is None:
+            raise TTAError("--fps native: SOURCE has no frame rate of its own (only videos do); give a number, e.g. --fps 30")
+        return native_fps
+    try:
+        value = float(text)
+    except ValueError:
+        raise TTAError(f"--fps takes frames per second (e.g. 30) or `native`, got {text!r}") from None
+    if not value > 0:
+        raise TTAError(f"--fps must be positive, got {text}")
+    return value
+
+
+def find_labels(source: str, labels: Path | None):
+    """--labels when given; else labels saved beside a file or folder source (never for stdin)."""
+    from tta_cli.stream.make import load_stream_labels, read_labels
+
+    if labels is not None:
+        return read_labels(labels)
+    if source == "-":
+        return None
+    return load_stream_labels(source)
+
+
+def check_labels(truth, class_names: list[str], ckpt: Path, frame_count: int | None) -> None:
+    """Labels must name the checkpoint's classes and cover the stream frame for frame."""
+    if truth is None:
+        return
+    if truth.class_names is not None and list(truth.class_names) != class_names:
+        raise TTAError(
+            f"the stream's classes ({', '.join(truth.class_names[:3])}, ...; {len(truth.class_names)} in all) differ from "
+            f"checkpoint {ckpt}'s ({', '.join(class_names[:3])}, ...; {len(class_names)}): they do not match"
+        )
+    if len(truth.labels) and int(truth.labels.max()) >= len(class_names):
+        raise TTAError(
+            f"the labels go up to class {int(truth.labels.max())} but checkpoint {ckpt} has {len(class_names)} classes: they do not match"
+        )
+    if len(truth.labels) and int(truth.labels.min()) < -1:
+        raise TTAError(f"labels must be class indices, or -1 for an unlabelled frame; found {int(truth.labels.min())}")
+    if frame_count is not None and len(truth.labels) != frame_count:
+        raise TTAError(f"there are {len(truth.labels)} labels for {frame_count} frames; give one label per frame (-1: unknown)")
+
+
+def run_live(model, task, frames, settings, truth, class_names, fps, device, transient: bool):
+    """One run of run_stream with the live view redrawn after every block of frames."""
+    from tta_cli.stream.loop import run_stream
+    from tta_cli.stream.sources import Pacer
+
+    total = frames.length if settings.max_frames is None else min(frames.length or settings.max_frames, settings.max_frames)
+    view = LiveView(settings.name, total, class_names)
+    with Live(view.render(None), console=console, refresh_per_second=8, transient=transient) as live:
+        return run_stream(
+            model,
+            task,
+            frames,
+            settings,
+            len(class_names),
+            device,
+            labels=truth.labels if truth is not None else None,
+            pacer=Pacer(fps, clock=time.perf_counter),
+            on_progress=lambda progress: live.update(view.render(progress)),
+        )
+
+
+class LiveView:
+    """The status line the live display redraws: throughput, latency, the current prediction, accuracy over the
+    last 100 labelled frames, and counts of adapted frames, rollbacks and resets. A line of text (not a table)
+    so that it wraps instead of truncating numbers on a narrow terminal."""
+
+    def __init__(self, name: str, total: int | None, class_names: list[str]):
+        self.name = name
+        self.total = total
+        self.class_names = class_names
+
+    def render(self, progress) -> Text:
+        if progress is None:
+            return Text.assemble((self.name, "bold"), f"  frame {self.frames_text(0)}  starting ...")
+        accuracy = "-" if progress.rolling_accuracy is None else f"{100 * progress.rolling_accuracy:.1f}%"
+        fields = [
+            ("frame", self.frames_text(progress.frames)),
+            ("fps", f"{progress.fps:,.1f}"),
+            ("latency", f"{progress.latency_ms:.1f} ms"),
+            ("now", f"{self.class_name(progress.predicted)} ({100 * progress.confidence:.0f}%)"),
+            ("acc (last 100)", accuracy),
+            ("adapted", f"{progress.adapted:,}"),
+            ("rollbacks", f"{progress.rollbacks:,}"),
+            ("resets", f"{progress.resets:,}"),
+        ]
+        line = Text.assemble((self.name, "bold"))
+        for name, value in fields:
+            line.append(f"  {name} ", style="dim")
+            line.append(value, style="bold cyan" if name in ("now", "acc (last 100)") else "")
+        return line
+
+    def frames_text(self, done: int) -> str:
+        return f"{done:,}/{self.total:,}" if self.total else f"{done:,}"
+
+    def class_name(self, index: int) -> str:
+        return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
+
+
+def print_results(results, compare: bool) -> None:
+    """Error (when labelled), throughput, latency and event counts per run."""
+    table = Table(title="tta stream: error per run" if compare else "tta stream run")
+    for column in ("run", "frames", "error %", "fps", "p50 ms", "p95 ms", "adapted", "rollbacks", "resets"):
+        table.add_column(column, justify="left" if column == "run" else "right", no_wrap=True)
+    for result in results:
+        summary = result.summary
+        latency = summary["latency_ms"]
+        table.add_row(
+            result.name,
+            f"{summary['frames']:,}",
+            "-" if summary["error"] is None else f"{summary['error']:.1f}",
+            f"{summary['fps']:,.1f}",
+            *[("-" if latency[key] is None else f"{latency[key]:.1f}") for key in ("p50", "p95")],
+            f"{summary['adapted']:,}",
+            f"{summary['rollbacks']:,}",
+            f"{summary['resets']:,}",
+        )
+    log_console().print(table)
+
+
+def log_console() -> Console:
+    """The shared console on a terminal; for a file or pipe (no width to fit), one LOG_WIDTH columns wide, so a
+    captured log keeps every number of the table instead of rich's 80-column ellipses."""
+    if console.is_terminal:
+        return console
+    return Console(file=console.file, width=LOG_WIDTH, no_color=console.no_color, highlight=False)
+
+
+def write_outputs(out: Path, results, truth, class_names: list[str], context: dict) -> None:
+    """Per-frame CSV + JSONL per run and one summary.json, each written atomically."""
+    from tta_cli.stream.report import frame_rows, frames_stem, write_frames, write_summary
+
+    several = len(results) > 1
+    written = []
+    for result in results:
+        written += write_frames(out, frames_stem(result, several), frame_rows(result, class_names, truth))
+    written.append(write_summary(out / "summary.json", results, {"tool": "tta stream run", **context, "class_names": class_names}))
+    console.print(f"wrote {', '.join(path.name for path in written)} to {out}", highlight=False)
