@@ -131,9 +131,11 @@ class EpisodicTTT:
             return full_precision(predict_all(dict(zip(names, params)), images))[:real]
 
     def auto_chunk(self, images: torch.Tensor) -> int:
-        """On CUDA, measure one step's memory per sample on a small probe chunk and fill ~70% of free memory."""
+        """On CUDA, measure one step's memory per sample on a small probe chunk and fill ~70% of free memory.
+        On the CPU small chunks are fastest: from 16 up the large per-sample buffers are paged in afresh every
+        step (2-core CPU, depth-8 ResNet, 10 x 32: chunk 8 is 2.4 samples/s, chunk 64 is 1.0)."""
         if self.device.type != "cuda":
-            self._chunk = 64
+            self._chunk = 8
             return self._chunk
         probe = min(8, images.shape[0])
         torch.cuda.synchronize()
