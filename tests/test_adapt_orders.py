@@ -1,0 +1,126 @@
+"""Stream orders yield the documented sequences; the comparators (source, norm, tent) behave as documented."""
+
+import copy
+
+import pytest
+import torch
+
+from tta_cli.adapt.comparators import NormAdapt, SourceModel, Tent
+from tta_cli.adapt.orders import build_order
+from tta_cli.adapt.params import norm_parameter_names
+from tta_cli.config import ModelConfig, TaskConfig
+from tta_cli.data.imageset import ImageSet, mix_classes
+from tta_cli.errors import TTAError
+from tta_cli.models import build_model
+from tta_cli.tasks import build_task
+
+CLASSES = [f"c{i}" for i in range(4)]
+
+
+def shifted_sets(corruptions=("fog", "snow"), severities=(1, 2, 3), size=12) -> list[ImageSet]:
+    generator = torch.Generator().manual_seed(0)
+    sets = []
+    for corruption in corruptions:
+        for severity in severities:
+            labels = torch.randint(0, len(CLASSES), (size,), generator=generator)
+            images = torch.zeros(size, 4, 4, 3, dtype=torch.uint8)
+            sets.append(ImageSet(images, labels, CLASSES, {"corruption": corruption, "severity": severity}))
+    return sets
+
+
+def test_per_corruption_is_each_set_in_order_with_a_reset_between():
+    sets = shifted_sets()
+    segments = build_order(sets, "per-corruption")
+    assert [s.label for s in segments] == ["fog-1", "fog-2", "fog-3", "snow-1", "snow-2", "snow-3"]
+    assert torch.equal(torch.cat([s.indices for s in segments]), torch.arange(72))
+
+
+def test_continual_is_every_set_in_a_row_without_a_reset():
+    segments = build_order(shifted_sets(), "continual")
+    assert len(segments) == 1 and torch.equal(segments[0].indices, torch.arange(72))
+
+
+def test_mixed_is_a_seeded_permutation_of_everything():
+    sets = shifted_sets()
+    first, again, other = (build_order(sets, "mixed", seed=s)[0].indices for s in (0, 0, 1))
+    assert sorted(first.tolist()) == list(range(72)) and not torch.equal(first, torch.arange(72))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_gradual_climbs_severity_one_to_five_and_back_per_corruption():
+    sets = shifted_sets(severities=(1, 2, 3, 4, 5), size=18)
+    indices = build_order(sets, "gradual")[0].indices
+    severity_of = torch.cat([torch.full((len(s),), s.meta["severity"]) for s in sets])
+    corruption_of = torch.cat([torch.full((len(s),), i // 5) for i, s in enumerate(sets)])
+    walk = list(zip(corruption_of[indices].tolist(), severity_of[indices].tolist()))
+    ladder = [step for i, step in enumerate(walk) if i == 0 or step != walk[i - 1]]
+    assert ladder == [(c, s) for c in (0, 1) for s in (1, 2, 3, 4, 5, 4, 3, 2, 1)]
+    assert corruption_of[indices].tolist() == sorted(corruption_of[indices].tolist())  # fog first, then snow
+    assert len(set(indices.tolist())) == len(indices)  # no sample twice
+
+
+def test_correlated_sorts_labels_within_each_set():
+    sets = shifted_sets()
+    labels = torch.cat([s.labels for s in sets])
+    segments = build_order(sets, "correlated")
+    assert len(segments) == len(sets)
+    for segment in segments:
+        in_order = labels[segment.indices]
+        assert torch.equal(in_order, torch.sort(in_order).values)
+
+
+def test_dirichlet_keeps_every_sample_and_small_concentration_groups_labels():
+    sets = shifted_sets(corruptions=("fog",), severities=(5,), size=400)
+    labels = sets[0].labels
+
+    def switches(concentration: float) -> int:
+        order = build_order(sets, "correlated", seed=3, dirichlet=concentration)[0].indices
+        assert sorted(order.tolist()) == list(range(400))
+        return int((labels[order][1:] != labels[order][:-1]).sum())
+
+    assert switches(0.01) < 0.7 * switches(1000.0)  # large D is close to i.i.d. (~300 switches of 4 classes)
+
+
+def test_unknown_order_is_a_user_error():
+    with pytest.raises(TTAError, match="unknown order"):
+        build_order(shifted_sets(), "sideways")
+
+
+def test_mix_classes_shuffles_class_grouped_sets_and_keeps_mixed_ones():
+    grouped = ImageSet(torch.zeros(8, 2, 2, 3, dtype=torch.uint8), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), CLASSES)
+    mixed, order = mix_classes(grouped, seed=0)
+    assert sorted(order) == list(range(8)) and torch.equal(mixed.labels, grouped.labels[order])
+    again, none = mix_classes(mixed, seed=0)
+    assert none is None and again is mixed
+
+
+def tiny(norm: str):
+    torch.manual_seed(0)
+    task = build_task(TaskConfig(name="rotation"))
+    return build_model(ModelConfig(depth=8, norm=norm, groups=4, num_classes=4), task)
+
+
+def test_source_model_is_the_checkpoint_in_eval_mode():
+    model = tiny("gn")
+    images = torch.rand(5, 3, 32, 32)
+    assert torch.allclose(SourceModel(copy.deepcopy(model), amp=False).adapt(images), model.eval()(images))
+
+
+def test_norm_uses_test_batch_statistics_and_refuses_groupnorm():
+    model = tiny("bn")
+    images = torch.rand(6, 3, 32, 32) * 0.3 + 0.6  # statistics far from the running ones
+    adapted = NormAdapt(copy.deepcopy(model), amp=False).adapt(images)
+    assert not torch.allclose(adapted, model.eval()(images), atol=1e-4)
+    assert torch.allclose(adapted, model.train()(images), atol=1e-5)  # batch statistics, as in training mode
+    with pytest.raises(TTAError, match="BatchNorm"):
+        NormAdapt(tiny("gn"), amp=False)
+
+
+def test_tent_moves_only_normalization_affine_parameters():
+    model = tiny("bn")
+    tent = Tent(copy.deepcopy(model), lr=1e-2, amp=False)
+    tent.adapt(torch.rand(8, 3, 32, 32))
+    before, after = dict(model.named_parameters()), dict(tent.model.named_parameters())
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    allowed = set(norm_parameter_names(model.encoder, "encoder.") + norm_parameter_names(model.main_head, "main_head."))
+    assert moved and moved <= allowed
