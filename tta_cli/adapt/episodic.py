@@ -4,6 +4,10 @@ self-supervised loss of `copies` augmented views of itself, then is classified b
 The fast path adapts a chunk of samples at once with per-sample weights (torch.func: vmap over
 grad of a functional call); `adapt_sequential` is its slow, obviously correct twin, and both draw
 identical views from the same generator, so they give the same result.
+
+Sharded over torchrun ranks (`adapt_shard`), each rank adapts every world_size-th chunk and only draws
+(and discards) the views of the others, so every chunk sees the generator state, and so the views, of a
+single-process run: the sharded predictions equal the single-process ones exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from tta_cli import distributed
 from tta_cli.adapt.params import adapted_parameter_names
 from tta_cli.adapt.views import full_precision, make_views
 
@@ -58,6 +63,7 @@ class EpisodicTTT:
         self.device = next(model.parameters()).device
         self._chunk = config.chunk
         self._functions = None
+        self._chunks_seen = 0  # chunks drawn so far (adapted or skipped), to deal chunks to ranks in turn
 
     def reset(self) -> None:
         """Nothing to reset: the live model is never modified."""
@@ -68,6 +74,37 @@ class EpisodicTTT:
     def adapt(self, images: torch.Tensor) -> torch.Tensor:
         chunk = self._chunk or self.auto_chunk(images)
         return torch.cat([self.adapt_chunk(part) for part in images.split(chunk)])
+
+    def adapt_shard(self, images: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's share of `adapt(images)`: chunk k of the run (counted across calls) is adapted by rank
+        k % world_size and skipped by the others. Returns (rows adapted (R,), their logits (R, classes))."""
+        if self._chunk is None:  # ranks must cut identical chunks: the smallest memory-sized chunk wins
+            self._chunk = distributed.min_over_ranks(self.auto_chunk(images))
+        rows, logits = [], []
+        for start in range(0, images.shape[0], self._chunk):
+            part = images[start : start + self._chunk]
+            if self._chunks_seen % world_size == rank:
+                rows.append(torch.arange(start, start + part.shape[0], device=images.device))
+                logits.append(self.adapt_chunk(part))
+            else:
+                self.skip_chunk(part)
+            self._chunks_seen += 1
+        if not rows:
+            return torch.empty(0, dtype=torch.long, device=images.device), images.new_empty(0, 0)
+        return torch.cat(rows), torch.cat(logits)
+
+    def skip_chunk(self, images: torch.Tensor) -> None:
+        """Draw the views `adapt_chunk(images)` would draw, and nothing else: keeps the generator in step."""
+        images, _ = self._static_shape(images)
+        for _ in range(self.config.steps):
+            make_views(self.task, images, self.config.copies, self.generator)
+
+    def _static_shape(self, images: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(images padded to the chunk size when compiled, so the compiled code keeps one shape; real rows)."""
+        real = images.shape[0]
+        if self.config.compile and self._chunk and real < self._chunk:
+            images = torch.cat([images, images[-1:].expand(self._chunk - real, *images.shape[1:])])
+        return images, real
 
     def _autocast(self):
         enabled = self.config.amp and self.device.type == "cuda"
@@ -98,9 +135,7 @@ class EpisodicTTT:
             self._functions = self._build_functions()
         per_sample_grad, predict_all = self._functions
         config = self.config
-        real = images.shape[0]
-        if config.compile and self._chunk and real < self._chunk:  # keep one static shape for the compiled code
-            images = torch.cat([images, images[-1:].expand(self._chunk - real, *images.shape[1:])])
+        images, real = self._static_shape(images)
         samples = images.shape[0]
         names = list(self.source)
         params = [self.source[n].unsqueeze(0).repeat(samples, *([1] * self.source[n].dim())) for n in names]

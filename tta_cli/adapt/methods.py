@@ -18,6 +18,7 @@ from tta_cli.adapt.policies import ResetPolicy, RollbackPolicy
 from tta_cli.errors import TTAError
 
 METHODS = ("source", "norm", "tent", "ttt", "ttt-online")
+EPISODIC = ("source", "ttt")  # every sample on its own: these split over torchrun processes, the others are sequential
 
 
 @dataclass

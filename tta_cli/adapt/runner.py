@@ -1,4 +1,9 @@
-"""Run one adaptation method over a stream of test sets and score it per set."""
+"""Run one adaptation method over a stream of test sets and score it per set.
+
+Under torchrun (a joined process group) an episodic method's samples are shared out over the ranks
+(`shard_adapt`), the predictions gathered back in the original order, and every rank returns the same
+result. Online methods refuse: their stream of weights is sequential.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from tta_cli import distributed
 from tta_cli.adapt.orders import Segment, set_offsets
 from tta_cli.data.imageset import ImageSet, to_float_nchw
+from tta_cli.errors import TTAError
 
 
 @dataclass
@@ -33,22 +40,40 @@ def run_method(
     on_batch: Callable[[int], None] = lambda done: None,
 ) -> RunResult:
     """Feed `segments` to `method` in batches; uint8 images live on the device, predictions too."""
+    rank, world_size = distributed.rank(), distributed.world_size()
+    if world_size > 1 and not method.episodic:
+        raise TTAError(
+            f"{method.name} adapts online: the weights for sample t+1 depend on the update at sample t, so its stream "
+            f"cannot be split over {world_size} processes; run it as a single process"
+        )
     images = torch.cat([s.images for s in sets]).to(device)  # (N_total, H, W, 3) uint8
     labels = torch.cat([s.labels for s in sets]).to(device)
     predictions = torch.full((len(labels),), -1, dtype=torch.long, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    done = 0
+    done = batches = 0
     for segment in segments:
         method.reset()
         order = segment.indices.to(device)
         for start in range(0, len(order), batch_size):
             batch_index = order[start : start + batch_size]
-            logits = method.adapt(to_float_nchw(images[batch_index]))
-            predictions[batch_index] = logits.argmax(1)
+            if world_size == 1:
+                logits = method.adapt(to_float_nchw(images[batch_index]))
+                predictions[batch_index] = logits.argmax(1)
+            else:
+                rows, logits = shard_adapt(method, to_float_nchw(images[batch_index]), batches, rank, world_size)
+                if rows.numel():
+                    predictions[batch_index[rows]] = logits.argmax(1)
+            batches += 1
             done += len(batch_index)
             on_batch(done)
+    counters = method.counters()
+    if world_size > 1:  # every sample was predicted by exactly one rank
+        mine = (predictions >= 0).nonzero().squeeze(1)
+        predictions = distributed.gather_in_order(predictions[mine], mine, len(labels), fill=-1)
+        counters = {name: type(value)(distributed.sum_over_ranks(torch.tensor([value], device=device)).item())
+                    for name, value in counters.items()}
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -59,4 +84,15 @@ def run_method(
         part = slice(offset, offset + len(image_set))
         seen = visited[part].sum().clamp_min(1)
         errors.append(float(100.0 * (wrong[part] * visited[part]).sum() / seen))
-    return RunResult(method.name, errors, predictions.cpu(), seconds, done, method.counters())
+    return RunResult(method.name, errors, predictions.cpu(), seconds, done, counters)
+
+
+def shard_adapt(method, images: torch.Tensor, batch_number: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of one batch and their logits. A method with its own `adapt_shard` (episodic TTT, whose
+    random views must follow the single-process run) splits finer; any other episodic method takes whole
+    batches in turn, so each batch is computed exactly as in a single process."""
+    if hasattr(method, "adapt_shard"):
+        return method.adapt_shard(images, rank, world_size)
+    if batch_number % world_size != rank:
+        return torch.empty(0, dtype=torch.long, device=images.device), images.new_empty(0, 0)
+    return torch.arange(images.shape[0], device=images.device), method.adapt(images)

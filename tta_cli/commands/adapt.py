@@ -13,6 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tta_cli import distributed
 from tta_cli.commands.common import CkptOpt, DataOpt, DeviceOpt, OutOpt, SeedOpt, SetOpt, console, user_errors
 from tta_cli.config import from_dict, merge, parse_overrides, read_yaml, to_dict
 from tta_cli.device import resolve_device
@@ -40,6 +41,8 @@ Examples:
   tta adapt --ckpt runs/bn --data runs/cifar10-c --method source,norm,tent,ttt-online --order continual
 
   tta adapt --ckpt runs/sun2020 --data cifar10-mini --corruptions fog,snow --severities 3,5 --method ttt-online --reset on-shift --rollback
+
+  torchrun --nproc-per-node 4 -m tta_cli.cli -- adapt --ckpt runs/sun2020 --data ~/data/CIFAR-10-C --method source,ttt --out runs/adapt-4gpu
 """
 
 
@@ -100,7 +103,8 @@ def adapt_command(
     values = merge(values, {k: v for k, v in flags.items() if v is not None})
     values = merge(values, parse_overrides(overrides or []))
     settings = from_dict(AdaptSettings, values)
-    torch_device = resolve_device(device or "auto")
+    check_shardable(settings.methods)
+    torch_device = distributed.init(resolve_device(device or "auto"))  # under torchrun: join the group, cuda:LOCAL_RANK
     model, train_config, meta = load_model(ckpt, torch_device)
     from tta_cli.tasks import build_task
 
@@ -111,11 +115,25 @@ def adapt_command(
     check_classes(meta["class_names"], sets, ckpt)
     results = run_all(adapters, settings, sets, torch_device)
     table = print_table(results, sets)
-    if out is not None:
+    if out is not None and distributed.is_main():
         selection = {"corruptions": corruptions, "severities": severity_list, "n": n}
         write_outputs(out, results, sets, settings, ckpt, data, selection, torch_device, table, predictions)
-    if plot is not None:
+    if plot is not None and distributed.is_main():
         write_plot(plot, results, sets)
+
+
+def check_shardable(methods: list[str]) -> None:
+    """Under torchrun only episodic methods run: each process takes a share of the samples."""
+    from tta_cli.adapt.methods import EPISODIC, METHODS
+
+    world_size = distributed.requested_world_size()
+    online = [name for name in methods if name in METHODS and name not in EPISODIC]
+    if world_size > 1 and online:
+        raise TTAError(
+            f"--method {online[0]} adapts online, so it runs as one process: the weights for sample t+1 depend on the update at "
+            f"sample t, and the stream cannot be split over {world_size} torchrun processes; run it without torchrun "
+            f"(only {', '.join(EPISODIC)} split their samples over processes)"
+        )
 
 
 def load_sets(data: str, corruptions: str | None, severities: list[int], n: int | None, seed: int, device: torch.device):

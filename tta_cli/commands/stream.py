@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from tta_cli.commands.common import CkptOpt, DataOpt, DataRootOpt, DeviceOpt, OutOpt, SeedOpt, SetOpt, console, user_errors
+from tta_cli.commands.common import CkptOpt, DataOpt, DataRootOpt, DeviceOpt, OutOpt, SeedOpt, SetOpt, console, single_process, user_errors
 from tta_cli.config import from_dict, merge, parse_overrides, to_dict
 from tta_cli.errors import TTAError
 
@@ -65,8 +65,8 @@ def register(app: typer.Typer) -> None:
         add_completion=False,
         rich_markup_mode="rich",
     )
-    stream_app.command("make", help=help_text(make_command, MAKE_EXAMPLES))(user_errors(make_command))
-    stream_app.command("run", help=help_text(run_command, RUN_EXAMPLES))(user_errors(run_command))
+    stream_app.command("make", help=help_text(make_command, MAKE_EXAMPLES))(user_errors(single_process(make_command)))
+    stream_app.command("run", help=help_text(run_command, RUN_EXAMPLES))(user_errors(single_process(run_command)))
     app.add_typer(stream_app, name="stream")
 
 

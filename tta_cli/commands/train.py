@@ -10,6 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from tta_cli import distributed
 from tta_cli.commands.common import DataOpt, DataRootOpt, DeviceOpt, OutOpt, SeedOpt, SetOpt, console, user_errors
 from tta_cli.config import TrainConfig, load_config, parse_overrides, set_dotted
 from tta_cli.device import resolve_device
@@ -24,6 +25,8 @@ Examples:
   tta train recipes/masked-vit-tiny.yaml --epochs 5 --set optim.lr=0.05 --set model.split=block6
 
   tta train recipes/sun2020-rotation-gn.yaml --out runs/sun2020 --resume
+
+  torchrun --nproc-per-node 4 -m tta_cli.cli -- train recipes/sun2020-rotation-gn.yaml --out runs/sun2020-4gpu
 """
 
 
@@ -74,7 +77,7 @@ def train_command(
     config = load_config(TrainConfig, recipe, flags)
     if resume:
         config = resumed_config(config, flags)
-    torch_device = resolve_device(config.device)
+    torch_device = distributed.init(resolve_device(config.device))  # under torchrun: join the group, cuda:LOCAL_RANK
     check_config(config, resume, force)  # before any output, data loading or file writing
     with console.status(f"loading {config.data.source} ..."):
         train_set = load_split(config.data.source, "train", root=config.data.root, limit=config.data.limit_train, seed=config.seed)
@@ -102,6 +105,8 @@ def resumed_config(config: TrainConfig, flags: dict) -> TrainConfig:
 def run_with_progress(config, train_set, test_set, device, resume, force):
     from tta_cli.train.loop import train
 
+    if not distributed.is_main():  # under torchrun rank 0 shows the progress
+        return train(config, train_set, test_set, device, resume=resume, force=force)
     columns = (
         TextColumn("[bold]epoch {task.fields[epoch]}"),
         BarColumn(),

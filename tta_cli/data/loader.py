@@ -3,6 +3,8 @@
 Each epoch draws one seeded permutation on the device; with `world_size` > 1 it is padded (by
 repeating its start) to a multiple of `world_size` and rank r takes positions r, r + world_size, ...
 (like DistributedSampler), so ranks see disjoint shards of equal length. No host sync per batch.
+With `batch_size` b per rank, the k-th batches of all ranks together are the k-th batch of a
+single-process loader with batch b * world_size, and each image gets the same crop and flip.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from tta_cli.data.augment import random_crop_flip
+from tta_cli.data.augment import crop_flip, sample_crop_flip
 from tta_cli.data.imageset import ImageSet, to_float_nchw
 
 
@@ -52,8 +54,8 @@ class DeviceLoader:
         return -(-self.labels.shape[0] // self.world_size)
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return self.shard_size // self.batch_size
+        if self.drop_last:  # only whole global batches of real (not padding) images
+            return self.labels.shape[0] // self.world_size // self.batch_size
         return -(-self.shard_size // self.batch_size)
 
     def epoch_indices(self) -> torch.Tensor:
@@ -75,12 +77,19 @@ class DeviceLoader:
             batch_indices = indices[batch * self.batch_size : (batch + 1) * self.batch_size]
             images = to_float_nchw(self.images[batch_indices])
             if self.augment:
-                images = random_crop_flip(images, self.padding, augment_generator)
+                images = self._crop_flip(images, augment_generator)
             yield images, self.labels[batch_indices]
 
+    def _crop_flip(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Draw crops and flips for the whole global batch (world_size times this rank's rows) and keep this
+        rank's positions rank, rank + world_size, ...: the draws of a single-process run, image for image."""
+        offsets_y, offsets_x, flips = sample_crop_flip(images.shape[0] * self.world_size, self.padding, generator, self.device)
+        mine = slice(self.rank, None, self.world_size)
+        return crop_flip(images, offsets_y[mine], offsets_x[mine], flips[mine], self.padding)
+
     def _generator(self, purpose: str) -> torch.Generator:
-        """A device generator seeded from (seed, epoch, purpose): the order is shared by all ranks,
-        augmentation differs per rank."""
-        entropy = [self.seed, self.epoch, 0] if purpose == "order" else [self.seed, self.epoch, 1, self.rank]
+        """A device generator seeded from (seed, epoch, purpose), the same on every rank: all ranks draw the
+        same order and the same augmentation stream, of which each keeps its own rows."""
+        entropy = [self.seed, self.epoch, 0] if purpose == "order" else [self.seed, self.epoch, 1, 0]
         seed = int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
         return torch.Generator(device=self.device).manual_seed(seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -22,11 +23,24 @@ class SSLTask(Protocol):
     def build_output(self, spec: FeatureSpec, img_size: int) -> nn.Module: ...
 
     def make_batch(
-        self, images: torch.Tensor, mode: str = "train", generator: torch.Generator | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+        self, images: torch.Tensor, mode: str = "train", generator: torch.Generator | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`shard=(rank, world_size)`: `images` are rows rank, rank + world_size, ... of a global batch
+        (data-parallel training); random draws then follow `draw_for_shard`."""
+        ...
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
 
     def score(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """A per-image quality number for reports: rotation accuracy, or negative reconstruction error."""
         ...
+
+
+def draw_for_shard(draw: Callable[[int], torch.Tensor], rows: int, shard: tuple[int, int] | None) -> torch.Tensor:
+    """`draw(n)` -> n random rows. For a shard (rank, world_size) of a global batch, draw the rows of the
+    whole global batch and keep this rank's, so each image gets the draw of a single-process run."""
+    if shard is None:
+        return draw(rows)
+    rank, world_size = shard
+    return draw(rows * world_size)[rank::world_size]

@@ -12,6 +12,7 @@ from torch import nn
 
 from tta_cli.errors import TTAError
 from tta_cli.models.features import FeatureSpec
+from tta_cli.tasks.base import draw_for_shard
 
 FILL = 0.5
 
@@ -79,18 +80,18 @@ class MaskedTask:
             raise TTAError(f"image size {img_size} is not a multiple of the mask patch size {self.patch}")
         return MapDecoder(spec, img_size) if spec.kind == "map" else TokenDecoder(spec, img_size)
 
-    def sample_mask(self, batch: int, patches: int, device, generator=None) -> torch.Tensor:
+    def sample_mask(self, batch: int, patches: int, device, generator=None, shard=None) -> torch.Tensor:
         """(B, L) float, exactly round(ratio * L) ones per row, uniformly placed."""
         hidden = int(round(self.mask_ratio * patches))
-        noise = torch.rand(batch, patches, device=device, generator=generator)
+        noise = draw_for_shard(lambda rows: torch.rand(rows, patches, device=device, generator=generator), batch, shard)
         ranks = noise.argsort(dim=1).argsort(dim=1)
         return (ranks < hidden).float()
 
-    def make_batch(self, images, mode="train", generator=None):
+    def make_batch(self, images, mode="train", generator=None, shard=None):
         if images.shape[-1] % self.patch or images.shape[-2] % self.patch:
             raise TTAError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {self.patch}")
         patches = patchify(images, self.patch)  # (B, L, P)
-        mask = self.sample_mask(patches.shape[0], patches.shape[1], images.device, generator)
+        mask = self.sample_mask(patches.shape[0], patches.shape[1], images.device, generator, shard)
         masked_patches = torch.where(mask[..., None].bool(), torch.full_like(patches, FILL), patches)
         inputs = unpatchify(masked_patches, self.patch, images.shape[1])
         mean = patches.mean(dim=-1, keepdim=True)

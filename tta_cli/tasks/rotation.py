@@ -7,6 +7,7 @@ from torch import nn
 
 from tta_cli.errors import TTAError
 from tta_cli.models.features import FeatureSpec, LinearClassifier
+from tta_cli.tasks.base import draw_for_shard
 
 MODES = ("expand", "random")
 
@@ -35,7 +36,7 @@ class RotationTask:
     def build_output(self, spec: FeatureSpec, img_size: int) -> nn.Module:
         return LinearClassifier(spec, self.classes)
 
-    def make_batch(self, images, mode="train", generator=None):
+    def make_batch(self, images, mode="train", generator=None, shard=None):
         """images (B, C, H, W) -> inputs (B or 4B, C, H, W), targets (B or 4B,) quarter turns."""
         if images.shape[-1] != images.shape[-2]:
             raise TTAError(f"rotation needs square images, got {tuple(images.shape[-2:])}")
@@ -43,7 +44,7 @@ class RotationTask:
             inputs = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
             targets = torch.arange(4, device=images.device).repeat_interleave(images.shape[0])
             return inputs, targets
-        targets = torch.randint(0, 4, (images.shape[0],), device=images.device, generator=generator)
+        targets = draw_for_shard(lambda n: torch.randint(0, 4, (n,), device=images.device, generator=generator), images.shape[0], shard)
         return rotate(images, targets), targets
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

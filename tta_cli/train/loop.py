@@ -2,6 +2,12 @@
 
 GPU-resident data and augmentation, bf16 autocast + channels_last on CUDA, optional torch.compile.
 The loop never prints: it reports through `on_event(kind, **values)` for the CLI to render.
+
+Under torchrun (a joined process group, see `tta_cli.distributed`) the step's module (JointLoss, which
+holds the model) is wrapped in DistributedDataParallel and every global batch of optim.batch_size is split over the ranks, image for
+image as the single-process run would see it (same order, crops, flips and task draws); epoch metrics
+are summed over ranks, only rank 0 writes files, and every rank evaluates the whole test set itself
+(identical numbers everywhere, no extra communication, the same wall time as rank 0 alone).
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from tta_cli import distributed
 from tta_cli.config import TrainConfig, to_dict
 from tta_cli.data.imageset import ImageSet, to_float_nchw
 from tta_cli.data.loader import DeviceLoader
@@ -116,6 +124,11 @@ def check_config(config: TrainConfig, resume: bool = False, force: bool = False)
     or an existing checkpoint in `config.out` (building the model on the CPU validates the architecture)."""
     if config.optim.epochs < 1 or config.optim.batch_size < 1:
         raise TTAError(f"optim.epochs and optim.batch_size must be at least 1, got {config.optim.epochs} and {config.optim.batch_size}")
+    if config.optim.batch_size % distributed.world_size():
+        raise TTAError(
+            f"optim.batch_size {config.optim.batch_size} does not split evenly over {distributed.world_size()} torchrun processes; "
+            "use a multiple of --nproc-per-node (the batch size is the global batch)"
+        )
     lr_at(config.optim, 0.0)
     build_model(config.model, build_task(config.task))
     refuse_overwrite(Path(config.out), resume, force)
@@ -155,13 +168,15 @@ def train(
     force: bool = False,
     on_event: Events = lambda kind, **values: None,
 ) -> TrainResult:
-    """Train a TTTModel jointly and write its checkpoint to `config.out`."""
+    """Train a TTTModel jointly and write its checkpoint to `config.out` (rank 0 writes; every rank returns the result)."""
     out_dir = Path(config.out)
     check_config(config, resume, force)
     check_data(config, train_set, test_set)
     config.model.num_classes = len(train_set.class_names)
     prepare_out_dir(out_dir, resume, force)
     torch.manual_seed(config.seed)
+    rank, world_size = distributed.rank(), distributed.world_size()
+    shard = (rank, world_size) if world_size > 1 else None  # this rank's rows of each global batch
 
     task = build_task(config.task)
     on_gpu = device.type == "cuda"
@@ -180,11 +195,13 @@ def train(
     )
     loader = DeviceLoader(
         ImageSet(train_images, train_set.labels.to(device), train_set.class_names),
-        batch_size=config.optim.batch_size,
+        batch_size=config.optim.batch_size // world_size,
         device=device,
         augment=True,
         seed=config.seed,
         drop_last=True,
+        rank=rank,
+        world_size=world_size,
     )
     generator = torch.Generator(device=device).manual_seed(config.seed + 1)  # the task's random draws
     start_epoch, history = 0, []
@@ -198,6 +215,8 @@ def train(
         on_event("resumed", epoch=start_epoch)
 
     step_loss = JointLoss(model, task, config.optim.ssl_weight, config.optim.label_smoothing)
+    if world_size > 1:  # averages the gradients over ranks during backward
+        step_loss = DistributedDataParallel(step_loss, device_ids=[device.index] if on_gpu else None, gradient_as_bucket_view=True)
     compiled_loss = torch.compile(step_loss) if config.compile else step_loss
     use_amp = config.amp and on_gpu
     steps_per_epoch = len(loader)
@@ -212,7 +231,7 @@ def train(
             lr = lr_at(config.optim, epoch + step / steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            ssl_inputs, ssl_targets = task.make_batch(images, mode="train", generator=generator)
+            ssl_inputs, ssl_targets = task.make_batch(images, mode="train", generator=generator, shard=shard)
             if on_gpu and config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
                 ssl_inputs = ssl_inputs.contiguous(memory_format=torch.channels_last)
@@ -225,10 +244,12 @@ def train(
             optimizer.step()
             totals += torch.stack([loss.detach(), main_loss, ssl_loss, correct.float()])
             seen += labels.shape[0]
-            on_event("step", epoch=epoch, step=step, lr=lr)
+            on_event("step", epoch=epoch, step=step, lr=lr, loss=loss.detach())  # loss: this rank's batch mean, on the device
         weights_finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
-        loss_sum, main_sum, ssl_sum, correct_sum, finite = torch.cat([totals, weights_finite.float()[None]]).tolist()  # one sync per epoch
-        if not (math.isfinite(loss_sum) and finite):
+        epoch_sums = distributed.sum_over_ranks(torch.cat([totals, torch.stack([weights_finite.float(), totals.new_tensor(seen)])]))
+        loss_sum, main_sum, ssl_sum, correct_sum, finite, seen = epoch_sums.tolist()  # one sync per epoch
+        loss_sum, main_sum, ssl_sum = loss_sum / world_size, main_sum / world_size, ssl_sum / world_size  # equal shards: mean of means
+        if not (math.isfinite(loss_sum) and finite == world_size):
             raise TTAError(f"training diverged: loss or weights became NaN/inf in epoch {epoch + 1}; lower optim.lr (now {config.optim.lr}) or check the data. Nothing was overwritten.")
         record = {
             "epoch": epoch + 1,
@@ -245,18 +266,21 @@ def train(
         history.append(record)
         metrics = record
         on_event("epoch", **record)
-        checkpoint.save_resume(
-            out_dir, {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "history": history,
-                "config": to_dict(config),
-                "task_rng": generator.get_state(),
-            }
-        )
+        if distributed.is_main():
+            checkpoint.save_resume(
+                out_dir, {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "history": history,
+                    "config": to_dict(config),
+                    "task_rng": generator.get_state(),
+                }
+            )
     seconds = time.perf_counter() - started
     final = dict(metrics, train_seconds=seconds, device=str(device))
     model = model.to(memory_format=torch.contiguous_format)
-    checkpoint.save_model(out_dir, model, config, train_set.class_names, final)
+    if distributed.is_main():
+        checkpoint.save_model(out_dir, model, config, train_set.class_names, final)
+    distributed.barrier()  # the checkpoint is complete when train returns, on every rank
     return TrainResult(out_dir, final, history, seconds)
