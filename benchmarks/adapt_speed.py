@@ -99,8 +99,10 @@ def main() -> None:
     images = images_uint8.to(device).permute(0, 3, 1, 2).float().div(255)
     rows = []
 
-    rows.append(("reference episodic (10x32, PIL aug)", reference_loop(model, task, images_uint8[: args.reference_samples], 10, 32, 1e-3, True, device), float("nan")))
-    rows.append(("reference online (1x32, PIL aug)", reference_loop(model, task, images_uint8[: args.reference_samples * 5], 1, 32, 1e-3, False, device), float("nan")))
+    reference = images_uint8[: args.reference_samples]
+    rows.append(("reference episodic (10x32, PIL aug)", reference_loop(model, task, reference, 10, 32, 1e-3, True, device), float("nan")))
+    reference = images_uint8[: args.reference_samples * 5]
+    rows.append(("reference online (1x32, PIL aug)", reference_loop(model, task, reference, 1, 32, 1e-3, False, device), float("nan")))
     print(rows, flush=True)
 
     for amp in (False, True):
@@ -119,7 +121,8 @@ def main() -> None:
     for graph in (False, True):
         for amp in (False, True):
             config = OnlineConfig(steps=1, copies=32, amp=amp, cuda_graph=graph)
-            method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=None if graph else torch.Generator(device=device).manual_seed(0))
+            generator = None if graph else torch.Generator(device=device).manual_seed(0)
+            method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=generator)
             timed(method, images[:50], 1)
             rate, peak = timed(method, images[: args.online_samples], 1)
             rows.append((f"tta online {'graph' if graph else 'eager'} {'bf16' if amp else 'fp32'}", rate, peak))

@@ -29,8 +29,10 @@ def measure(config: TrainConfig, batch: int, steps: int, compile_model: bool, de
     def one(i):
         images = random_crop_flip(data[(i % 8) * batch : (i % 8 + 1) * batch])
         inputs, targets = task.make_batch(images)
+        images = images.contiguous(memory_format=torch.channels_last)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, *_ = step_fn(images.contiguous(memory_format=torch.channels_last), labels[:batch], inputs.contiguous(memory_format=torch.channels_last), targets)
+            loss, *_ = step_fn(images, labels[:batch], inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -46,7 +46,8 @@ def test_online_single_step_equals_plain_sgd_step():
     logits = method.adapt(images)
     from tta_cli.adapt.episodic import EpisodicConfig, adapt_sequential
 
-    reference = adapt_sequential(copy.deepcopy(model), task, EpisodicConfig(steps=1, lr=0.1, copies=4, amp=False), images, torch.Generator().manual_seed(5))
+    config = EpisodicConfig(steps=1, lr=0.1, copies=4, amp=False)
+    reference = adapt_sequential(copy.deepcopy(model), task, config, images, torch.Generator().manual_seed(5))
     assert torch.allclose(logits, reference, atol=1e-10)
 
 

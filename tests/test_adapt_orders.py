@@ -52,7 +52,7 @@ def test_gradual_climbs_severity_one_to_five_and_back_per_corruption():
     indices = build_order(sets, "gradual")[0].indices
     severity_of = torch.cat([torch.full((len(s),), s.meta["severity"]) for s in sets])
     corruption_of = torch.cat([torch.full((len(s),), i // 5) for i, s in enumerate(sets)])
-    walk = list(zip(corruption_of[indices].tolist(), severity_of[indices].tolist()))
+    walk = list(zip(corruption_of[indices].tolist(), severity_of[indices].tolist(), strict=True))
     ladder = [step for i, step in enumerate(walk) if i == 0 or step != walk[i - 1]]
     assert ladder == [(c, s) for c in (0, 1) for s in (1, 2, 3, 4, 5, 4, 3, 2, 1)]
     assert corruption_of[indices].tolist() == sorted(corruption_of[indices].tolist())  # fog first, then snow

@@ -48,7 +48,8 @@ def test_adapt_reads_a_tta_corrupt_folder(tiny_checkpoint, tmp_path):
     made = run_cli(["corrupt", "--corruptions", "gaussian_noise,fog", "--n", "20", "--device", "cpu", "--out", shifted])
     assert made.exit_code == 0, made.output
     out = tmp_path / "adapt"
-    result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--data", shifted, "--severities", "5", "--method", "source", *TINY_ADAPT_ARGS, "--out", out])
+    arguments = ["adapt", "--ckpt", tiny_checkpoint, "--data", shifted, "--severities", "5", "--method", "source", *TINY_ADAPT_ARGS]
+    result = run_cli([*arguments, "--out", out])
     assert result.exit_code == 0, result.output
     with open(out / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))

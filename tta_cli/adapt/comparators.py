@@ -82,7 +82,7 @@ class Tent:
 
     def reset(self) -> None:
         with torch.no_grad():
-            for param, value in zip(self.params, self.source):
+            for param, value in zip(self.params, self.source, strict=True):
                 param.copy_(value)
         self.optimizer.load_state_dict(self.optimizer_state)
 

@@ -145,8 +145,8 @@ class EpisodicTTT:
             inputs = inputs.reshape(samples, config.copies, *inputs.shape[1:])  # (S, copies, C, H, W)
             targets = targets.reshape(samples, config.copies, *targets.shape[1:])
             with self._autocast():
-                grads, confidence = per_sample_grad(dict(zip(names, params)), inputs, targets)
-            steps = [grads[n].to(p.dtype) for n, p in zip(names, params)]
+                grads, confidence = per_sample_grad(dict(zip(names, params, strict=True)), inputs, targets)
+            steps = [grads[n].to(p.dtype) for n, p in zip(names, params, strict=True)]
             if config.skip_above is None and velocity is None:
                 torch._foreach_add_(params, steps, alpha=-config.lr)
                 continue
@@ -163,7 +163,7 @@ class EpisodicTTT:
                     step = velocity[index]
                 param.sub_(config.lr * gate * step)
         with torch.no_grad(), self._autocast():
-            return full_precision(predict_all(dict(zip(names, params)), images))[:real]
+            return full_precision(predict_all(dict(zip(names, params, strict=True)), images))[:real]
 
     def auto_chunk(self, images: torch.Tensor) -> int:
         """On CUDA, measure one step's memory per sample on a small probe chunk and fill ~70% of free memory.
@@ -210,7 +210,7 @@ def adapt_sequential(model: nn.Module, task, config: EpisodicConfig, images: tor
         inputs, targets = make_views(task, images, config.copies, generator)
         inputs = inputs.reshape(images.shape[0], config.copies, *inputs.shape[1:])
         targets = targets.reshape(images.shape[0], config.copies, *targets.shape[1:])
-        for index, (sample_model, optimizer) in enumerate(zip(copies_of_model, optimizers)):
+        for index, (sample_model, optimizer) in enumerate(zip(copies_of_model, optimizers, strict=True)):
             outputs = sample_model(inputs[index], head="ssl")
             if config.skip_above is not None and task.confidence(outputs, targets[index]) > config.skip_above:
                 continue

@@ -42,10 +42,10 @@ def build_order(sets: list[ImageSet], order: str, seed: int = 0, dirichlet: floa
         raise TTAError(f"unknown order {order!r}; choose one of: {', '.join(ORDERS)}")
     generator = torch.Generator().manual_seed(seed)
     offsets = set_offsets(sets)
-    ranges = [torch.arange(len(s)) + o for s, o in zip(sets, offsets)]
+    ranges = [torch.arange(len(s)) + o for s, o in zip(sets, offsets, strict=True)]
     names = [set_name(s) for s in sets]
     if order == "per-corruption":
-        return [Segment(r, n) for r, n in zip(ranges, names)]
+        return [Segment(r, n) for r, n in zip(ranges, names, strict=True)]
     if order == "continual":
         return [Segment(torch.cat(ranges), "continual")]
     if order == "mixed":
@@ -54,7 +54,7 @@ def build_order(sets: list[ImageSet], order: str, seed: int = 0, dirichlet: floa
     if order == "gradual":
         return [Segment(gradual_indices(sets, offsets), "gradual")]
     segments = []
-    for image_set, offset, name in zip(sets, offsets, names):
+    for image_set, offset, name in zip(sets, offsets, names, strict=True):
         labels = image_set.labels.cpu()
         if dirichlet is None:
             shuffled = torch.randperm(len(labels), generator=generator)

@@ -80,7 +80,7 @@ def run_method(
     wrong = (predictions != labels).float()
     visited = predictions >= 0
     errors = []
-    for offset, image_set in zip(set_offsets(sets), sets):
+    for offset, image_set in zip(set_offsets(sets), sets, strict=True):
         part = slice(offset, offset + len(image_set))
         seen = visited[part].sum().clamp_min(1)
         errors.append(float(100.0 * (wrong[part] * visited[part]).sum() / seen))

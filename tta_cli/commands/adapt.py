@@ -213,7 +213,11 @@ def error_grid(results, sets) -> tuple[list[str], dict[str, list[float | None]]]
             key = result.method if len(severities) == 1 else f"{result.method} s{severity}"
             column = []
             for corruption in corruptions:
-                match = [e for s, e in zip(sets, result.errors) if s.meta.get("corruption", "clean") == corruption and int(s.meta.get("severity", 0)) == severity]
+                match = [
+                    error
+                    for image_set, error in zip(sets, result.errors, strict=True)
+                    if image_set.meta.get("corruption", "clean") == corruption and int(image_set.meta.get("severity", 0)) == severity
+                ]
                 column.append(match[0] if match else None)
             grid[key] = column
     return corruptions, grid
@@ -250,7 +254,7 @@ def write_outputs(out: Path, results, sets, settings, ckpt, data, selection: dic
 
     rows = []
     for result in results:
-        for image_set, error in zip(sets, result.errors):
+        for image_set, error in zip(sets, result.errors, strict=True):
             rows.append({
                 "method": result.method,
                 "corruption": image_set.meta.get("corruption", "clean"),
@@ -268,7 +272,10 @@ def write_outputs(out: Path, results, sets, settings, ckpt, data, selection: dic
         "semantics": SEMANTICS,
         "table": table,
         "rows": rows,
-        "methods": {r.method: {"seconds": r.seconds, "samples": r.samples, "samples_per_s": r.samples / max(r.seconds, 1e-9), "counters": r.counters} for r in results},
+        "methods": {
+            r.method: {"seconds": r.seconds, "samples": r.samples, "samples_per_s": r.samples / max(r.seconds, 1e-9), "counters": r.counters}
+            for r in results
+        },
     })
     if predictions:
         labels = torch.cat([s.labels for s in sets]).tolist()

@@ -21,7 +21,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 DataOpt = Annotated[
     str | None,
-    typer.Option("--data", help="Image source: cifar10-mini (embedded), cifar10, a class-folder tree, a .tar/.tar.gz of one, or a shifted-set folder."),
+    typer.Option(
+        "--data",
+        help="Image source: cifar10-mini (embedded), cifar10, a class-folder tree, a .tar/.tar.gz of one, or a shifted-set folder.",
+    ),
 ]
 DataRootOpt = Annotated[
     str | None, typer.Option("--data-root", help="Folder holding torchvision's cifar-10-batches-py (for --data cifar10).")

@@ -110,7 +110,10 @@ def evaluate(model: TTTModel, task, test: ImageSet, device: torch.device, batch_
         ssl_count += scores.shape[0]
     model.train()
     if int(nonfinite):
-        raise TTAError(f"training diverged: the model gives NaN/inf outputs on {int(nonfinite)} of {len(test)} test images; lower optim.lr or check the data. Nothing was overwritten.")
+        raise TTAError(
+            f"training diverged: the model gives NaN/inf outputs on {int(nonfinite)} of {len(test)} test images; "
+            "lower optim.lr or check the data. Nothing was overwritten."
+        )
     metrics = {"test_acc": float(correct) / len(test)}
     if task.name == "rotation":
         metrics["test_ssl_acc"] = float(ssl_score) / ssl_count
@@ -250,7 +253,10 @@ def train(
         loss_sum, main_sum, ssl_sum, correct_sum, finite, seen = epoch_sums.tolist()  # one sync per epoch
         loss_sum, main_sum, ssl_sum = loss_sum / world_size, main_sum / world_size, ssl_sum / world_size  # equal shards: mean of means
         if not (math.isfinite(loss_sum) and finite == world_size):
-            raise TTAError(f"training diverged: loss or weights became NaN/inf in epoch {epoch + 1}; lower optim.lr (now {config.optim.lr}) or check the data. Nothing was overwritten.")
+            raise TTAError(
+                f"training diverged: loss or weights became NaN/inf in epoch {epoch + 1}; lower optim.lr (now {config.optim.lr}) "
+                "or check the data. Nothing was overwritten."
+            )
         record = {
             "epoch": epoch + 1,
             "lr": lr,
