@@ -173,7 +173,7 @@ def run_command(
         int | None, typer.Option("--batch-size", help="Images per update: window draws, or copies of the frame (32).")
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Updates per frame (1); 0 = no adaptation.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate of the updates (0.001).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate of the updates (0.0001: each scene lasts many frames).")] = None,
     params: Annotated[str | None, typer.Option("--params", help="What adapts: encoder | encoder+ssl | norm (encoder).")] = None,
     reset: Annotated[str | None, typer.Option("--reset", help="never | every:N (frames) | on-shift, as in `tta adapt` (never).")] = None,
     rollback: Annotated[
