@@ -134,6 +134,14 @@ def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, flags, frag
     assert not out.exists()
 
 
+def test_missing_recipe_or_a_folder_without_images_is_one_line(tmp_path):
+    assert_one_line_error(run_cli(["train", tmp_path / "nope.yaml", "--out", tmp_path / "run"]), "nope.yaml")
+    (tmp_path / "empty").mkdir()
+    result = run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, "--data", tmp_path / "empty", "--out", tmp_path / "run"])
+    assert_one_line_error(result, "holds no images")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_on_a_machine_without_it_is_one_line(tmp_path):
     result = run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, "--device", "cuda", "--out", tmp_path / "run"])
