@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 import zlib
 from pathlib import Path
@@ -37,7 +38,7 @@ Examples:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("corrupt", help=(corrupt_command.__doc__ or "") + EXAMPLES)(user_errors(corrupt_command))
+    app.command("corrupt", help=inspect.cleandoc(corrupt_command.__doc__ or "") + "\n" + EXAMPLES)(user_errors(corrupt_command))
 
 
 def corrupt_command(
@@ -66,8 +67,10 @@ def corrupt_command(
         Path | None, typer.Option("--preview", help="Also write a PNG grid: corruptions x severities, a few images each.")
     ] = None,
 ) -> None:
-    """Corrupt the clean test split of --data with the CIFAR-10-C corruptions (Hendrycks & Dietterich 2019)
-    and write <out>/<corruption>.npy (uint8 (5N, H, W, 3), severities 1..5 stacked), <out>/labels.npy (the N
+    """Make CIFAR-10-C style sets: the 15 corruptions (+4 extras) x 5 severities of a clean test split.
+
+    Corrupts the clean test split of --data with the CIFAR-10-C corruptions (Hendrycks & Dietterich 2019)
+    and writes <out>/<corruption>.npy (uint8 (5N, H, W, 3), severities 1..5 stacked), <out>/labels.npy (the N
     labels tiled 5 times, uint8 like the official set) and <out>/meta.json: the official CIFAR-10-C layout,
     which `tta adapt --data <out>` and other toolkits read."""
     from tta_cli.corrupt import SEVERITIES, resolve_corruptions
