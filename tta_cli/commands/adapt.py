@@ -15,7 +15,7 @@ from rich.table import Table
 
 from tta_cli import distributed
 from tta_cli.commands.common import CkptOpt, DataOpt, DeviceOpt, OutOpt, SeedOpt, SetOpt, console, user_errors
-from tta_cli.config import from_dict, merge, parse_overrides, read_yaml, to_dict
+from tta_cli.config import load_config, merge, parse_overrides
 from tta_cli.device import resolve_device
 from tta_cli.errors import TTAError
 
@@ -97,12 +97,8 @@ def adapt_command(
         "steps": steps, "lr": lr, "copies": copies, "params": params, "batch": batch, "reset": reset,
         "rollback": rollback, "skip_above": skip_above, "order": order, "dirichlet": dirichlet, "seed": seed,
     }
-    values = to_dict(AdaptSettings())
-    if recipe is not None:
-        values = merge(values, read_yaml(recipe))
-    values = merge(values, {k: v for k, v in flags.items() if v is not None})
-    values = merge(values, parse_overrides(overrides or []))
-    settings = from_dict(AdaptSettings, values)
+    given = merge({k: v for k, v in flags.items() if v is not None}, parse_overrides(overrides or []))
+    settings = load_config(AdaptSettings, recipe, given)
     check_shardable(settings.methods)
     torch_device = distributed.init(resolve_device(device or "auto"))  # under torchrun: join the group, cuda:LOCAL_RANK
     model, train_config, meta = load_model(ckpt, torch_device)

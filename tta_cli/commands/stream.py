@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tta_cli.commands.common import CkptOpt, DataOpt, DataRootOpt, DeviceOpt, OutOpt, SeedOpt, SetOpt, console, single_process, user_errors
-from tta_cli.config import from_dict, merge, parse_overrides, to_dict
+from tta_cli.config import load_config, merge, parse_overrides
 from tta_cli.errors import TTAError
 
 LOG_WIDTH = 120  # columns of the results table when output goes to a file or pipe (rich assumes 80)
@@ -267,9 +267,8 @@ def stream_settings(flags: dict, overrides: list[str] | None):
     """Defaults <- flags <- --set, validated (bad values are TTAErrors, before anything is loaded)."""
     from tta_cli.stream.loop import StreamSettings
 
-    values = merge(to_dict(StreamSettings()), {key: value for key, value in flags.items() if value is not None})
-    values = merge(values, parse_overrides(overrides or []))
-    settings = from_dict(StreamSettings, values)
+    given = merge({key: value for key, value in flags.items() if value is not None}, parse_overrides(overrides or []))
+    settings = load_config(StreamSettings, None, given)
     settings.validate()
     return settings
 
