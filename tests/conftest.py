@@ -44,6 +44,17 @@ def tiny_folder(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Per-frame work is tiny: one thread is faster and immune to other processes competing for the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_archive() -> Path:
     """The full CIFAR-10 JPEG archive next to the repository, or skip."""

@@ -12,27 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
-from typer.testing import CliRunner
 
-from tta_cli.cli import app
 from tta_cli.stream import open_frames
 
-REPO = Path(__file__).resolve().parents[1]
 FRAMES = 100
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Per-frame work is tiny: one thread is faster and immune to other processes competing for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tta(*args: str):
-    return CliRunner().invoke(app, [str(arg) for arg in args])
+    return run_cli(list(args))
 
 
 def ok(*args: str):
@@ -42,27 +32,9 @@ def ok(*args: str):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """One epoch of the quickstart recipe on 200 images, depth 8: a real checkpoint in a few seconds."""
-    out = tmp_path_factory.mktemp("ckpt")
-    ok(
-        "train",
-        REPO / "recipes" / "quickstart.yaml",
-        "--epochs",
-        "1",
-        "--limit-train",
-        "200",
-        "--limit-test",
-        "50",
-        "--set",
-        "model.depth=8",
-        "--device",
-        "cpu",
-        "--out",
-        out,
-        "--force",
-    )
-    return out
+def checkpoint(tiny_checkpoint) -> Path:
+    """The session's tiny quick-start checkpoint (tests/conftest.py); stream runs only read it."""
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
