@@ -45,7 +45,7 @@ class AdaptSettings:
     dirichlet: float | None = None
     # bf16 autocast on CUDA. Off by default: on the reference ResNet-26 (H100) fp32 was as fast for episodic
     # TTT (104 vs 105 samples/s) and faster for online TTT (384 vs 307): the casts cost more than they save on
-    # a 0.4M-parameter network. Turn it on (--set amp=true) for large backbones.
+    # a 0.64M-parameter network. Turn it on (--set amp=true) for large backbones.
     amp: bool = False
     cuda_graph: bool = True
     seed: int = 0
