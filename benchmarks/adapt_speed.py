@@ -3,11 +3,14 @@
 - reference-episodic / reference-online: a faithful copy of the paper's loop (one sample at a time,
   32 copies augmented with PIL/torchvision transforms on the CPU, rotation on the GPU, torch.optim.SGD,
   weights restored with load_state_dict after each sample in the episodic case);
-- tta's paths: batched episodic TTT (vmap over per-sample weights; fp32 and bf16) and online TTT
-  (eager and CUDA graph).
+- tta's paths: batched episodic TTT (vmap over per-sample weights; fp32/bf16, eager/torch.compile, chunk
+  sizes) and online TTT (eager, CUDA graph, CUDA graph over torch.compile'd forward passes, rollback).
 
-Prints samples/s and peak GPU memory per path.  Usage:
-    python benchmarks/adapt_speed.py [--ckpt DIR] [--episodic-samples 4096] [--online-samples 4000]
+Prints samples/s, peak GPU memory and the seconds of the first (compiling, capturing) calls per path, and
+how far the compiled online step's logits are from the eager one's.  Usage:
+    python benchmarks/adapt_speed.py [--ckpt DIR] [--episodic-samples 2048] [--online-samples 4000]
+    python benchmarks/adapt_speed.py --device cpu --episodic-samples 8 --online-samples 8 --reference-samples 1 \\
+        --episodic fp32:eager:8 --online fp32:eager:eager       # a quick check that it runs
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT
 from tta_cli.adapt.online import OnlineConfig, OnlineTTT
+from tta_cli.adapt.policies import RollbackPolicy
 from tta_cli.config import ModelConfig, TaskConfig
 from tta_cli.models import build_model
 from tta_cli.tasks import build_task
@@ -83,14 +87,89 @@ def timed(method, images, batch) -> tuple[float, float]:
     return len(images) / seconds, peak
 
 
+def warm_up(method, images, batch) -> float:
+    """Seconds of the first calls (compilation, graph capture, kernel selection), which the rates leave out."""
+    sync(images.device)
+    started = time.perf_counter()
+    for part in images.split(batch):
+        method.adapt(part)
+    sync(images.device)
+    return time.perf_counter() - started
+
+
+def parse_variants(text: str) -> list[tuple[str, bool, str]]:
+    """"fp32:eager:auto,bf16:compile:256" -> [(precision, compiled, chunk-or-graph), ...]."""
+    variants = []
+    for item in text.split(","):
+        precision, mode, extra = (item.split(":") + ["", ""])[:3]
+        variants.append((precision, mode == "compile", extra))
+    return variants
+
+
+def episodic_rows(model, task, images, args, device) -> list[tuple]:
+    rows = []
+    for precision, compiled, chunk in parse_variants(args.episodic):
+        config = EpisodicConfig(steps=10, copies=32, amp=precision == "bf16", compile=compiled, chunk=None if chunk == "auto" else int(chunk))
+        method = EpisodicTTT(copy.deepcopy(model), task, config, torch.Generator(device=device).manual_seed(0))
+        label = f"tta episodic {precision} {'compiled' if compiled else 'eager'}"
+        try:
+            first = warm_up(method, images[: (method._chunk or 64)], 4096)  # also sizes the automatic chunk
+            rate, peak = timed(method, images[: args.episodic_samples], 4096)
+            rows.append((f"{label} chunk {method._chunk}", rate, peak, first))
+        except torch.OutOfMemoryError:
+            rows.append((f"{label} chunk {chunk}", float("nan"), float("inf"), float("nan")))
+            torch.cuda.empty_cache()
+        print(rows[-1], flush=True)
+        del method
+    return rows
+
+
+def online_method(model, task, precision, compiled, graph, rollback=False):
+    config = OnlineConfig(steps=1, copies=32, amp=precision == "bf16", cuda_graph=graph, compile=compiled)
+    config.rollback = RollbackPolicy(enabled=rollback)
+    generator = None if graph else torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    return OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=generator)
+
+
+def online_rows(model, task, images, args, device) -> list[tuple]:
+    rows = []
+    for precision, compiled, extra in parse_variants(args.online):
+        graph, rollback = "eager" not in extra, "rollback" in extra
+        method = online_method(model, task, precision, compiled, graph and device.type == "cuda", rollback)
+        first = warm_up(method, images[:20], 1)
+        count = args.online_samples if graph else min(args.online_samples, 500)
+        rate, peak = timed(method, images[:count], 1)
+        label = f"tta online {'graph' if graph else 'eager'} {precision} {'compiled' if compiled else 'eager'}"
+        rows.append((label + (" + rollback" if rollback else ""), rate, peak, first))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def online_parity(model, task, images, device) -> str:
+    """Max |logit difference| between the compiled and the eager online step over the same 64-sample stream
+    (fp32, same random views): the compiled kernels must compute the same updates."""
+    logits = []
+    for compiled in (False, True):
+        if device.type == "cuda":
+            torch.cuda.manual_seed(0)
+        method = online_method(model, task, "fp32", compiled, device.type == "cuda")
+        logits.append(torch.cat([method.adapt(image[None]) for image in images[:64]]))
+    difference = (logits[0] - logits[1]).abs().max().item()
+    scale = logits[0].abs().max().item()
+    return f"online compiled vs eager, 64 samples fp32: max |diff| {difference:.2e} (max |logit| {scale:.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ckpt")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--episodic-samples", type=int, default=4096)
+    parser.add_argument("--episodic-samples", type=int, default=2048)
     parser.add_argument("--online-samples", type=int, default=4000)
-    parser.add_argument("--reference-samples", type=int, default=20)
-    parser.add_argument("--chunks", default="auto,256,512")
+    parser.add_argument("--reference-samples", type=int, default=10)
+    parser.add_argument("--episodic", default="fp32:eager:auto,bf16:eager:auto,bf16:compile:256,bf16:compile:512,fp32:compile:256",
+                        help="precision:eager|compile:chunk (chunk auto = sized to free memory)")
+    parser.add_argument("--online", default="fp32:eager:eager,fp32:eager:graph,bf16:eager:graph,fp32:compile:graph,bf16:compile:graph,"
+                        "fp32:compile:graph-rollback", help="precision:eager|compile:graph|eager[-rollback]")
     args = parser.parse_args()
     device = torch.device(args.device)
     model, task = reference_model(args.ckpt, device)
@@ -98,49 +177,24 @@ def main() -> None:
     images_uint8 = torch.randint(0, 256, (max(args.episodic_samples, args.online_samples), 32, 32, 3), generator=generator, dtype=torch.uint8)
     images = images_uint8.to(device).permute(0, 3, 1, 2).float().div(255)
     rows = []
-
-    reference = images_uint8[: args.reference_samples]
-    rows.append(("reference episodic (10x32, PIL aug)", reference_loop(model, task, reference, 10, 32, 1e-3, True, device), float("nan")))
-    reference = images_uint8[: args.reference_samples * 5]
-    rows.append(("reference online (1x32, PIL aug)", reference_loop(model, task, reference, 1, 32, 1e-3, False, device), float("nan")))
-    print(rows, flush=True)
-
-    for amp in (False, True):
-        for chunk in args.chunks.split(","):
-            config = EpisodicConfig(steps=10, copies=32, amp=amp, chunk=None if chunk == "auto" else int(chunk))
-            method = EpisodicTTT(copy.deepcopy(model), task, config, torch.Generator(device=device).manual_seed(0))
-            try:
-                method.adapt(images[: min(64, len(images))])  # warm-up (and the automatic chunk size)
-                rate, peak = timed(method, images[: args.episodic_samples], 4096)
-                rows.append((f"tta episodic {'bf16' if amp else 'fp32'} chunk {method._chunk}", rate, peak))
-            except torch.OutOfMemoryError:
-                rows.append((f"tta episodic {'bf16' if amp else 'fp32'} chunk {chunk}", float("nan"), float("inf")))
-                torch.cuda.empty_cache()
-            print(rows[-1], flush=True)
-
-    for graph in (False, True):
-        for amp in (False, True):
-            config = OnlineConfig(steps=1, copies=32, amp=amp, cuda_graph=graph)
-            generator = None if graph else torch.Generator(device=device).manual_seed(0)
-            method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=generator)
-            timed(method, images[:50], 1)
-            rate, peak = timed(method, images[: args.online_samples], 1)
-            rows.append((f"tta online {'graph' if graph else 'eager'} {'bf16' if amp else 'fp32'}", rate, peak))
-            print(rows[-1], flush=True)
-    config = OnlineConfig(steps=1, copies=32, cuda_graph=True)
-    from tta_cli.adapt.policies import RollbackPolicy
-
-    config.rollback = RollbackPolicy(enabled=True)
-    method = OnlineTTT(copy.deepcopy(model), task, config, classes=10)
-    timed(method, images[:50], 1)
-    rate, peak = timed(method, images[: args.online_samples], 1)
-    rows.append(("tta online graph bf16 + rollback", rate, peak))
+    if args.reference_samples:
+        reference = images_uint8[: args.reference_samples]
+        rows.append(("reference episodic (10x32, PIL aug)", reference_loop(model, task, reference, 10, 32, 1e-3, True, device), float("nan"), float("nan")))
+        reference = images_uint8[: args.reference_samples * 5]
+        rows.append(("reference online (1x32, PIL aug)", reference_loop(model, task, reference, 1, 32, 1e-3, False, device), float("nan"), float("nan")))
+        print(rows, flush=True)
+    parity = online_parity(model, task, images, device)
+    print(parity, flush=True)
+    rows += online_rows(model, task, images, args, device)
+    if args.episodic:
+        rows += episodic_rows(model, task, images, args, device)
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\nadapt speed on {name} (ResNet-26 GN, split layer2, rotation, 32 copies)")
-    print(f"{'path':<44} {'samples/s':>10} {'peak GiB':>9}")
-    for label, rate, peak in rows:
-        print(f"{label:<44} {rate:>10.1f} {peak:>9.2f}")
+    print(f"\nadapt speed on {name}, torch {torch.__version__} (ResNet-26 GN, split layer2, rotation, 32 copies; episodic 10 steps, online 1)")
+    print(parity)
+    print(f"{'path':<52} {'samples/s':>10} {'peak GiB':>9} {'first calls s':>14}")
+    for label, rate, peak, first in rows:
+        print(f"{label:<52} {rate:>10.1f} {peak:>9.2f} {first:>14.1f}")
 
 
 if __name__ == "__main__":

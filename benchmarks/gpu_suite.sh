@@ -5,6 +5,9 @@
 # brings back at most 8 files). A checkpoint from an earlier call can travel as .carry/ckpt.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TTA_CACHE_DIR=/tmp/tta-cache
+# torch.compile's kernels: carried in as .carry/inductor.tgz when an earlier call saved them (stage save-cache)
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+[ -f .carry/inductor.tgz ] && mkdir -p $TORCHINDUCTOR_CACHE_DIR && tar xzf .carry/inductor.tgz -C $TORCHINDUCTOR_CACHE_DIR
 OUT=${OUT:-gpu-out}
 WORK=${WORK:-/tmp/tta-work}
 ARCHIVE=.carry/cifar10-jpeg.tar.gz
@@ -24,7 +27,7 @@ for stage in "$@"; do
         tests/test_adapt_online.py 2>&1 | tail -15 ;;
     train-fast)
       # The fast recipe on the full archive; on a non-timeout failure (say torch.compile), once more eagerly.
-      timeout "${TRAIN_TIMEOUT:-400}" $TTA train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast" \
+      timeout "${TRAIN_TIMEOUT:-400}" /usr/bin/time -f "train wall %e s" $TTA train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast" \
         ${TRAIN_ARGS:-} > "$WORK/train-fast.log" 2>&1
       rc=$?
       if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
@@ -52,8 +55,8 @@ for stage in "$@"; do
         --out "$WORK/adapt${ADAPT_TAG:-}" --plot "$WORK/adapt${ADAPT_TAG:-}/errors.png" ${ADAPT_ARGS:-} > "$WORK/adapt${ADAPT_TAG:-}.log" 2>&1
       tail -32 "$WORK/adapt${ADAPT_TAG:-}.log" ;;
     adapt-speed)
-      python3 benchmarks/adapt_speed.py --ckpt "$CKPT" --episodic-samples 2048 --online-samples 3000 --reference-samples 10 \
-        --chunks auto,256 > "$WORK/adapt_speed.txt" 2>&1
+      timeout "${ADAPT_SPEED_TIMEOUT:-400}" python3 benchmarks/adapt_speed.py $([ -d "$CKPT" ] && echo --ckpt "$CKPT") \
+        ${ADAPT_SPEED_ARGS:---episodic-samples 1024 --online-samples 3000 --reference-samples 10} > "$WORK/adapt_speed.txt" 2>&1
       tail -16 "$WORK/adapt_speed.txt" ;;
     train-speed)
       python3 benchmarks/train_speed.py recipes/sun2020-rotation-gn.yaml --batch-sizes 128,512 --steps 40 > "$WORK/train_speed.txt" 2>&1
@@ -62,8 +65,10 @@ for stage in "$@"; do
       python3 benchmarks/corrupt_speed.py --archive $ARCHIVE --device cuda > "$WORK/corrupt_speed.txt" 2>&1
       tail -24 "$WORK/corrupt_speed.txt" ;;
     stream-speed)
-      python3 benchmarks/stream_speed.py ${STREAM_SPEED_ARGS:-} > "$WORK/stream_speed.txt" 2>&1
-      tail -12 "$WORK/stream_speed.txt" ;;
+      timeout "${STREAM_SPEED_TIMEOUT:-300}" python3 benchmarks/stream_speed.py ${STREAM_SPEED_ARGS:-} > "$WORK/stream_speed.txt" 2>&1
+      tail -14 "$WORK/stream_speed.txt" ;;
+    save-cache)
+      tar czf "$OUT/inductor.tgz" -C $TORCHINDUCTOR_CACHE_DIR . 2>/dev/null; ls -la "$OUT/inductor.tgz" ;;
     *) echo "unknown stage $stage" ;;
   esac
   echo "--- stage $stage took ${SECONDS}s"

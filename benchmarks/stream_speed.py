@@ -1,7 +1,8 @@
 """Stream speed: frames/s and per-frame latency of `tta stream run`'s loop, on synthetic frames made on the device.
 
 Settings as `tta stream run`'s defaults: explicit + implicit memory, a window of 16 frames, 32-image batches drawn
-from it, 1 update per frame, prediction after the update (bf16 and a CUDA graph on CUDA). Models, random weights:
+from it, 1 update per frame, prediction after the update (a CUDA graph on CUDA; --variants picks bf16/fp32 and
+torch.compile on/off per run). Models, random weights:
   resnet26  the reference ResNet-26 GN (split after layer2, rotation head) at 32 px   goal >= 1000 frames/s on an H100
   resnet50  a timm ResNet-50 with GroupNorm (32 groups) at 224 px                     goal >= 30 frames/s (live video)
 Each row also has a predict-only run (mode none) beside it: the gap is the cost of adapting.
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--pre-update", action="store_true", help="predict before each frame's update (lower latency)")
     parser.add_argument("--eager", action="store_true", help="no CUDA graph (to see what the graph saves)")
+    parser.add_argument("--variants", default="bf16:compile", help="comma list of precision:compile|eager (bf16/fp32 autocast, torch.compile)")
     args = parser.parse_args()
     device = torch.device(args.device)
     warmup = args.warmup if args.warmup is not None else max(1, min(32, args.frames // 4))
@@ -74,17 +76,22 @@ def main() -> None:
         model = build_model(config, task).to(device).eval()
         frames = synthetic_frames(args.frames, config.img_size, device)
         for mode in args.modes.split(","):
-            settings = StreamSettings(
-                mode=mode,
-                window=args.window,
-                batch_size=args.batch_size,
-                steps=args.steps,
-                pre_update=args.pre_update,
-                cuda_graph=not args.eager,
-            )
-            summary = measure(model, task, frames, settings, min(warmup, args.frames), device)
-            rows.append((label, settings.name, summary, goal if mode != "none" else None))
-            print(f"{label:<28} {settings.name:<20} {summary['fps']:>10.1f} frames/s", flush=True)
+            for variant in args.variants.split(","):
+                precision, compiled = variant.split(":")
+                settings = StreamSettings(
+                    mode=mode,
+                    window=args.window,
+                    batch_size=args.batch_size,
+                    steps=args.steps,
+                    pre_update=args.pre_update,
+                    cuda_graph=not args.eager,
+                    amp=precision == "bf16",
+                    compile=compiled == "compile",
+                )
+                summary = measure(model, task, frames, settings, min(warmup, args.frames), device)
+                run = f"{settings.name} {precision} {compiled}"
+                rows.append((label, run, summary, goal if mode != "none" else None))
+                print(f"{label:<28} {run:<30} {summary['fps']:>10.1f} frames/s", flush=True)
         del model, frames
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -98,12 +105,12 @@ def print_table(rows, args, device: torch.device) -> None:
         f"{args.steps} step(s) per frame, {'predict before' if args.pre_update else 'predict after'} the update, "
         f"{'eager' if args.eager else 'CUDA graph where available'}, {args.frames} frames"
     )
-    print(f"{'model':<28} {'run':<20} {'frames/s':>10} {'p50 ms':>8} {'p95 ms':>8} {'peak GiB':>9} {'goal':>12}")
+    print(f"{'model':<28} {'run':<30} {'frames/s':>10} {'p50 ms':>8} {'p95 ms':>8} {'peak GiB':>9} {'goal':>12}")
     for label, run, summary, goal in rows:
         latency = summary["latency_ms"]
         verdict = "" if goal is None or device.type != "cuda" else f">= {goal:g} {'ok' if summary['fps'] >= goal else 'MISSED'}"
         numbers = f"{summary['fps']:>10.1f} {latency['p50']:>8.2f} {latency['p95']:>8.2f} {summary['peak_gib']:>9.2f}"
-        print(f"{label:<28} {run:<20} {numbers} {verdict:>12}")
+        print(f"{label:<28} {run:<30} {numbers} {verdict:>12}")
 
 
 if __name__ == "__main__":

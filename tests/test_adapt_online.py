@@ -151,3 +151,17 @@ def test_prediction_window_detects_collapse():
     assert not bool(window.collapsed(0.5))
     window.update(torch.zeros(8, dtype=torch.long))
     assert bool(window.collapsed(0.5))
+
+
+def test_compiled_online_step_equals_eager():
+    model, task = tiny()
+    images = torch.rand(3, 1, 3, 32, 32)
+    outputs = []
+    for compile_step in (False, True):
+        config = OnlineConfig(copies=4, lr=0.05, amp=False, compile=compile_step, compile_backend="aot_eager")
+        method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(2))
+        outputs.append((torch.cat([method.adapt(image) for image in images]), encoder_vector(method.model)))
+    (eager_logits, eager_weights), (compiled_logits, compiled_weights) = outputs
+    assert torch.allclose(compiled_logits, eager_logits, atol=1e-5)
+    assert torch.allclose(compiled_weights, eager_weights, atol=1e-6)
+    assert not torch.equal(compiled_weights, encoder_vector(model))

@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from tta_cli import distributed
+from tta_cli.adapt.compiled import maybe_compile
 from tta_cli.adapt.params import adapted_parameter_names
 from tta_cli.adapt.views import full_precision, make_views
 
@@ -124,10 +125,7 @@ class EpisodicTTT:
             return functional_call(model, (sample_params, frozen), (image.unsqueeze(0),)).squeeze(0)
 
         per_sample_grad, predict_all = vmap(grad(sample_loss, has_aux=True)), vmap(predict)
-        if config.compile:
-            per_sample_grad = torch.compile(per_sample_grad, dynamic=False)
-            predict_all = torch.compile(predict_all, dynamic=False)
-        return per_sample_grad, predict_all
+        return maybe_compile(per_sample_grad, config.compile), maybe_compile(predict_all, config.compile)
 
     def adapt_chunk(self, images: torch.Tensor) -> torch.Tensor:
         """images (S, C, H, W) -> logits (S, classes), each sample adapted on its own weights."""

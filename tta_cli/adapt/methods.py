@@ -48,6 +48,9 @@ class AdaptSettings:
     # a 0.64M-parameter network. Turn it on (--set amp=true) for large backbones.
     amp: bool = False
     cuda_graph: bool = True
+    # torch.compile the ttt / ttt-online hot paths on CUDA (never on the CPU, where compiling costs more than
+    # short runs gain). The first call compiles (tens of seconds); a failed compile falls back to eager.
+    compile: bool = True
     seed: int = 0
 
 
@@ -75,6 +78,7 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
             skip_above=settings.skip_above,
             chunk=settings.chunk,
             amp=settings.amp,
+            compile=settings.compile and device.type == "cuda",
         )
         return EpisodicTTT(model, task, config, generator)
     use_graph = settings.cuda_graph and device.type == "cuda"
@@ -94,6 +98,7 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
         pre_update=settings.pre_update,
         amp=settings.amp,
         cuda_graph=use_graph,
+        compile=settings.compile and device.type == "cuda",
     )
     return OnlineTTT(model, task, config, classes, generator)
 

@@ -59,6 +59,7 @@ class StreamSettings:
     max_frames: int | None = None
     amp: bool = True
     cuda_graph: bool = True
+    compile: bool = True  # torch.compile the forward passes on CUDA (inside the CUDA graph); never on the CPU
     block: int = 64  # frames per device-to-host copy of the per-frame log
     view_every: float = 0.5  # seconds between progress reports at most
     max_inflight: int = 2  # paced CUDA runs: frames queued on the GPU before the loop waits
@@ -143,6 +144,7 @@ def build_stream_method(
         pre_update=settings.pre_update,
         amp=settings.amp,
         cuda_graph=use_graph,
+        compile=settings.compile and device.type == "cuda",
     )
     window = None
     if settings.mode == "explicit" and settings.window > 1 and settings.adapting:
