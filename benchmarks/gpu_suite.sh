@@ -51,9 +51,15 @@ for stage in "$@"; do
       tail -25 "$WORK/corrupt.log" ;;
     adapt)
       # source / ttt / ttt-online at severity 5; ADAPT_N images of each corruption (default: all 10,000).
-      $TTA adapt --ckpt "$CKPT" --data "$WORK/cifar10-c" --severities 5 ${ADAPT_N:+--n $ADAPT_N} --method ${ADAPT_METHODS:-source,ttt,ttt-online} \
+      timeout "${ADAPT_TIMEOUT:-600}" $TTA adapt --ckpt "$CKPT" --data "$WORK/cifar10-c" --severities 5 ${ADAPT_N:+--n $ADAPT_N} \
+        --method ${ADAPT_METHODS:-source,ttt-online,ttt} \
         --out "$WORK/adapt${ADAPT_TAG:-}" --plot "$WORK/adapt${ADAPT_TAG:-}/errors.png" ${ADAPT_ARGS:-} > "$WORK/adapt${ADAPT_TAG:-}.log" 2>&1
       tail -32 "$WORK/adapt${ADAPT_TAG:-}.log" ;;
+    adapt-paper-params)
+      # ttt-online moving the encoder and the ssl head, as the paper's code does (tta's default moves the encoder only)
+      timeout "${ADAPT_TIMEOUT:-600}" $TTA adapt --ckpt "$CKPT" --data "$WORK/cifar10-c" --severities 5 ${ADAPT_N:+--n $ADAPT_N} --method ttt-online \
+        --params encoder+ssl --out "$WORK/adapt-paper-params" > "$WORK/adapt-paper-params.log" 2>&1
+      tail -24 "$WORK/adapt-paper-params.log" ;;
     adapt-speed)
       timeout "${ADAPT_SPEED_TIMEOUT:-400}" python3 benchmarks/adapt_speed.py $([ -d "$CKPT" ] && echo --ckpt "$CKPT") \
         ${ADAPT_SPEED_ARGS:---episodic-samples 1024 --online-samples 3000 --reference-samples 10} > "$WORK/adapt_speed.txt" 2>&1

@@ -84,3 +84,16 @@ def test_checkpoint_of_another_architecture_is_one_line(tiny_checkpoint, tmp_pat
 
 def test_missing_checkpoint_is_one_line(tmp_path):
     assert_one_line_error(run_cli(["adapt", "--ckpt", tmp_path / "nowhere", "--device", "cpu"]), "not a tta checkpoint")
+
+
+def test_online_streams_side_by_side_adapt_every_sample(tiny_checkpoint, tmp_path):
+    out = tmp_path / "adapt"
+    result = run_cli([
+        "adapt", "--ckpt", tiny_checkpoint, "--data", "cifar10-mini", "--corruptions", "gaussian_noise,fog,snow",
+        "--method", "ttt-online", *TINY_ADAPT_ARGS, "--set", "streams=2", "--out", out,
+    ])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["streams"] == 2
+    assert results["methods"]["ttt-online"]["counters"]["updates"] == 60  # 3 streams of 20, in groups of 2 and 1
+    assert all(0.0 <= error <= 100.0 for error in results["table"]["errors"]["ttt-online"])

@@ -1,7 +1,7 @@
 """Episodic TTT: every test sample starts from the trained weights, takes `steps` SGD steps on the
 self-supervised loss of `copies` augmented views of itself, then is classified by the main head.
 
-The fast path adapts a chunk of samples at once with per-sample weights (torch.func: vmap over
+The fast path adapts a chunk of samples at once with per-sample weights (`PerSampleModel`: vmap over
 grad of a functional call); `adapt_sequential` is its slow, obviously correct twin, and both draw
 identical views from the same generator, so they give the same result.
 
@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from tta_cli import distributed
-from tta_cli.adapt.compiled import maybe_compile
 from tta_cli.adapt.params import adapted_parameter_names
+from tta_cli.adapt.per_sample import PerSampleModel, sgd_step
 from tta_cli.adapt.views import full_precision, make_views
 
 
@@ -39,14 +38,6 @@ class EpisodicConfig:
     compile: bool = False  # torch.compile the per-sample gradient (CUDA; the last chunk is padded)
 
 
-def split_state(model: nn.Module, names: list[str]) -> tuple[dict, dict]:
-    """(adapted parameters, everything else incl. buffers), detached."""
-    adapted, frozen = {}, {}
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        (adapted if name in names else frozen)[name] = tensor.detach()
-    return adapted, frozen
-
-
 class EpisodicTTT:
     """Batched episodic TTT behind the common method interface (`adapt(images) -> logits`)."""
 
@@ -59,11 +50,10 @@ class EpisodicTTT:
         self.config = config
         self.generator = generator
         self.names = adapted_parameter_names(model, config.params)
-        self.source, self.frozen = split_state(model, self.names)
         self.skipped = 0
         self.device = next(model.parameters()).device
         self._chunk = config.chunk
-        self._functions = None
+        self._functions: PerSampleModel | None = None
         self._chunks_seen = 0  # chunks drawn so far (adapted or skipped), to deal chunks to ranks in turn
 
     def reset(self) -> None:
@@ -111,57 +101,29 @@ class EpisodicTTT:
         enabled = self.config.amp and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def _build_functions(self):
-        """vmap(grad(ssl loss)) and vmap(predict) over per-sample weights; compiled once when asked."""
-        frozen, task, model, config = self.frozen, self.task, self.model, self.config
-
-        def sample_loss(sample_params, inputs, targets):
-            outputs = functional_call(model, (sample_params, frozen), (inputs,), {"head": "ssl"})
-            loss = task.loss(outputs, targets)
-            confidence = task.confidence(outputs, targets) if config.skip_above is not None else loss.detach()
-            return loss, confidence
-
-        def predict(sample_params, image):
-            return functional_call(model, (sample_params, frozen), (image.unsqueeze(0),)).squeeze(0)
-
-        per_sample_grad, predict_all = vmap(grad(sample_loss, has_aux=True)), vmap(predict)
-        return maybe_compile(per_sample_grad, config.compile), maybe_compile(predict_all, config.compile)
-
     def adapt_chunk(self, images: torch.Tensor) -> torch.Tensor:
         """images (S, C, H, W) -> logits (S, classes), each sample adapted on its own weights."""
-        if self._functions is None:
-            self._functions = self._build_functions()
-        per_sample_grad, predict_all = self._functions
         config = self.config
+        if self._functions is None:
+            self._functions = PerSampleModel(self.model, self.task, self.names, config.skip_above is not None, config.compile)
+        functions = self._functions
         images, real = self._static_shape(images)
         samples = images.shape[0]
-        names = list(self.source)
-        params = [self.source[n].unsqueeze(0).repeat(samples, *([1] * self.source[n].dim())) for n in names]
+        params = functions.repeated_source(samples)
         velocity = [torch.zeros_like(p) for p in params] if config.momentum else None
         for _ in range(config.steps):
             inputs, targets = make_views(self.task, images, config.copies, self.generator)
             inputs = inputs.reshape(samples, config.copies, *inputs.shape[1:])  # (S, copies, C, H, W)
             targets = targets.reshape(samples, config.copies, *targets.shape[1:])
             with self._autocast():
-                grads, confidence = per_sample_grad(dict(zip(names, params, strict=True)), inputs, targets)
-            steps = [grads[n].to(p.dtype) for n, p in zip(names, params, strict=True)]
-            if config.skip_above is None and velocity is None:
-                torch._foreach_add_(params, steps, alpha=-config.lr)
-                continue
-            dtype = params[0].dtype  # gates in the weights' dtype: a float32 gate would round lr in float64 runs
-            keep = torch.ones(samples, device=images.device, dtype=dtype)
-            if config.skip_above is not None:
-                keep = (confidence <= config.skip_above).to(dtype)  # (S,)
+                steps, confidence = functions.gradients(params, inputs, targets)
+            keep = None
+            if config.skip_above is not None:  # gates in the weights' dtype: a float32 gate would round lr in float64 runs
+                keep = (confidence <= config.skip_above).to(params[0].dtype)  # (S,)
                 self.skipped += (real - keep[:real].sum()).detach()
-            for index, param in enumerate(params):
-                step = steps[index]
-                gate = keep.view(-1, *([1] * (step.dim() - 1)))
-                if velocity is not None:  # a skipped step leaves both velocity and weights untouched
-                    velocity[index] += gate * (velocity[index] * (config.momentum - 1.0) + step)
-                    step = velocity[index]
-                param.sub_(config.lr * gate * step)
+            sgd_step(params, velocity, steps, config.lr, config.momentum, keep)
         with torch.no_grad(), self._autocast():
-            return full_precision(predict_all(dict(zip(names, params, strict=True)), images))[:real]
+            return full_precision(functions.predict(params, images))[:real]
 
     def auto_chunk(self, images: torch.Tensor) -> int:
         """On CUDA, measure one step's memory per sample on a small probe chunk and fill ~70% of free memory.
@@ -188,6 +150,7 @@ class EpisodicTTT:
         torch.cuda.synchronize()
         per_sample = max((torch.cuda.max_memory_allocated() - base) / probe, 1)
         free, _ = torch.cuda.mem_get_info()
+        free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # cached by PyTorch's allocator: reusable
         self._chunk = int(max(8, min(4096, 0.7 * free // per_sample)) // 8 * 8)
         return self._chunk
 

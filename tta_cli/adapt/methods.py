@@ -14,6 +14,7 @@ import torch
 from tta_cli.adapt.comparators import NormAdapt, SourceModel, Tent
 from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT
 from tta_cli.adapt.online import OnlineConfig, OnlineTTT
+from tta_cli.adapt.online_parallel import ParallelOnlineTTT, supports_parallel
 from tta_cli.adapt.policies import ResetPolicy, RollbackPolicy
 from tta_cli.errors import TTAError
 
@@ -43,14 +44,20 @@ class AdaptSettings:
     comparator_batch: int = 200  # norm and tent batches, as in Tent
     order: str = "per-corruption"
     dirichlet: float | None = None
-    # bf16 autocast on CUDA. Off by default: on the reference ResNet-26 (H100) fp32 was as fast for episodic
-    # TTT (104 vs 105 samples/s) and faster for online TTT (384 vs 307): the casts cost more than they save on
-    # a 0.64M-parameter network. Turn it on (--set amp=true) for large backbones.
-    amp: bool = False
+    # bf16 autocast on CUDA; None picks, per method, what measured fastest for the reference ResNet-26 on the
+    # H200 with torch.compile (docs/results.md): bf16 for ttt (405 vs 125 samples/s fp32 eager), fp32 for
+    # ttt-online (533 vs 494 compiled bf16: the casts cost more than they save on a 0.64M-parameter network)
+    # and for source/norm/tent. Set it (--set amp=true) to force one choice everywhere, e.g. for large backbones.
+    amp: bool | None = None
     cuda_graph: bool = True
     # torch.compile the ttt / ttt-online hot paths on CUDA (never on the CPU, where compiling costs more than
     # short runs gain). The first call compiles (tens of seconds); a failed compile falls back to eager.
     compile: bool = True
+    # ttt-online: independent streams (the segments of an order that resets between them, e.g. per-corruption)
+    # adapted side by side, each on its own weights, with exactly the updates it would get alone. None: up to
+    # 256 at once on CUDA, one at a time on the CPU. Policies that decide per sample (reset every:N/on-shift,
+    # rollback, --pre-update, --batch > 1) always run one stream at a time.
+    streams: int | None = None
     seed: int = 0
 
 
@@ -62,11 +69,11 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
         raise TTAError(f"--skip-above needs the rotation task; this checkpoint's task is {task.name}")
     model = copy.deepcopy(model).to(device)
     if name == "source":
-        return SourceModel(model, settings.amp)
+        return SourceModel(model, bool(settings.amp))
     if name == "norm":
-        return NormAdapt(model, settings.amp)
+        return NormAdapt(model, bool(settings.amp))
     if name == "tent":
-        return Tent(model, settings.tent_lr, settings.amp)
+        return Tent(model, settings.tent_lr, bool(settings.amp))
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     if name == "ttt":
         config = EpisodicConfig(
@@ -77,7 +84,7 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
             params=settings.params,
             skip_above=settings.skip_above,
             chunk=settings.chunk,
-            amp=settings.amp,
+            amp=True if settings.amp is None else settings.amp,
             compile=settings.compile and device.type == "cuda",
         )
         return EpisodicTTT(model, task, config, generator)
@@ -96,11 +103,17 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
         reset=ResetPolicy.parse(settings.reset),
         rollback=RollbackPolicy(enabled=settings.rollback, margin=settings.rollback_margin, min_entropy=settings.collapse_entropy),
         pre_update=settings.pre_update,
-        amp=settings.amp,
+        amp=bool(settings.amp),
         cuda_graph=use_graph,
         compile=settings.compile and device.type == "cuda",
     )
-    return OnlineTTT(model, task, config, classes, generator)
+    method = OnlineTTT(model, task, config, classes, generator)
+    streams = settings.streams if settings.streams is not None else (256 if device.type == "cuda" else 1)
+    if streams < 1:
+        raise TTAError(f"streams must be at least 1, got {streams}")
+    if streams > 1 and supports_parallel(config):
+        method.parallel = ParallelOnlineTTT(method.model, task, config, generator, max_streams=streams)
+    return method
 
 
 def batch_size_for(method, settings: AdaptSettings, total: int) -> int:
@@ -109,4 +122,4 @@ def batch_size_for(method, settings: AdaptSettings, total: int) -> int:
         return settings.batch
     if method.name in ("norm", "tent"):
         return settings.comparator_batch
-    return 2048 if method.name == "ttt" else 1000
+    return 16384 if method.name == "ttt" else 1000  # ttt cuts its own memory-sized chunks: one padded remainder per set

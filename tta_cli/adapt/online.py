@@ -110,6 +110,7 @@ class OnlineTTT:
         self.samples_seen = 0
         self.scheduled_resets = 0
         self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.parallel = None  # a ParallelOnlineTTT for independent segments, when the settings allow one (methods.py)
         self._ssl_forward = self._forward("ssl")
         self._main_forward = self._forward("main")
 
@@ -135,6 +136,9 @@ class OnlineTTT:
 
     def counters(self) -> dict:
         values = {k: int(v) for k, v in self.counts.items() if k not in ("good_steps", "strikes")}
+        if self.parallel is not None:
+            for name, value in self.parallel.counters().items():
+                values[name] += value
         values["scheduled_resets"] = self.scheduled_resets
         values["resets"] = values["scheduled_resets"] + values["shift_resets"] + values["collapse_resets"]
         return values

@@ -53,6 +53,12 @@ def run_method(
         torch.cuda.synchronize()
     started = time.perf_counter()
     done = batches = 0
+    parallel = getattr(method, "parallel", None)
+    if parallel is not None and len(segments) > 1 and world_size == 1:  # independent segments side by side
+        streams = [segment.indices.to(device) for segment in segments]
+        for stream, logits in zip(streams, parallel.adapt_streams(images, streams, on_batch), strict=True):
+            predictions[stream] = logits.argmax(1)
+        done, segments = sum(len(stream) for stream in streams), []
     for segment in segments:
         method.reset()
         order = segment.indices.to(device)

@@ -29,6 +29,9 @@ Methods (--method, comma-separated; each gets a fresh copy of the checkpoint):
               then predict the un-augmented sample with the main head. Nothing carries over.
   ttt-online  the same update, --steps 1 by default, weights carried through the stream (mini-batches
               of --batch consecutive samples); --reset never|every:N|on-shift, --rollback, --skip-above.
+              Segments that start from the trained weights (the per-corruption order's) are independent
+              streams: on CUDA up to 256 of them are adapted side by side, each on its own weights
+              (--set streams=1 for one at a time; per-sample policies always go one at a time).
   norm        BatchNorm with test-batch statistics (batches of 200); BatchNorm models only.
   tent        entropy minimisation of the normalization affine parameters, Adam 1e-3, batches of 200.
 
@@ -300,7 +303,10 @@ def write_plot(path: Path, results, sets) -> None:
 SEMANTICS = {
     "source": "no adaptation",
     "ttt": "episodic: per sample, reset to trained weights, `steps` SGD steps on the ssl loss of `copies` augmented views, predict after",
-    "ttt-online": "online: same update, weights carried across the stream in `order`; reset per `reset` and at each segment; rollback if enabled",
+    "ttt-online": (
+        "online: same update, weights carried across the stream in `order`; reset per `reset` and at each segment; rollback if enabled; "
+        "independent segments run side by side (`streams` at once), each on its own weights, with the updates it would get alone"
+    ),
     "norm": "BatchNorm with test-batch statistics",
     "tent": "entropy minimisation on normalization affine parameters, Adam, one step per batch, predictions before the update",
     "orders": "per-corruption resets between sets; continual/gradual/mixed never reset; correlated resets between sets",

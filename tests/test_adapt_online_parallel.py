@@ -1,0 +1,64 @@
+"""Parallel online TTT over independent streams equals adapting each stream on its own."""
+
+import copy
+
+import pytest
+import torch
+
+from tta_cli.adapt.online import OnlineConfig, OnlineTTT
+from tta_cli.adapt.online_parallel import ParallelOnlineTTT, adapt_streams_reference
+from tta_cli.config import ModelConfig, TaskConfig
+from tta_cli.models import build_model
+from tta_cli.tasks import build_task
+
+
+def tiny(task_name="rotation"):
+    torch.manual_seed(0)
+    task = build_task(TaskConfig(name=task_name, patch_size=4))
+    return build_model(ModelConfig(depth=8, groups=4), task).to(torch.float64), task
+
+
+def uint8_images(count: int) -> torch.Tensor:
+    return torch.randint(0, 256, (count, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.parametrize("task_name", ["rotation", "masked"])
+@pytest.mark.parametrize("momentum,skip_above", [(0.0, None), (0.9, None), (0.0, 0.3)])
+def test_parallel_streams_equal_the_reference(task_name, momentum, skip_above):
+    model, task = tiny(task_name)
+    if skip_above is not None and task_name != "rotation":
+        pytest.skip("the confidence gate needs the rotation task")
+    images = uint8_images(9)
+    streams = [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5]), torch.tensor([6, 7, 8])]  # ragged: shorter streams stop early
+    config = OnlineConfig(steps=2, lr=0.05, copies=3, momentum=momentum, skip_above=skip_above, amp=False)
+    batched = ParallelOnlineTTT(copy.deepcopy(model), task, config, torch.Generator().manual_seed(8)).adapt_streams(images, streams)
+    reference = adapt_streams_reference(copy.deepcopy(model), task, config, images, streams, torch.Generator().manual_seed(8))
+    for got, expected, stream in zip(batched, reference, streams, strict=True):
+        assert got.shape == (len(stream), 10)
+        assert torch.allclose(got, expected, atol=1e-10, rtol=1e-8)
+
+
+def test_one_parallel_stream_is_the_online_method():
+    model, task = tiny()
+    images = uint8_images(5)
+    config = OnlineConfig(steps=1, lr=0.05, copies=4, amp=False)
+    parallel = ParallelOnlineTTT(copy.deepcopy(model), task, config, torch.Generator().manual_seed(3))
+    [batched] = parallel.adapt_streams(images, [torch.arange(5)])
+    online = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(3))
+    sequential = torch.cat([online.adapt(images[i : i + 1].permute(0, 3, 1, 2).double() / 255.0) for i in range(5)])
+    assert torch.allclose(batched, sequential, atol=1e-10)
+    assert parallel.counters()["updates"] == 5
+
+
+def test_parallel_streams_leave_the_source_model_alone_and_adapt():
+    model, task = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = uint8_images(6)
+    config = OnlineConfig(lr=0.1, copies=2, amp=False)
+    method = ParallelOnlineTTT(model, task, config, torch.Generator().manual_seed(1), max_streams=2)
+    adapted = method.adapt_streams(images, [torch.arange(3), torch.arange(3, 6), torch.tensor([5, 4])])  # 2 groups of streams
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        source = model(images[[2]].permute(0, 3, 1, 2).double() / 255.0)
+    assert not torch.allclose(adapted[0][-1:], source, atol=1e-6)  # three updates in, the stream has moved
+    assert [len(a) for a in adapted] == [3, 3, 2]

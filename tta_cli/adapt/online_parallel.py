@@ -1,0 +1,140 @@
+"""Online TTT over several independent streams at once: one set of weights per stream, carried over.
+
+Between two resets the samples of a stream are adapted in order, each update starting from the weights the
+last one left. Streams that start from the source weights with no shared state (the per-corruption order's
+segments) do not depend on each other, so step t of every stream can run together: S streams give S samples
+per batched step, each on its own weights (`PerSampleModel`), with exactly the updates each stream would get
+alone. Only the plain update goes this way (any --steps, --lr, --copies, --momentum, --params, --skip-above);
+reset every:N/on-shift, rollback, pre-update predictions, mini-batches and window views take the one-stream
+path (`OnlineTTT`), whose policies decide per sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from tta_cli.adapt.params import adapted_parameter_names
+from tta_cli.adapt.per_sample import PerSampleModel, sgd_step
+from tta_cli.adapt.views import full_precision, make_views
+from tta_cli.data.imageset import to_float_nchw
+
+
+def supports_parallel(config) -> bool:
+    """Whether an OnlineConfig's stream of updates can run as independent parallel streams."""
+    return (
+        config.reset.kind == "never"
+        and not config.rollback.enabled
+        and not config.pre_update
+        and config.batch == 1
+    )
+
+
+class ParallelOnlineTTT:
+    """`adapt_streams(images, streams)`: online TTT on each index stream into `images`, all streams in lockstep."""
+
+    def __init__(self, model: nn.Module, task, config, generator: torch.Generator | None = None, max_streams: int = 256):
+        self.model = model.eval()
+        self.task = task
+        self.config = config
+        self.generator = generator
+        self.max_streams = max_streams
+        self.device = next(model.parameters()).device
+        names = adapted_parameter_names(model, config.params)
+        self.functions = PerSampleModel(model, task, names, config.skip_above is not None, config.compile)
+        self.functions.source = {name: tensor.clone() for name, tensor in self.functions.source.items()}  # never aliased
+        zero = torch.zeros((), dtype=torch.long, device=self.device)
+        self.counts = {"updates": zero.clone(), "skipped": zero.clone()}
+
+    def _autocast(self):
+        enabled = self.config.amp and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def adapt_streams(
+        self, images: torch.Tensor, streams: list[torch.Tensor], on_step: Callable[[int], None] = lambda done: None
+    ) -> list[torch.Tensor]:
+        """images uint8 (N, H, W, 3) on the device; streams: index tensors into it, each adapted from the source
+        weights in its own order. Returns each stream's logits (len(stream), classes), predicted after its update."""
+        outputs: list[torch.Tensor] = []
+        done = 0
+        for start in range(0, len(streams), self.max_streams):
+            group = streams[start : start + self.max_streams]
+            outputs += self._adapt_group(images, group, lambda count, base=done: on_step(base + count))
+            done += sum(len(s) for s in group)
+        return outputs
+
+    def _adapt_group(self, images: torch.Tensor, streams: list[torch.Tensor], on_step: Callable[[int], None]) -> list[torch.Tensor]:
+        config, functions = self.config, self.functions
+        lengths = [len(stream) for stream in streams]
+        count, longest, shortest = len(streams), max(lengths), min(lengths)
+        index = torch.stack([torch.cat([s, s[-1:].expand(longest - len(s))]) for s in streams]).to(images.device)  # (S, T)
+        active = torch.arange(longest, device=self.device)[None, :] < torch.tensor(lengths, device=self.device)[:, None]  # (S, T)
+        params = functions.repeated_source(count)
+        velocity = [torch.zeros_like(p) for p in params] if config.momentum else None
+        logits = None
+        done = 0
+        for position in range(longest):
+            current = to_float_nchw(images[index[:, position]]).to(params[0].dtype)  # (S, C, H, W)
+            for _ in range(config.steps):
+                inputs, targets = make_views(self.task, current, config.copies, self.generator)
+                inputs = inputs.reshape(count, config.copies, *inputs.shape[1:])  # (S, copies, C, H, W)
+                targets = targets.reshape(count, config.copies, *targets.shape[1:])
+                with self._autocast():
+                    steps, confidence = functions.gradients(params, inputs, targets)
+                keep = None if position < shortest else active[:, position].to(params[0].dtype)  # ended streams stand still
+                if config.skip_above is not None:
+                    confident = (confidence > config.skip_above).to(params[0].dtype)
+                    self.counts["skipped"] += (confident * active[:, position]).sum().long()
+                    keep = (1.0 - confident) * (1.0 if keep is None else keep)
+                self.counts["updates"] += active[:, position].sum() if keep is None else keep.sum().long()
+                sgd_step(params, velocity, steps, config.lr, config.momentum, keep)
+            with torch.no_grad(), self._autocast():
+                step_logits = full_precision(functions.predict(params, current))  # (S, classes)
+            if logits is None:
+                logits = step_logits.new_empty(count, longest, step_logits.shape[1])
+            logits[:, position] = step_logits
+            done += sum(1 for length in lengths if position < length)
+            if position % 64 == 63 or position == longest - 1:
+                on_step(done)
+        return [logits[row, :length] for row, length in enumerate(lengths)]
+
+    def counters(self) -> dict:
+        return {name: int(value) for name, value in self.counts.items()}
+
+
+def adapt_streams_reference(model: nn.Module, task, config, images: torch.Tensor, streams: list[torch.Tensor], generator=None):
+    """The slow twin: one model copy and torch.optim.SGD per stream, plain autograd, one stream at a time per
+    position. Views are drawn for all streams per step exactly as the batched path draws them."""
+    import copy
+
+    names = set(adapted_parameter_names(model, config.params))
+    models = [copy.deepcopy(model).eval() for _ in streams]
+    optimizers = [
+        torch.optim.SGD([p for n, p in m.named_parameters() if n in names], lr=config.lr, momentum=config.momentum) for m in models
+    ]
+    lengths = [len(s) for s in streams]
+    outputs = [[] for _ in streams]
+    dtype = next(model.parameters()).dtype
+    for position in range(max(lengths)):
+        rows = torch.stack([s[min(position, len(s) - 1)] for s in streams])
+        current = to_float_nchw(images[rows]).to(dtype)
+        for _ in range(config.steps):
+            inputs, targets = make_views(task, current, config.copies, generator)
+            inputs = inputs.reshape(len(streams), config.copies, *inputs.shape[1:])
+            targets = targets.reshape(len(streams), config.copies, *targets.shape[1:])
+            for row, (stream_model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
+                if position >= lengths[row]:
+                    continue
+                outputs_ssl = stream_model(inputs[row], head="ssl")
+                if config.skip_above is not None and task.confidence(outputs_ssl, targets[row]) > config.skip_above:
+                    continue
+                optimizer.zero_grad()
+                task.loss(outputs_ssl, targets[row]).backward()
+                optimizer.step()
+        with torch.no_grad():
+            for row, stream_model in enumerate(models):
+                if position < lengths[row]:
+                    outputs[row].append(stream_model(current[row : row + 1]))
+    return [torch.cat(rows) for rows in outputs]

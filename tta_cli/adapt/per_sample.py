@@ -1,0 +1,72 @@
+"""Many independent copies of one network, each with its own adapted weights, in one batched call.
+
+torch.func turns the model's ssl loss into per-sample gradients (vmap over grad of a functional call) and
+its main head into per-sample predictions; the weights that do not adapt stay shared, so their layers run
+as ordinary batched layers. Episodic TTT (one copy per test sample, reset after each) and parallel online TTT
+(one copy per independent stream, carried over) are both built on it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from tta_cli.adapt.compiled import maybe_compile
+
+
+def split_state(model: nn.Module, names: list[str]) -> tuple[dict, dict]:
+    """(adapted parameters, everything else incl. buffers), detached."""
+    adapted, frozen = {}, {}
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        (adapted if name in names else frozen)[name] = tensor.detach()
+    return adapted, frozen
+
+
+class PerSampleModel:
+    """`gradients(params, inputs, targets)` and `predict(params, images)` over a leading copy dimension S:
+    params maps each adapted name to (S, *shape), inputs (S, views, C, H, W), images (S, C, H, W)."""
+
+    def __init__(self, model: nn.Module, task, names: list[str], with_confidence: bool = False, compile: bool = False):
+        self.names = names
+        self.source, self.frozen = split_state(model, names)
+        frozen = self.frozen
+
+        def sample_loss(sample_params, inputs, targets):
+            outputs = functional_call(model, (sample_params, frozen), (inputs,), {"head": "ssl"})
+            loss = task.loss(outputs, targets)
+            confidence = task.confidence(outputs, targets) if with_confidence else loss.detach()
+            return loss, confidence
+
+        def predict(sample_params, image):
+            return functional_call(model, (sample_params, frozen), (image.unsqueeze(0),)).squeeze(0)
+
+        self._gradients = maybe_compile(vmap(grad(sample_loss, has_aux=True)), compile)
+        self._predict = maybe_compile(vmap(predict), compile)
+
+    def repeated_source(self, copies: int) -> list[torch.Tensor]:
+        """The source weights, `copies` times each: (copies, *shape) per adapted name, in `names` order."""
+        return [self.source[n].unsqueeze(0).repeat(copies, *([1] * self.source[n].dim())) for n in self.names]
+
+    def gradients(self, params: list[torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor):
+        """(per-copy gradients in `names` order, per-copy confidence (S,) or the loss when not asked)."""
+        grads, confidence = self._gradients(dict(zip(self.names, params, strict=True)), inputs, targets)
+        return [grads[n].to(p.dtype) for n, p in zip(self.names, params, strict=True)], confidence
+
+    def predict(self, params: list[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        return self._predict(dict(zip(self.names, params, strict=True)), images)
+
+
+def sgd_step(params, velocity, steps, lr: float, momentum: float, keep: torch.Tensor | None) -> None:
+    """In place, per copy: params -= lr * (momentum-SGD step), only where keep (S,) is 1. A skipped copy leaves
+    both its velocity and its weights untouched. keep=None and no momentum is the plain fused update."""
+    if keep is None and velocity is None:
+        torch._foreach_add_(params, steps, alpha=-lr)
+        return
+    for index, param in enumerate(params):
+        step = steps[index]
+        gate = 1.0 if keep is None else keep.view(-1, *([1] * (step.dim() - 1)))
+        if velocity is not None:
+            velocity[index] += gate * (velocity[index] * (momentum - 1.0) + step)
+            step = velocity[index]
+        param.sub_(lr * gate * step)
