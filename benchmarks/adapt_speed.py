@@ -150,8 +150,9 @@ def parallel_rows(model, task, images_uint8, args, device) -> list[tuple]:
     """Online TTT over independent streams side by side (as `tta adapt` runs the per-corruption order)."""
     rows = []
     for precision, compiled, streams in parse_variants(args.parallel):
-        streams = int(streams)
-        config = OnlineConfig(steps=1, copies=32, amp=precision == "bf16", compile=compiled)
+        graph = streams.endswith("g") and device.type == "cuda"  # "15g": 15 streams, each position's step a CUDA graph
+        streams = int(streams.rstrip("g"))
+        config = OnlineConfig(steps=1, copies=32, amp=precision == "bf16", compile=compiled, cuda_graph=graph)
         method = ParallelOnlineTTT(copy.deepcopy(model), task, config)
         length = max(args.online_samples // streams, 1)
         indices = torch.arange(streams * length, device=device).remainder(len(images_uint8)).view(streams, length)
@@ -166,7 +167,8 @@ def parallel_rows(model, task, images_uint8, args, device) -> list[tuple]:
         sync(device)
         rate = streams * length / (time.perf_counter() - started)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-        rows.append((f"tta online, {streams} streams side by side, {precision} {'compiled' if compiled else 'eager'}", rate, peak, first))
+        label = f"tta online, {streams} streams side by side, {precision} {'compiled' if compiled else 'eager'}{' graph' if graph else ''}"
+        rows.append((label, rate, peak, first))
         print(rows[-1], flush=True)
     return rows
 
@@ -185,9 +187,14 @@ def profile_online(model, task, images, device) -> None:
             method.adapt(image[None])
         sync(device)
     events = [e for e in trace.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_ms = sum(e.device_time for e in events) / 1000.0 / steps
+    busy_ms = sum(getattr(e, "device_time", getattr(e, "cuda_time", 0.0)) for e in events) / 1000.0 / steps
     print(f"\nprofile of the compiled fp32 online step (no graph): {len(events) / steps:.0f} kernels and {busy_ms:.3f} ms device time per step")
-    print(trace.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=70))
+    for key in ("self_device_time_total", "self_cuda_time_total"):  # the name changed across torch releases
+        try:
+            print(trace.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=70))
+            break
+        except (KeyError, AttributeError, ValueError):
+            continue
 
 
 def online_parity(model, task, images, device) -> str:
@@ -220,7 +227,8 @@ def main() -> None:
                         help="precision:eager|compile:chunk (chunk auto = sized to free memory)")
     parser.add_argument("--online", default="fp32:eager:eager,fp32:eager:graph,bf16:eager:graph,fp32:compile:graph,bf16:compile:graph,"
                         "fp32:compile:graph-rollback", help="precision:eager|compile:graph|eager[-rollback]")
-    parser.add_argument("--parallel", default="fp32:compile:15,bf16:compile:15", help="precision:eager|compile:streams")
+    parser.add_argument("--parallel", default="fp32:compile:15,fp32:compile:15g,bf16:compile:15g",
+                        help="precision:eager|compile:streams, streams ending in g = CUDA graph per position")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of the compiled online step")
     args = parser.parse_args()
     device = torch.device(args.device)

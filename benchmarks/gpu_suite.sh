@@ -13,8 +13,11 @@ WORK=${WORK:-/tmp/tta-work}
 ARCHIVE=.carry/cifar10-jpeg.tar.gz
 CKPT=${CKPT:-.carry/ckpt}
 mkdir -p "$OUT" "$WORK"
+# DEADLINE (seconds from now) caps every stage's timeout, so the last stages end before the device call does
+START=$(date +%s)
+cap() { local left=$(( ${DEADLINE:-100000} - ($(date +%s) - START) - 15 )); [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 TTA="python3 -m tta_cli.cli"
-bundle() { tar czf "$OUT/results.tgz" -C "$WORK" --exclude='*.npy' --exclude='resume.pt' --exclude='*.safetensors' . 2>/dev/null; }
+bundle() { tar czf "$OUT/results.tgz" -C "$WORK" --exclude='*.npy' --exclude='*.mp4' --exclude='resume.pt' --exclude='*.safetensors' . 2>/dev/null; }
 for stage in "$@"; do
   echo "=== stage $stage ($(date +%T))"
   SECONDS=0
@@ -23,11 +26,11 @@ for stage in "$@"; do
       nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv
       python3 -c "import torch, timm, typer, rich, safetensors; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())" ;;
     smoke)
-      timeout ${SMOKE_TIMEOUT:-120} python3 -m pytest -q -x -p no:cacheprovider tests/test_augment.py tests/test_corrupt.py tests/test_adapt_episodic.py \
+      timeout "$(cap ${SMOKE_TIMEOUT:-120})" python3 -m pytest -q -x -p no:cacheprovider tests/test_augment.py tests/test_corrupt.py tests/test_adapt_episodic.py \
         tests/test_adapt_online.py 2>&1 | tail -15 ;;
     train-fast)
       # The fast recipe on the full archive; on a non-timeout failure (say torch.compile), once more eagerly.
-      timeout "${TRAIN_TIMEOUT:-400}" /usr/bin/time -f "train wall %e s" $TTA train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast" \
+      timeout "$(cap ${TRAIN_TIMEOUT:-400})" /usr/bin/time -f "train wall %e s" $TTA train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast" \
         ${TRAIN_ARGS:-} > "$WORK/train-fast.log" 2>&1
       rc=$?
       if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
@@ -40,7 +43,7 @@ for stage in "$@"; do
       [ -f "$WORK/sun2020-fast/model.safetensors" ] || cp "$WORK/sun2020-fast/resume.pt" "$OUT/ckpt/" 2>/dev/null
       CKPT=$WORK/sun2020-fast ;;
     train-bn)
-      timeout "${TRAIN_TIMEOUT:-300}" $TTA train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-bn" \
+      timeout "$(cap ${TRAIN_TIMEOUT:-300})" $TTA train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-bn" \
         --set model.norm=bn ${TRAIN_BN_ARGS:-} > "$WORK/train-bn.log" 2>&1
       grep -E "^epoch|test|error|seconds" "$WORK/train-bn.log" | tail -12
       mkdir -p "$OUT/ckpt-bn" && cp "$WORK"/sun2020-bn/model.* "$OUT/ckpt-bn/" 2>/dev/null ;;
@@ -49,19 +52,25 @@ for stage in "$@"; do
       /usr/bin/time -f "corrupt wall %e s" $TTA corrupt --data $ARCHIVE --out "$WORK/cifar10-c" --seed 0 \
         --preview "$WORK/corrupt_preview.png" > "$WORK/corrupt.log" 2>&1
       tail -25 "$WORK/corrupt.log" ;;
+    adapt:*)
+      # adapt:METHODS:TAG, e.g. adapt:source,ttt-online:-online (separate runs, so a cut-off run loses only itself)
+      IFS=: read -r _ ADAPT_METHODS ADAPT_TAG <<< "$stage"
+      timeout "$(cap ${ADAPT_TIMEOUT:-600})" $TTA adapt --ckpt "$CKPT" --data "$WORK/cifar10-c" --severities 5 ${ADAPT_N:+--n $ADAPT_N} \
+        --method "$ADAPT_METHODS" --out "$WORK/adapt$ADAPT_TAG" --plot "$WORK/adapt$ADAPT_TAG/errors.png" ${ADAPT_ARGS:-} > "$WORK/adapt$ADAPT_TAG.log" 2>&1
+      tail -28 "$WORK/adapt$ADAPT_TAG.log" ;;
     adapt)
       # source / ttt / ttt-online at severity 5; ADAPT_N images of each corruption (default: all 10,000).
-      timeout "${ADAPT_TIMEOUT:-600}" $TTA adapt --ckpt "$CKPT" --data "$WORK/cifar10-c" --severities 5 ${ADAPT_N:+--n $ADAPT_N} \
+      timeout "$(cap ${ADAPT_TIMEOUT:-600})" $TTA adapt --ckpt "$CKPT" --data "$WORK/cifar10-c" --severities 5 ${ADAPT_N:+--n $ADAPT_N} \
         --method ${ADAPT_METHODS:-source,ttt-online,ttt} \
         --out "$WORK/adapt${ADAPT_TAG:-}" --plot "$WORK/adapt${ADAPT_TAG:-}/errors.png" ${ADAPT_ARGS:-} > "$WORK/adapt${ADAPT_TAG:-}.log" 2>&1
       tail -32 "$WORK/adapt${ADAPT_TAG:-}.log" ;;
     adapt-paper-params)
       # ttt-online moving the encoder and the ssl head, as the paper's code does (tta's default moves the encoder only)
-      timeout "${ADAPT_TIMEOUT:-600}" $TTA adapt --ckpt "$CKPT" --data "$WORK/cifar10-c" --severities 5 ${ADAPT_N:+--n $ADAPT_N} --method ttt-online \
+      timeout "$(cap ${ADAPT_TIMEOUT:-600})" $TTA adapt --ckpt "$CKPT" --data "$WORK/cifar10-c" --severities 5 ${ADAPT_N:+--n $ADAPT_N} --method ttt-online \
         --params encoder+ssl --out "$WORK/adapt-paper-params" > "$WORK/adapt-paper-params.log" 2>&1
       tail -24 "$WORK/adapt-paper-params.log" ;;
     adapt-speed)
-      timeout "${ADAPT_SPEED_TIMEOUT:-400}" python3 benchmarks/adapt_speed.py $([ -d "$CKPT" ] && echo --ckpt "$CKPT") \
+      timeout "$(cap ${ADAPT_SPEED_TIMEOUT:-400})" python3 benchmarks/adapt_speed.py $([ -d "$CKPT" ] && echo --ckpt "$CKPT") \
         ${ADAPT_SPEED_ARGS:---episodic-samples 1024 --online-samples 3000 --reference-samples 10} > "$WORK/adapt_speed.txt" 2>&1
       tail -16 "$WORK/adapt_speed.txt" ;;
     train-speed)
@@ -71,8 +80,18 @@ for stage in "$@"; do
       python3 benchmarks/corrupt_speed.py --archive $ARCHIVE --device cuda > "$WORK/corrupt_speed.txt" 2>&1
       tail -24 "$WORK/corrupt_speed.txt" ;;
     stream-speed)
-      timeout "${STREAM_SPEED_TIMEOUT:-300}" python3 benchmarks/stream_speed.py ${STREAM_SPEED_ARGS:-} > "$WORK/stream_speed.txt" 2>&1
+      timeout "$(cap ${STREAM_SPEED_TIMEOUT:-300})" python3 benchmarks/stream_speed.py ${STREAM_SPEED_ARGS:-} > "$WORK/stream_speed.txt" 2>&1
       tail -14 "$WORK/stream_speed.txt" ;;
+    stream-make)
+      # A labelled drifting stream of STREAM_FRAMES frames (default 20,000) from the test images
+      timeout "$(cap ${STREAM_MAKE_TIMEOUT:-200})" $TTA stream make --data $ARCHIVE --out "$WORK/stream" --frames ${STREAM_FRAMES:-20000} \
+        --corruptions all --device cuda > "$WORK/stream-make.log" 2>&1
+      tail -6 "$WORK/stream-make.log" ;;
+    stream-compare)
+      # every mode, rollback off/on; SIGINT at the deadline ends the current run and still writes the finished ones
+      timeout -s INT "$(cap ${STREAM_TIMEOUT:-600})" $TTA stream run "$WORK/stream" --ckpt "$CKPT" --compare --out "$WORK/stream-compare" \
+        --plot "$WORK/stream-compare/timeline.png" ${STREAM_ARGS:-} > "$WORK/stream-compare.log" 2>&1
+      tail -16 "$WORK/stream-compare.log" ;;
     save-cache)
       tar czf "$OUT/inductor.tgz" -C $TORCHINDUCTOR_CACHE_DIR . 2>/dev/null; ls -la "$OUT/inductor.tgz" ;;
     *) echo "unknown stage $stage" ;;

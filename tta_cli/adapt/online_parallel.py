@@ -75,8 +75,19 @@ class ParallelOnlineTTT:
         velocity = [torch.zeros_like(p) for p in params] if config.momentum else None
         logits = None
         done = 0
+        graph = None
         for position in range(longest):
             current = to_float_nchw(images[index[:, position]]).to(params[0].dtype)  # (S, C, H, W)
+            if position < shortest and self._graphable():  # every stream active: one captured step per position
+                if graph is None:
+                    graph = self._capture(params, velocity, current)
+                step_logits = graph.run(current)
+                logits = step_logits.new_empty(count, longest, step_logits.shape[1]) if logits is None else logits
+                logits[:, position] = step_logits
+                done += count
+                if position % 64 == 63 or position == longest - 1:
+                    on_step(done)
+                continue
             for _ in range(config.steps):
                 inputs, targets = make_views(self.task, current, config.copies, self.generator)
                 inputs = inputs.reshape(count, config.copies, *inputs.shape[1:])  # (S, copies, C, H, W)
@@ -102,6 +113,56 @@ class ParallelOnlineTTT:
 
     def counters(self) -> dict:
         return {name: int(value) for name, value in self.counts.items()}
+
+    # ---- CUDA graph of one position's step, all streams active --------------------------------
+    def _graphable(self) -> bool:
+        """A graph needs CUDA, the default generator (graph-safe) and a gate-free update."""
+        return self.config.cuda_graph and self.device.type == "cuda" and self.generator is None and self.config.skip_above is None
+
+    def _step_all(self, params, velocity, current: torch.Tensor) -> torch.Tensor:
+        """`steps` updates of every stream on its view batch, then its logits: the body the graph captures."""
+        config, functions = self.config, self.functions
+        count = current.shape[0]
+        for _ in range(config.steps):
+            inputs, targets = make_views(self.task, current, config.copies, self.generator)
+            inputs = inputs.reshape(count, config.copies, *inputs.shape[1:])
+            targets = targets.reshape(count, config.copies, *targets.shape[1:])
+            with self._autocast():
+                steps, _ = functions.gradients(params, inputs, targets)
+            self.counts["updates"] += count
+            sgd_step(params, velocity, steps, config.lr, config.momentum, None)
+        with torch.no_grad(), self._autocast():
+            return full_precision(functions.predict(params, current))
+
+    def _capture(self, params, velocity, current: torch.Tensor) -> _CapturedStep:
+        """Warm up on a side stream (compiling), undo the warm-up's updates, capture one step."""
+        state = [*params, *(velocity or []), *self.counts.values()]
+        saved = [tensor.clone() for tensor in state]
+        static_current = current.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step_all(params, velocity, static_current)
+        torch.cuda.current_stream().wait_stream(side)
+        for tensor, value in zip(state, saved, strict=True):
+            tensor.copy_(value)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = self._step_all(params, velocity, static_current)
+        return _CapturedStep(graph, static_current, static_logits)
+
+
+class _CapturedStep:
+    """A captured position step: copy the inputs in, replay, hand back (a copy of) the logits."""
+
+    def __init__(self, graph, static_current: torch.Tensor, static_logits: torch.Tensor):
+        self.graph, self.static_current, self.static_logits = graph, static_current, static_logits
+
+    def run(self, current: torch.Tensor) -> torch.Tensor:
+        self.static_current.copy_(current)
+        self.graph.replay()
+        return self.static_logits
 
 
 def adapt_streams_reference(model: nn.Module, task, config, images: torch.Tensor, streams: list[torch.Tensor], generator=None):
