@@ -99,9 +99,9 @@ def warm_up(method, images, batch) -> float:
 
 
 def parse_variants(text: str) -> list[tuple[str, bool, str]]:
-    """"fp32:eager:auto,bf16:compile:256" -> [(precision, compiled, chunk-or-graph), ...]."""
+    """"fp32:eager:auto,bf16:compile:256" -> [(precision, compiled, chunk-or-graph), ...]; "" -> none."""
     variants = []
-    for item in text.split(","):
+    for item in filter(None, text.split(",")):
         precision, mode, extra = (item.split(":") + ["", ""])[:3]
         variants.append((precision, mode == "compile", extra))
     return variants
@@ -187,7 +187,7 @@ def profile_online(model, task, images, device) -> None:
             method.adapt(image[None])
         sync(device)
     events = [e for e in trace.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_ms = sum(getattr(e, "device_time", getattr(e, "cuda_time", 0.0)) for e in events) / 1000.0 / steps
+    busy_ms = sum(e.device_time if hasattr(e, "device_time") else e.cuda_time for e in events) / 1000.0 / steps
     print(f"\nprofile of the compiled fp32 online step (no graph): {len(events) / steps:.0f} kernels and {busy_ms:.3f} ms device time per step")
     for key in ("self_device_time_total", "self_cuda_time_total"):  # the name changed across torch releases
         try:
@@ -238,10 +238,10 @@ def main() -> None:
     images = images_uint8.to(device).permute(0, 3, 1, 2).float().div(255)
     rows = []
     if args.reference_samples:
-        reference = images_uint8[: args.reference_samples]
-        rows.append(("reference episodic (10x32, PIL aug)", reference_loop(model, task, reference, 10, 32, 1e-3, True, device), float("nan"), float("nan")))
-        reference = images_uint8[: args.reference_samples * 5]
-        rows.append(("reference online (1x32, PIL aug)", reference_loop(model, task, reference, 1, 32, 1e-3, False, device), float("nan"), float("nan")))
+        episodic = reference_loop(model, task, images_uint8[: args.reference_samples], 10, 32, 1e-3, True, device)
+        online = reference_loop(model, task, images_uint8[: args.reference_samples * 5], 1, 32, 1e-3, False, device)
+        rows.append(("reference episodic (10x32, PIL aug)", episodic, float("nan"), float("nan")))
+        rows.append(("reference online (1x32, PIL aug)", online, float("nan"), float("nan")))
         print(rows, flush=True)
     if args.profile:
         profile_online(model, task, images, device)
