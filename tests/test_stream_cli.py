@@ -85,6 +85,13 @@ def test_make_writes_a_video_the_labels_and_the_schedule(stream_dir):
     assert torch.equal(decoded, torch.from_numpy(np.load(stream_dir / "frames.npy")))  # PyAV writes and reads back losslessly
 
 
+def test_make_without_pyav_is_one_line_before_any_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError, as where PyAV is missing
+    result = tta("stream", "make", "--out", tmp_path / "stream", "--frames", "10", "--device", "cpu")
+    assert result.exit_code == 2 and "--no-video" in one_line(result.output)
+    assert not (tmp_path / "stream").exists()
+
+
 def test_make_refuses_to_replace_a_stream_without_force(stream_dir):
     result = tta("stream", "make", "--out", stream_dir, "--frames", "10", "--no-video")
     assert result.exit_code == 2 and "--force" in one_line(result.output)

@@ -385,8 +385,11 @@ def make_stream_command(
 ) -> dict[str, Any]:
     """`tta stream make`: a drifting stream from the test split of `data`, saved under `out`; returns a summary.
 
-    `size` defaults to the test images' own side (32 for CIFAR-10).
+    `size` defaults to the test images' own side (32 for CIFAR-10). Without PyAV a video cannot be written: that
+    fails here, before any work or file, rather than after frames.npy is already on disk.
     """
+    if video:
+        import_av("or add --no-video to write the stream as frames.npy only")
     images = load_split(data, "test", root=data_root)
     compute_device = resolve_device(device or "auto")
     stream = make_stream(

@@ -390,12 +390,10 @@ def _parse_stdin_size(stdin_size: str | tuple[int, int] | None) -> tuple[int, in
     return width, height
 
 
-def import_av() -> Any:
+def import_av(alternative: str = "or convert the video to a frame folder or .npy") -> Any:
     """PyAV, imported only when a video is read or written; missing PyAV is a user-fixable error."""
     try:
         import av
     except ImportError:
-        raise TTAError(
-            "reading or writing video needs PyAV: pip install av (its wheels bundle FFmpeg); or convert the video to a frame folder or .npy"
-        ) from None
+        raise TTAError(f"reading or writing video needs PyAV: pip install av (its wheels bundle FFmpeg); {alternative}") from None
     return av
