@@ -22,7 +22,7 @@ from torch import nn
 from tta_cli import distributed
 from tta_cli.adapt.params import adapted_parameter_names
 from tta_cli.adapt.per_sample import PerSampleModel, sgd_step
-from tta_cli.adapt.views import full_precision, make_views
+from tta_cli.adapt.views import full_precision, grouped_views, make_views
 
 
 @dataclass
@@ -112,9 +112,7 @@ class EpisodicTTT:
         params = functions.repeated_source(samples)
         velocity = [torch.zeros_like(p) for p in params] if config.momentum else None
         for _ in range(config.steps):
-            inputs, targets = make_views(self.task, images, config.copies, self.generator)
-            inputs = inputs.reshape(samples, config.copies, *inputs.shape[1:])  # (S, copies, C, H, W)
-            targets = targets.reshape(samples, config.copies, *targets.shape[1:])
+            inputs, targets = grouped_views(self.task, images, config.copies, self.generator)  # (S, copies, ...)
             with self._autocast():
                 steps, confidence = functions.gradients(params, inputs, targets)
             keep = None
@@ -168,9 +166,7 @@ def adapt_sequential(model: nn.Module, task, config: EpisodicConfig, images: tor
         for m in copies_of_model
     ]
     for _ in range(config.steps):
-        inputs, targets = make_views(task, images, config.copies, generator)
-        inputs = inputs.reshape(images.shape[0], config.copies, *inputs.shape[1:])
-        targets = targets.reshape(images.shape[0], config.copies, *targets.shape[1:])
+        inputs, targets = grouped_views(task, images, config.copies, generator)  # (S, copies, ...)
         for index, (sample_model, optimizer) in enumerate(zip(copies_of_model, optimizers, strict=True)):
             outputs = sample_model(inputs[index], head="ssl")
             if config.skip_above is not None and task.confidence(outputs, targets[index]) > config.skip_above:

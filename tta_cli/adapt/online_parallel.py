@@ -18,7 +18,7 @@ from torch import nn
 
 from tta_cli.adapt.params import adapted_parameter_names
 from tta_cli.adapt.per_sample import PerSampleModel, sgd_step
-from tta_cli.adapt.views import full_precision, make_views
+from tta_cli.adapt.views import full_precision, grouped_views
 from tta_cli.data.imageset import to_float_nchw
 
 
@@ -78,35 +78,15 @@ class ParallelOnlineTTT:
         graph = None
         for position in range(longest):
             current = to_float_nchw(images[index[:, position]]).to(params[0].dtype)  # (S, C, H, W)
-            if position < shortest and self._graphable():  # every stream active: one captured step per position
-                if graph is None:
-                    graph = self._capture(params, velocity, current)
+            everyone = position < shortest  # every stream still has samples: no gates
+            if everyone and self._graphable():  # one captured step per position
+                graph = graph or self._capture(params, velocity, current)
                 step_logits = graph.run(current)
-                logits = step_logits.new_empty(count, longest, step_logits.shape[1]) if logits is None else logits
-                logits[:, position] = step_logits
-                done += count
-                if position % 64 == 63 or position == longest - 1:
-                    on_step(done)
-                continue
-            for _ in range(config.steps):
-                inputs, targets = make_views(self.task, current, config.copies, self.generator)
-                inputs = inputs.reshape(count, config.copies, *inputs.shape[1:])  # (S, copies, C, H, W)
-                targets = targets.reshape(count, config.copies, *targets.shape[1:])
-                with self._autocast():
-                    steps, confidence = functions.gradients(params, inputs, targets)
-                keep = None if position < shortest else active[:, position].to(params[0].dtype)  # ended streams stand still
-                if config.skip_above is not None:
-                    confident = (confidence > config.skip_above).to(params[0].dtype)
-                    self.counts["skipped"] += (confident * active[:, position]).sum().long()
-                    keep = (1.0 - confident) * (1.0 if keep is None else keep)
-                self.counts["updates"] += active[:, position].sum() if keep is None else keep.sum().long()
-                sgd_step(params, velocity, steps, config.lr, config.momentum, keep)
-            with torch.no_grad(), self._autocast():
-                step_logits = full_precision(functions.predict(params, current))  # (S, classes)
-            if logits is None:
-                logits = step_logits.new_empty(count, longest, step_logits.shape[1])
-            logits[:, position] = step_logits
-            done += sum(1 for length in lengths if position < length)
+            else:
+                step_logits = self._step(params, velocity, current, None if everyone else active[:, position])
+            logits = step_logits.new_empty(count, longest, step_logits.shape[1]) if logits is None else logits
+            logits[:, position] = step_logits  # (S, classes), predicted after the update
+            done += count if everyone else sum(1 for length in lengths if position < length)
             if position % 64 == 63 or position == longest - 1:
                 on_step(done)
         return [logits[row, :length] for row, length in enumerate(lengths)]
@@ -119,18 +99,24 @@ class ParallelOnlineTTT:
         """A graph needs CUDA, the default generator (graph-safe) and a gate-free update."""
         return self.config.cuda_graph and self.device.type == "cuda" and self.generator is None and self.config.skip_above is None
 
-    def _step_all(self, params, velocity, current: torch.Tensor) -> torch.Tensor:
-        """`steps` updates of every stream on its view batch, then its logits: the body the graph captures."""
+    def _step(self, params, velocity, current: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        """`steps` updates of every stream on its views of `current`, then its logits. Streams where `active`
+        (S,) is false (ended) or whose rotation head is confident past --skip-above leave weights and velocity
+        as they are; active None means every stream updates (the body a CUDA graph captures)."""
         config, functions = self.config, self.functions
-        count = current.shape[0]
+        dtype = params[0].dtype
         for _ in range(config.steps):
-            inputs, targets = make_views(self.task, current, config.copies, self.generator)
-            inputs = inputs.reshape(count, config.copies, *inputs.shape[1:])
-            targets = targets.reshape(count, config.copies, *targets.shape[1:])
+            inputs, targets = grouped_views(self.task, current, config.copies, self.generator)  # (S, copies, ...)
             with self._autocast():
-                steps, _ = functions.gradients(params, inputs, targets)
-            self.counts["updates"] += count
-            sgd_step(params, velocity, steps, config.lr, config.momentum, None)
+                steps, confidence = functions.gradients(params, inputs, targets)
+            keep = None if active is None else active.to(dtype)
+            if config.skip_above is not None:
+                confident = (confidence > config.skip_above).to(dtype)
+                live = torch.ones_like(confident) if keep is None else keep
+                self.counts["skipped"] += (confident * live).sum().long()
+                keep = (1.0 - confident) * live
+            self.counts["updates"] += current.shape[0] if keep is None else keep.sum().long()
+            sgd_step(params, velocity, steps, config.lr, config.momentum, keep)
         with torch.no_grad(), self._autocast():
             return full_precision(functions.predict(params, current))
 
@@ -143,13 +129,13 @@ class ParallelOnlineTTT:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(3):
-                self._step_all(params, velocity, static_current)
+                self._step(params, velocity, static_current, None)
         torch.cuda.current_stream().wait_stream(side)
         for tensor, value in zip(state, saved, strict=True):
             tensor.copy_(value)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_logits = self._step_all(params, velocity, static_current)
+            static_logits = self._step(params, velocity, static_current, None)
         return _CapturedStep(graph, static_current, static_logits)
 
 
@@ -182,9 +168,7 @@ def adapt_streams_reference(model: nn.Module, task, config, images: torch.Tensor
         rows = torch.stack([s[min(position, len(s) - 1)] for s in streams])
         current = to_float_nchw(images[rows]).to(dtype)
         for _ in range(config.steps):
-            inputs, targets = make_views(task, current, config.copies, generator)
-            inputs = inputs.reshape(len(streams), config.copies, *inputs.shape[1:])
-            targets = targets.reshape(len(streams), config.copies, *targets.shape[1:])
+            inputs, targets = grouped_views(task, current, config.copies, generator)  # (S, copies, ...)
             for row, (stream_model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
                 if position >= lengths[row]:
                     continue
