@@ -125,8 +125,8 @@ def episodic_rows(model, task, images, args, device) -> list[tuple]:
     return rows
 
 
-def online_method(model, task, precision, compiled, graph, rollback=False):
-    config = OnlineConfig(steps=1, copies=32, amp=precision == "bf16", cuda_graph=graph, compile=compiled)
+def online_method(model, task, precision, compiled, graph, rollback=False, channels_last=False):
+    config = OnlineConfig(steps=1, copies=32, amp=precision == "bf16", cuda_graph=graph, compile=compiled, channels_last=channels_last)
     config.rollback = RollbackPolicy(enabled=rollback)
     generator = None if graph else torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     return OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=generator)
@@ -135,13 +135,18 @@ def online_method(model, task, precision, compiled, graph, rollback=False):
 def online_rows(model, task, images, args, device) -> list[tuple]:
     rows = []
     for precision, compiled, extra in parse_variants(args.online):
-        graph, rollback = "eager" not in extra, "rollback" in extra
-        method = online_method(model, task, precision, compiled, graph and device.type == "cuda", rollback)
+        graph, rollback, channels_last, autotune = "eager" not in extra, "rollback" in extra, "cl" in extra.split("-"), "bench" in extra
+        torch.backends.cudnn.benchmark = autotune
+        method = online_method(model, task, precision, compiled, graph and device.type == "cuda", rollback, channels_last)
         first = warm_up(method, images[:20], 1)
         count = args.online_samples if graph else min(args.online_samples, 500)
         rate, peak = timed(method, images[:count], 1)
         label = f"tta online {'graph' if graph else 'eager'} {precision} {'compiled' if compiled else 'eager'}"
-        rows.append((label + (" + rollback" if rollback else ""), rate, peak, first))
+        label += " + rollback" if rollback else ""
+        label += " + channels_last" if channels_last else ""
+        label += " + cudnn.benchmark" if autotune else ""
+        rows.append((label, rate, peak, first))
+        torch.backends.cudnn.benchmark = False
         print(rows[-1], flush=True)
     return rows
 
@@ -223,11 +228,12 @@ def main() -> None:
     parser.add_argument("--episodic-samples", type=int, default=2048)
     parser.add_argument("--online-samples", type=int, default=4000)
     parser.add_argument("--reference-samples", type=int, default=10)
-    parser.add_argument("--episodic", default="fp32:eager:auto,bf16:eager:auto,bf16:compile:256,bf16:compile:512,fp32:compile:256",
+    parser.add_argument("--episodic", default="bf16:compile:auto,fp32:compile:auto,bf16:eager:auto",
                         help="precision:eager|compile:chunk (chunk auto = sized to free memory)")
-    parser.add_argument("--online", default="fp32:eager:eager,fp32:eager:graph,bf16:eager:graph,fp32:compile:graph,bf16:compile:graph,"
-                        "fp32:compile:graph-rollback", help="precision:eager|compile:graph|eager[-rollback]")
-    parser.add_argument("--parallel", default="fp32:compile:15,fp32:compile:15g,bf16:compile:15g",
+    parser.add_argument("--online", default="fp32:eager:graph,fp32:compile:graph,fp32:compile:graph-cl,fp32:compile:graph-bench,"
+                        "fp32:compile:graph-cl-bench,fp32:compile:graph-rollback",
+                        help="precision:eager|compile:graph|eager[-rollback][-cl][-bench]; cl: channels_last, bench: cudnn.benchmark")
+    parser.add_argument("--parallel", default="fp32:compile:15g,bf16:compile:15g",
                         help="precision:eager|compile:streams, streams ending in g = CUDA graph per position")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of the compiled online step")
     args = parser.parse_args()

@@ -64,7 +64,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--pre-update", action="store_true", help="predict before each frame's update (lower latency)")
     parser.add_argument("--eager", action="store_true", help="no CUDA graph (to see what the graph saves)")
-    parser.add_argument("--variants", default="bf16:compile", help="comma list of precision:compile|eager (bf16/fp32 autocast, torch.compile)")
+    parser.add_argument("--variants", default="bf16:compile,fp32:compile,fp32:compile:cl",
+                        help="comma list of precision:compile|eager[:cl] (bf16/fp32 autocast, torch.compile, channels_last)")
     args = parser.parse_args()
     device = torch.device(args.device)
     warmup = args.warmup if args.warmup is not None else max(1, min(32, args.frames // 4))
@@ -77,7 +78,7 @@ def main() -> None:
         frames = synthetic_frames(args.frames, config.img_size, device)
         for mode in args.modes.split(","):
             for variant in args.variants.split(","):
-                precision, compiled = variant.split(":")
+                precision, compiled, *layout = variant.split(":")
                 settings = StreamSettings(
                     mode=mode,
                     window=args.window,
@@ -87,9 +88,10 @@ def main() -> None:
                     cuda_graph=not args.eager,
                     amp=precision == "bf16",
                     compile=compiled == "compile",
+                    channels_last="cl" in layout,
                 )
                 summary = measure(model, task, frames, settings, min(warmup, args.frames), device)
-                run = f"{settings.name} {precision} {compiled}"
+                run = f"{settings.name} {precision} {compiled}{' cl' if settings.channels_last else ''}"
                 rows.append((label, run, summary, goal if mode != "none" else None))
                 print(f"{label:<28} {run:<30} {summary['fps']:>10.1f} frames/s", flush=True)
         del model, frames

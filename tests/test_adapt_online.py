@@ -165,3 +165,21 @@ def test_compiled_online_step_equals_eager():
     assert torch.allclose(compiled_logits, eager_logits, atol=1e-5)
     assert torch.allclose(compiled_weights, eager_weights, atol=1e-6)
     assert not torch.equal(compiled_weights, encoder_vector(model))
+
+
+def test_channels_last_online_equals_contiguous():
+    model, task = tiny(torch.float64)
+    images = torch.rand(3, 1, 3, 32, 32, dtype=torch.float64)
+    runs = []
+    for channels_last in (False, True):
+        config = OnlineConfig(copies=4, lr=0.05, amp=False, momentum=0.9, channels_last=channels_last)
+        method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(6))
+        logits = torch.cat([method.adapt(image) for image in images])
+        conv = method.model.encoder.layer1[0].conv1.weight
+        runs.append((logits, encoder_vector(method.model), conv.is_contiguous(memory_format=torch.channels_last)))
+        method.reset()
+        assert torch.equal(encoder_vector(method.model), encoder_vector(model))  # reset restores the source in either layout
+    (logits, weights, _), (logits_nhwc, weights_nhwc, nhwc) = runs
+    assert nhwc  # the adapted conv weights really are channels_last views of the flat buffer
+    assert torch.allclose(logits_nhwc, logits, atol=1e-10)
+    assert torch.allclose(weights_nhwc, weights, atol=1e-12)

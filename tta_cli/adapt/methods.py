@@ -58,6 +58,11 @@ class AdaptSettings:
     # 256 at once on CUDA, one at a time on the CPU. Policies that decide per sample (reset every:N/on-shift,
     # rollback, --pre-update, --batch > 1) always run one stream at a time.
     streams: int | None = None
+    # ttt-online, one stream: channels_last weights and inputs, and cuDNN's autotuner for the fixed step shapes
+    # (torch.backends.cudnn.benchmark, process-wide). The levers the profile of the step points at (docs/results.md);
+    # off until measured.
+    channels_last: bool = False
+    cudnn_benchmark: bool = False
     seed: int = 0
 
 
@@ -106,7 +111,10 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
         amp=bool(settings.amp),
         cuda_graph=use_graph,
         compile=settings.compile and device.type == "cuda",
+        channels_last=settings.channels_last,
     )
+    if settings.cudnn_benchmark and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     method = OnlineTTT(model, task, config, classes, generator)
     streams = settings.streams if settings.streams is not None else (256 if device.type == "cuda" else 1)
     if streams < 1:

@@ -60,6 +60,8 @@ class StreamSettings:
     amp: bool = True
     cuda_graph: bool = True
     compile: bool = True  # torch.compile the forward passes on CUDA (inside the CUDA graph); never on the CPU
+    channels_last: bool = False  # channels_last weights and inputs (the profiled lever; not yet measured on)
+    cudnn_benchmark: bool = False  # cuDNN's autotuner for the fixed step shapes (process-wide)
     block: int = 64  # frames per device-to-host copy of the per-frame log
     view_every: float = 0.5  # seconds between progress reports at most
     max_inflight: int = 2  # paced CUDA runs: frames queued on the GPU before the loop waits
@@ -145,7 +147,10 @@ def build_stream_method(
         amp=settings.amp,
         cuda_graph=use_graph,
         compile=settings.compile and device.type == "cuda",
+        channels_last=settings.channels_last,
     )
+    if settings.cudnn_benchmark and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     window = None
     if settings.mode == "explicit" and settings.window > 1 and settings.adapting:
         window = FrameWindow(settings.window, frame_shape, device, generator)
