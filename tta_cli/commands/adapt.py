@@ -35,6 +35,10 @@ Methods (--method, comma-separated; each gets a fresh copy of the checkpoint):
   norm        BatchNorm with test-batch statistics (batches of 200); BatchNorm models only.
   tent        entropy minimisation of the normalization affine parameters, Adam 1e-3, batches of 200.
 
+Speed (CUDA): ttt and ttt-online run through torch.compile, so the first call compiles for tens of
+seconds (--set compile=false for short runs); bf16 for ttt, fp32 for the rest (--set amp=true|false
+for all).
+
 Examples:
 
   tta adapt --ckpt runs/quickstart --data runs/cifar10-c --method source,ttt,ttt-online --out runs/adapt
