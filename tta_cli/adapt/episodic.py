@@ -123,6 +123,11 @@ class EpisodicTTT:
         with torch.no_grad(), self._autocast():
             return full_precision(functions.predict(params, images))[:real]
 
+    def batch_size(self, sample: torch.Tensor) -> int:
+        """How many samples a runner should hand `adapt` at once: four whole chunks (sized on `sample` if not yet),
+        so progress shows every four chunks and only the last chunk of a set is short (padded when compiled)."""
+        return 4 * (self._chunk or self.auto_chunk(sample))
+
     def auto_chunk(self, images: torch.Tensor) -> int:
         """On CUDA, measure one step's memory per sample on a small probe chunk and fill ~70% of free memory.
         On the CPU small chunks are fastest: from 16 up the large per-sample buffers are paged in afresh every

@@ -130,4 +130,4 @@ def batch_size_for(method, settings: AdaptSettings, total: int) -> int:
         return settings.batch
     if method.name in ("norm", "tent"):
         return settings.comparator_batch
-    return 16384 if method.name == "ttt" else 1000  # ttt cuts its own memory-sized chunks: one padded remainder per set
+    return 2048 if method.name == "ttt" else 1000  # one process: ttt sizes its own batches (EpisodicTTT.batch_size)

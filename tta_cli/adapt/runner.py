@@ -59,6 +59,9 @@ def run_method(
         for stream, logits in zip(streams, parallel.adapt_streams(images, streams, on_batch), strict=True):
             predictions[stream] = logits.argmax(1)
         done, segments = sum(len(stream) for stream in streams), []
+    if world_size == 1 and hasattr(method, "batch_size") and segments:  # a method that sizes its own batches (ttt)
+        first = segments[0].indices[:8].to(device)
+        batch_size = method.batch_size(to_float_nchw(images[first]))
     for segment in segments:
         method.reset()
         order = segment.indices.to(device)
