@@ -45,9 +45,9 @@ class AdaptSettings:
     order: str = "per-corruption"
     dirichlet: float | None = None
     # bf16 autocast on CUDA; None picks, per method, what measured fastest for the reference ResNet-26 on the
-    # H200 with torch.compile (docs/results.md): bf16 for ttt (405 vs 125 samples/s fp32 eager), fp32 for
-    # ttt-online (533 vs 494 compiled bf16: the casts cost more than they save on a 0.64M-parameter network)
-    # and for source/norm/tent. Set it (--set amp=true) to force one choice everywhere, e.g. for large backbones.
+    # H200 (docs/results.md): bf16 for ttt (eager 151 vs 125 samples/s fp32; compiled bf16 405, compiled fp32
+    # not yet measured), fp32 for ttt-online (compiled 533 vs 494 bf16: the casts cost more than they save on
+    # a 0.64M-parameter network) and for source/norm/tent. Set it (--set amp=true|false) to force one choice.
     amp: bool | None = None
     cuda_graph: bool = True
     # torch.compile the ttt / ttt-online hot paths on CUDA (never on the CPU, where compiling costs more than
