@@ -22,12 +22,12 @@ def uint8_images(count: int) -> torch.Tensor:
     return torch.randint(0, 256, (count, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
 
 
-@pytest.mark.parametrize("task_name", ["rotation", "masked"])
-@pytest.mark.parametrize("momentum,skip_above", [(0.0, None), (0.9, None), (0.0, 0.3)])
+@pytest.mark.parametrize(
+    "task_name,momentum,skip_above",
+    [("rotation", 0.0, None), ("rotation", 0.9, None), ("rotation", 0.0, 0.3), ("masked", 0.0, None), ("masked", 0.9, None)],
+)  # the confidence gate (skip_above) needs the rotation task
 def test_parallel_streams_equal_the_reference(task_name, momentum, skip_above):
     model, task = tiny(task_name)
-    if skip_above is not None and task_name != "rotation":
-        pytest.skip("the confidence gate needs the rotation task")
     images = uint8_images(9)
     streams = [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5]), torch.tensor([6, 7, 8])]  # ragged: shorter streams stop early
     config = OnlineConfig(steps=2, lr=0.05, copies=3, momentum=momentum, skip_above=skip_above, amp=False)
