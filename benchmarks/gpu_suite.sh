@@ -27,7 +27,7 @@ for stage in "$@"; do
       python3 -c "import torch, timm, typer, rich, safetensors; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())" ;;
     smoke)
       timeout "$(cap ${SMOKE_TIMEOUT:-120})" python3 -m pytest -q -x -p no:cacheprovider tests/test_augment.py tests/test_corrupt.py tests/test_adapt_episodic.py \
-        tests/test_adapt_online.py 2>&1 | tail -15 ;;
+        tests/test_adapt_online.py tests/test_adapt_online_parallel.py tests/test_adapt_cuda.py tests/test_stream_loop.py 2>&1 | tail -15 ;;
     train-fast)
       # The fast recipe on the full archive; on a non-timeout failure (say torch.compile), once more eagerly.
       timeout "$(cap ${TRAIN_TIMEOUT:-400})" /usr/bin/time -f "train wall %e s" $TTA train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast" \

@@ -1,0 +1,65 @@
+"""The CUDA-only fast paths against their eager twins: torch.compile inside the online step, parallel streams
+on the GPU, and the per-position CUDA graph of parallel streams. Skipped without a GPU (CI has none); the
+device suite's `smoke` stage runs them."""
+
+import copy
+
+import pytest
+import torch
+
+from tta_cli.adapt.online import OnlineConfig, OnlineTTT
+from tta_cli.adapt.online_parallel import ParallelOnlineTTT, adapt_streams_reference
+from tta_cli.config import ModelConfig, TaskConfig
+from tta_cli.models import build_model
+from tta_cli.tasks import build_task
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def tiny(dtype=torch.float32):
+    torch.manual_seed(0)
+    task = build_task(TaskConfig(name="rotation"))
+    return build_model(ModelConfig(depth=8, groups=4), task).to("cuda", dtype), task
+
+
+def uint8_images(count: int) -> torch.Tensor:
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    return torch.randint(0, 256, (count, 32, 32, 3), dtype=torch.uint8, device="cuda", generator=generator)
+
+
+def test_compiled_online_step_matches_eager_on_cuda():
+    model, task = tiny()
+    image = torch.rand(1, 3, 32, 32, device="cuda")
+    logits = []
+    for compiled in (False, True):
+        config = OnlineConfig(copies=8, lr=0.01, amp=False, compile=compiled, cuda_graph=False)
+        method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator(device="cuda").manual_seed(1))
+        logits.append(method.adapt(image))
+    scale = logits[0].abs().max()
+    assert ((logits[1] - logits[0]).abs().max() / scale) < 1e-2  # TF32 convolutions in different cuDNN algorithms
+
+
+def test_parallel_streams_on_cuda_equal_the_reference_in_float64():
+    model, task = tiny(torch.float64)
+    images = uint8_images(7)
+    streams = [torch.tensor([0, 1, 2], device="cuda"), torch.tensor([3, 4, 5, 6], device="cuda")]
+    config = OnlineConfig(steps=1, lr=0.05, copies=3, amp=False, cuda_graph=False)
+    generator = torch.Generator(device="cuda")
+    batched = ParallelOnlineTTT(copy.deepcopy(model), task, config, generator.manual_seed(8)).adapt_streams(images, streams)
+    reference = adapt_streams_reference(copy.deepcopy(model), task, config, images, streams, generator.manual_seed(8))
+    for got, expected in zip(batched, reference, strict=True):
+        assert torch.allclose(got, expected, atol=1e-9)
+
+
+def test_parallel_streams_graph_adapts_every_sample():
+    model, task = tiny()
+    images = uint8_images(40)
+    streams = list(torch.arange(40, device="cuda").view(4, 10))
+    config = OnlineConfig(steps=1, lr=0.05, copies=4, amp=False, cuda_graph=True)
+    method = ParallelOnlineTTT(copy.deepcopy(model), task, config)  # default generator: the graph path
+    adapted = method.adapt_streams(images, streams)
+    assert [a.shape for a in adapted] == [(10, 10)] * 4 and all(a.isfinite().all() for a in adapted)
+    assert method.counters()["updates"] == 40  # the warm-up's updates before capture were undone
+    with torch.no_grad():
+        source = model(images[streams[0][-1:]].permute(0, 3, 1, 2).float() / 255.0)
+    assert not torch.allclose(adapted[0][-1:], source, atol=1e-5)  # ten updates in, the first stream has moved
