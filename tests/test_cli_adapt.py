@@ -97,3 +97,9 @@ def test_online_streams_side_by_side_adapt_every_sample(tiny_checkpoint, tmp_pat
     assert results["settings"]["streams"] == 2
     assert results["methods"]["ttt-online"]["counters"]["updates"] == 60  # 3 streams of 20, in groups of 2 and 1
     assert all(0.0 <= error <= 100.0 for error in results["table"]["errors"]["ttt-online"])
+
+
+def test_zero_streams_is_one_line_before_any_work(tiny_checkpoint, tmp_path):
+    result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--method", "ttt-online", *TINY_ADAPT_ARGS, "--set", "streams=0", "--out", tmp_path / "a"])
+    assert_one_line_error(result, "streams must be at least 1")
+    assert not (tmp_path / "a").exists()

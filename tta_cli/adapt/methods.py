@@ -14,7 +14,6 @@ import torch
 from tta_cli.adapt.comparators import NormAdapt, SourceModel, Tent
 from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT
 from tta_cli.adapt.online import OnlineConfig, OnlineTTT
-from tta_cli.adapt.online_parallel import ParallelOnlineTTT, supports_parallel
 from tta_cli.adapt.policies import ResetPolicy, RollbackPolicy
 from tta_cli.errors import TTAError
 
@@ -115,13 +114,10 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
     )
     if settings.cudnn_benchmark and device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    method = OnlineTTT(model, task, config, classes, generator)
     streams = settings.streams if settings.streams is not None else (256 if device.type == "cuda" else 1)
     if streams < 1:
         raise TTAError(f"streams must be at least 1, got {streams}")
-    if streams > 1 and supports_parallel(config):
-        method.parallel = ParallelOnlineTTT(method.model, task, config, generator, max_streams=streams)
-    return method
+    return OnlineTTT(model, task, config, classes, generator, streams=streams)
 
 
 def batch_size_for(method, settings: AdaptSettings, total: int) -> int:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from tta_cli.adapt.compiled import maybe_compile
+from tta_cli.adapt.online_parallel import ParallelOnlineTTT, supports_parallel
 from tta_cli.adapt.params import adapted_parameter_names
 from tta_cli.adapt.policies import PredictionWindow, ResetPolicy, RollbackPolicy, ShiftDetector
 from tta_cli.adapt.views import full_precision, make_views
@@ -84,7 +85,8 @@ class OnlineTTT:
 
     `train_source`, when given, supplies the images the ssl views come from (one view each), drawn afresh for
     every step inside the step (and so inside the CUDA graph): e.g. a batch from a window of recent video frames.
-    Without it the views are `copies` augmented copies of each input, as in the paper.
+    Without it the views are `copies` augmented copies of each input, as in the paper. `streams` > 1 adds a
+    `parallel` twin (ParallelOnlineTTT) for independent segments, when the config allows one.
     """
 
     name = "ttt-online"
@@ -98,6 +100,7 @@ class OnlineTTT:
         classes: int,
         generator: torch.Generator | None = None,
         train_source: Callable[[], torch.Tensor] | None = None,
+        streams: int = 1,
     ):
         if config.reset.kind == "every" and config.reset.every % config.batch:
             raise TTAError(f"--reset every:{config.reset.every} must be a multiple of the online batch ({config.batch})")
@@ -131,7 +134,11 @@ class OnlineTTT:
         self.samples_seen = 0
         self.scheduled_resets = 0
         self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self.parallel = None  # a ParallelOnlineTTT for independent segments, when the settings allow one (methods.py)
+        # independent segments (each from the source weights) side by side, up to `streams` at once, when nothing
+        # in the config decides per sample; the runner hands it all segments at once (`adapt_streams`)
+        self.parallel = None
+        if streams > 1 and train_source is None and supports_parallel(config):
+            self.parallel = ParallelOnlineTTT(model, task, config, generator, max_streams=streams)
         self._ssl_forward = self._forward("ssl")
         self._main_forward = self._forward("main")
 
