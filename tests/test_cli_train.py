@@ -123,10 +123,11 @@ def test_force_overwrites_an_existing_checkpoint(tiny_checkpoint, tmp_path):
         (["--set", "task.name=jigsaw"], "unknown task 'jigsaw'"),
         (["--set", "model.split=layer7"], "unknown split 'layer7'"),
         (["--set", "optim.schedule=linear"], "unknown schedule 'linear'"),
+        (["--set", "compile_mode=turbo"], "unknown compile_mode 'turbo'"),
         (["--set", "model.colour=blue"], "unknown config key 'model.colour'"),
         (["--batch-size", "512"], "fewer than one batch"),
     ],
-    ids=["missing-data", "backbone", "task", "split", "schedule", "config-key", "batch-too-large"],
+    ids=["missing-data", "backbone", "task", "split", "schedule", "compile-mode", "config-key", "batch-too-large"],
 )
 def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, flags, fragment):
     out = tmp_path / "run"

@@ -33,6 +33,7 @@ from tta_cli.train import checkpoint
 from tta_cli.train.schedule import lr_at
 
 Events = Callable[..., None]
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -133,6 +134,8 @@ def check_config(config: TrainConfig, resume: bool = False, force: bool = False)
             "use a multiple of --nproc-per-node (the batch size is the global batch)"
         )
     lr_at(config.optim, 0.0)
+    if config.compile_mode not in COMPILE_MODES:
+        raise TTAError(f"unknown compile_mode {config.compile_mode!r}; choose one of: {', '.join(COMPILE_MODES)}")
     build_model(config.model, build_task(config.task))
     refuse_overwrite(Path(config.out), resume, force)
 
@@ -220,7 +223,7 @@ def train(
     step_loss = JointLoss(model, task, config.optim.ssl_weight, config.optim.label_smoothing)
     if world_size > 1:  # averages the gradients over ranks during backward
         step_loss = DistributedDataParallel(step_loss, device_ids=[device.index] if on_gpu else None, gradient_as_bucket_view=True)
-    compiled_loss = torch.compile(step_loss) if config.compile else step_loss
+    compiled_loss = torch.compile(step_loss, mode=config.compile_mode) if config.compile else step_loss
     use_amp = config.amp and on_gpu
     steps_per_epoch = len(loader)
     started = time.perf_counter()
