@@ -23,12 +23,12 @@ def grouped_bars(path: Path, groups: list[str], series: dict[str, list[float]], 
     axes.set_xticklabels(groups, rotation=45, ha="right", fontsize=8)
     axes.set_ylabel(ylabel)
     axes.set_title(title)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
 
     def save(tmp: Path) -> None:
-        figure.savefig(tmp, format="png", dpi=120)
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
     try:
         return atomic_write(path, save)
