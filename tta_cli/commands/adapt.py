@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tta_cli import distributed
-from tta_cli.commands.common import CkptOpt, DataOpt, DeviceOpt, OutOpt, SeedOpt, SetOpt, console, user_errors
+from tta_cli.commands.common import AdaptSetOpt, CkptOpt, DataOpt, DeviceOpt, OutOpt, SeedOpt, console, user_errors
 from tta_cli.config import load_config, merge, parse_overrides
 from tta_cli.device import resolve_device
 from tta_cli.errors import TTAError
@@ -89,7 +89,7 @@ def adapt_command(
     out: OutOpt = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG bar chart (methods side by side per corruption).")] = None,
     predictions: Annotated[bool, typer.Option("--predictions", help="Also write per-sample predictions to --out.")] = False,
-    overrides: SetOpt = None,
+    overrides: AdaptSetOpt = None,
 ) -> None:
     """Adapt a `tta train` checkpoint on shifted test sets and report error (%) per corruption.
 

@@ -33,10 +33,14 @@ CkptOpt = Annotated[Path, typer.Option("--ckpt", help="A `tta train` output fold
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto takes CUDA when present).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder (results, checkpoints, JSON/CSV).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed; the same seed gives the same result.")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override any recipe key: --set optim.lr=0.05 --set model.norm=bn (repeatable)."),
-]
+def set_option(what: str, example: str):
+    """The `--set key=value` option, with help that names this command's own keys."""
+    return Annotated[list[str] | None, typer.Option("--set", help=f"Override any {what} (repeatable): {example}.")]
+
+
+SetOpt = set_option("recipe key", "--set optim.lr=0.05 --set model.norm=bn")
+AdaptSetOpt = set_option("adapt setting (the keys of results.json 'settings')", "--set compile=false --set streams=1")
+StreamSetOpt = set_option("stream setting (the keys of each run's 'settings' in summary.json)", "--set momentum=0.9 --set amp=false")
 
 
 def user_errors(command: F) -> F:

@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from tta_cli.commands.common import CkptOpt, DataOpt, DataRootOpt, DeviceOpt, OutOpt, SeedOpt, SetOpt, console, single_process, user_errors
+from tta_cli.commands.common import CkptOpt, DataOpt, DataRootOpt, DeviceOpt, OutOpt, SeedOpt, StreamSetOpt, console, single_process, user_errors
 from tta_cli.config import load_config, merge, parse_overrides
 from tta_cli.errors import TTAError
 
@@ -200,7 +200,7 @@ def run_command(
     ] = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
-    overrides: SetOpt = None,
+    overrides: StreamSetOpt = None,
 ) -> None:
     """Classify every frame of SOURCE with a `tta train` checkpoint while adapting it online, with a live view.
 
