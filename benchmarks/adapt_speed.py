@@ -125,26 +125,45 @@ def episodic_rows(model, task, images, args, device) -> list[tuple]:
     return rows
 
 
-def online_method(model, task, precision, compiled, graph, rollback=False, channels_last=False):
-    config = OnlineConfig(steps=1, copies=32, amp=precision == "bf16", cuda_graph=graph, compile=compiled, channels_last=channels_last)
+def online_method(model, task, precision, compiled, graph, rollback=False, channels_last=False, pipeline=False):
+    config = OnlineConfig(
+        steps=1, copies=32, amp=precision == "bf16", cuda_graph=graph, compile=compiled, channels_last=channels_last, pipeline=pipeline
+    )
     config.rollback = RollbackPolicy(enabled=rollback)
     generator = None if graph else torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     return OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=generator)
 
 
+class _Sequence:
+    """`adapt` through `adapt_sequence`, so `timed` and `warm_up` can drive the pipelined online path."""
+
+    def __init__(self, method):
+        self.method = method
+
+    def adapt(self, images):
+        return self.method.adapt_sequence(images)
+
+
 def online_rows(model, task, images, args, device) -> list[tuple]:
     rows = []
     for precision, compiled, extra in parse_variants(args.online):
-        graph, rollback, channels_last, autotune = "eager" not in extra, "rollback" in extra, "cl" in extra.split("-"), "bench" in extra
+        flags = extra.split("-")
+        graph, rollback, channels_last = "eager" not in flags, "rollback" in flags, "cl" in flags
+        autotune, pipeline = "bench" in flags, "pipe" in flags
         torch.backends.cudnn.benchmark = autotune
-        method = online_method(model, task, precision, compiled, graph and device.type == "cuda", rollback, channels_last)
-        first = warm_up(method, images[:20], 1)
+        method = online_method(model, task, precision, compiled, graph and device.type == "cuda", rollback, channels_last, pipeline)
         count = args.online_samples if graph else min(args.online_samples, 500)
-        rate, peak = timed(method, images[:count], 1)
+        if pipeline:  # adapt_sequence: predictions folded into the next update's forward pass
+            first = warm_up(_Sequence(method), images[:20], 10)
+            rate, peak = timed(_Sequence(method), images[:count], 1000)
+        else:
+            first = warm_up(method, images[:20], 1)
+            rate, peak = timed(method, images[:count], 1)
         label = f"tta online {'graph' if graph else 'eager'} {precision} {'compiled' if compiled else 'eager'}"
         label += " + rollback" if rollback else ""
         label += " + channels_last" if channels_last else ""
         label += " + cudnn.benchmark" if autotune else ""
+        label += " + pipeline" if pipeline else ""
         rows.append((label, rate, peak, first))
         torch.backends.cudnn.benchmark = False
         print(rows[-1], flush=True)
@@ -231,8 +250,8 @@ def main() -> None:
     parser.add_argument("--episodic", default="bf16:compile:auto,fp32:compile:auto,bf16:eager:auto",
                         help="precision:eager|compile:chunk (chunk auto = sized to free memory)")
     parser.add_argument("--online", default="fp32:eager:graph,fp32:compile:graph,fp32:compile:graph-cl,fp32:compile:graph-bench,"
-                        "fp32:compile:graph-cl-bench,fp32:compile:graph-rollback",
-                        help="precision:eager|compile:graph|eager[-rollback][-cl][-bench]; cl: channels_last, bench: cudnn.benchmark")
+                        "fp32:compile:graph-cl-bench,fp32:compile:graph-pipe,fp32:compile:graph-cl-bench-pipe,fp32:compile:graph-rollback",
+                        help="precision:eager|compile:graph|eager[-rollback][-cl][-bench][-pipe]; cl: channels_last, bench: cudnn.benchmark")
     parser.add_argument("--parallel", default="fp32:compile:15g,bf16:compile:15g",
                         help="precision:eager|compile:streams, streams ending in g = CUDA graph per position")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of the compiled online step")

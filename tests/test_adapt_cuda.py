@@ -63,3 +63,17 @@ def test_parallel_streams_graph_adapts_every_sample():
     with torch.no_grad():
         source = model(images[streams[0][-1:]].permute(0, 3, 1, 2).float() / 255.0)
     assert not torch.allclose(adapted[0][-1:], source, atol=1e-5)  # ten updates in, the first stream has moved
+
+
+def test_pipelined_sequence_on_cuda_equals_one_call_per_sample_and_its_graph_runs():
+    model, task = tiny(torch.float64)
+    images = torch.rand(6, 3, 32, 32, device="cuda", dtype=torch.float64)
+    logits = []
+    for pipeline in (False, True):
+        config = OnlineConfig(copies=4, lr=0.05, amp=False, cuda_graph=False, pipeline=pipeline)
+        method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator(device="cuda").manual_seed(2))
+        logits.append(method.adapt_sequence(images))
+    assert torch.allclose(logits[1], logits[0], atol=1e-9)
+    graphed = OnlineTTT(copy.deepcopy(model).float(), task, OnlineConfig(copies=4, lr=0.05, amp=False, pipeline=True), classes=10)
+    out = graphed.adapt_sequence(images.float())  # default generator: the "update", "pipelined" and "predict" graphs
+    assert out.shape == (6, 10) and out.isfinite().all() and graphed.counters()["updates"] == 6

@@ -183,3 +183,23 @@ def test_channels_last_online_equals_contiguous():
     assert nhwc  # the adapted conv weights really are channels_last views of the flat buffer
     assert torch.allclose(logits_nhwc, logits, atol=1e-10)
     assert torch.allclose(weights_nhwc, weights, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch,steps", [(1, 1), (2, 2)])
+def test_pipelined_sequence_equals_one_adapt_call_per_batch(batch, steps):
+    model, task = tiny(torch.float64)
+    images = torch.rand(7, 3, 32, 32, dtype=torch.float64)  # 7: with batch 2 the last batch is short
+    results = []
+    for pipeline in (False, True):
+        config = OnlineConfig(
+            copies=4, lr=0.05, amp=False, momentum=0.9, steps=steps, batch=batch, skip_above=0.9,
+            reset=ResetPolicy.parse("on-shift"), pipeline=pipeline,
+        )
+        method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(9))
+        assert method.can_pipeline() == pipeline
+        logits = method.adapt_sequence(images)
+        results.append((logits, encoder_vector(method.model), method.counters(), method.samples_seen))
+    (logits, weights, counters, seen), (piped_logits, piped_weights, piped_counters, piped_seen) = results
+    assert logits.shape == (7, 10) and torch.allclose(piped_logits, logits, atol=1e-10)
+    assert torch.allclose(piped_weights, weights, atol=1e-12)
+    assert piped_counters == counters and piped_seen == seen == 7

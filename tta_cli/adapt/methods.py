@@ -62,6 +62,9 @@ class AdaptSettings:
     # off until measured.
     channels_last: bool = False
     cudnn_benchmark: bool = False
+    # ttt-online, one stream: predict each sample inside the next sample's first forward pass (exactly the same
+    # result, one forward pass fewer per sample); not yet measured, so off.
+    pipeline: bool = False
     seed: int = 0
 
 
@@ -111,6 +114,7 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
         cuda_graph=use_graph,
         compile=settings.compile and device.type == "cuda",
         channels_last=settings.channels_last,
+        pipeline=settings.pipeline,
     )
     if settings.cudnn_benchmark and device.type == "cuda":
         torch.backends.cudnn.benchmark = True

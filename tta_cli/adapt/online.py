@@ -44,6 +44,9 @@ class OnlineConfig:
     # channels_last weights and inputs: cuDNN's fast kernels are NHWC, and on NCHW fp32 tensors it wraps them in
     # transposes (105 a step, 15% of the compiled online step's device time on an H200). Not yet measured on.
     channels_last: bool = False
+    # adapt_sequence: predict each batch inside the next batch's first forward pass (the weights are the same
+    # ones), saving the separate prediction pass; exactly the sequential result. Not yet measured on.
+    pipeline: bool = False
 
 
 class FlatParameters:
@@ -133,7 +136,7 @@ class OnlineTTT:
         self.ssl_loss = torch.full((), float("nan"), device=self.device)  # first step's loss on the latest input
         self.samples_seen = 0
         self.scheduled_resets = 0
-        self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor | None]] = {}
         # independent segments (each from the source weights) side by side, up to `streams` at once, when nothing
         # in the config decides per sample; the runner hands it all segments at once (`adapt_streams`)
         self.parallel = None
@@ -141,6 +144,7 @@ class OnlineTTT:
             self.parallel = ParallelOnlineTTT(model, task, config, generator, max_streams=streams)
         self._ssl_forward = self._forward("ssl")
         self._main_forward = self._forward("main")
+        self._both_forward = maybe_compile(self._forward_both, config.compile, config.compile_backend)
 
     def _forward(self, head: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The model's forward through one head, compiled when asked (one compiled graph per head and shape)."""
@@ -151,6 +155,14 @@ class OnlineTTT:
             return self.model(images.contiguous(memory_format=memory_format), head=head)
 
         return maybe_compile(forward, self.config.compile, self.config.compile_backend)
+
+    def _forward_both(self, earlier: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One encoder pass over [earlier; inputs]: main-head logits of `earlier`, ssl outputs of `inputs`. Exact
+        because every normalization here is per sample (GroupNorm, LayerNorm, BatchNorm in eval mode)."""
+        memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
+        features = self.model.features(torch.cat([earlier, inputs]).contiguous(memory_format=memory_format))
+        count = earlier.shape[0]
+        return self.model.main_head(features[:count]).detach(), self.model.ssl_head(features[count:])
 
     # ---- the interface ----------------------------------------------------------------------
     def reset(self) -> None:
@@ -203,6 +215,42 @@ class OnlineTTT:
                 if kind not in self._graphs:
                     self._graphs[kind] = self._capture(kind, images)
 
+    def can_pipeline(self) -> bool:
+        """Whether adapt_sequence may fold predictions into the next update: nothing may act on a prediction before
+        the next update (rollback's collapse check), change the order (pre-update) or reset mid-run (every:N)."""
+        config = self.config
+        return (
+            config.pipeline and not config.rollback.enabled and not config.pre_update
+            and config.reset.kind != "every" and self.train_source is None
+        )
+
+    def adapt_sequence(self, images: torch.Tensor) -> torch.Tensor:
+        """All of `images` (N, C, H, W) in order, config.batch at a time: the logits repeated adapt() calls give.
+        With the pipeline, batch t's prediction (weights after its update) comes out of batch t+1's first forward
+        pass, which runs on those same weights; the last batch gets a prediction pass of its own."""
+        parts = list(images.split(self.config.batch))
+        if not self.can_pipeline():
+            return torch.cat([self.adapt(part) for part in parts])
+        outputs, previous = [], None
+        for part in parts:
+            self.samples_seen += part.shape[0]
+            if previous is None:
+                self._run("update", part)
+            else:
+                outputs.append(self._run("pipelined", previous, part))
+            previous = part
+        outputs.append(self._run("predict", previous))
+        return torch.cat(outputs)
+
+    def _run(self, kind: str, *inputs: torch.Tensor) -> torch.Tensor | None:
+        """One call of `kind`, replayed from its CUDA graph when every input is a whole batch."""
+        if all(self._use_graph(x) for x in inputs):
+            return self._replay(kind, *inputs)
+        return self._kinds()[kind](*inputs)
+
+    def _kinds(self) -> dict[str, Callable]:
+        return {"step": self.step, "predict": self._predict, "update": self._update, "pipelined": self._pipelined}
+
     # ---- one step ---------------------------------------------------------------------------
     def _autocast(self):
         enabled = self.config.amp and self.device.type == "cuda"
@@ -213,12 +261,37 @@ class OnlineTTT:
             return full_precision(self._main_forward(images))
 
     def step(self, images: torch.Tensor) -> torch.Tensor:
-        config, counts, flat = self.config, self.counts, self.weights.flat
+        """Update on `images`, then their logits (before the update with pre_update); the collapse check."""
+        config, counts = self.config, self.counts
         logits = self._predict(images) if config.pre_update else None
+        self._update(images)
+        if logits is None:
+            logits = self._predict(images)
+        if self.window is not None:
+            self.window.update(logits.argmax(1))
+            collapsed = self.window.collapsed(config.rollback.min_entropy)
+            self._restore(collapsed, self.source, also_snapshot=True)
+            self.window.clear(collapsed)
+            counts["collapse_resets"] += collapsed.long()
+        return logits
+
+    def _pipelined(self, earlier: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Logits of `earlier` with the current weights, from the first forward pass of the update on `images`."""
+        return self._update(images, earlier)
+
+    def _update(self, images: torch.Tensor, earlier: torch.Tensor | None = None) -> torch.Tensor | None:
+        """`steps` updates on views of `images` (gate, shift reset, rollback as configured); with `earlier`, the
+        first forward pass also yields, and this returns, the main-head logits of `earlier` on the weights before."""
+        config, counts, flat = self.config, self.counts, self.weights.flat
+        earlier_logits = None
         for step_index in range(config.steps):
             inputs, targets = self._views(images)
             with self._autocast():
-                outputs = self._ssl_forward(inputs)
+                if earlier is not None and step_index == 0:
+                    earlier_logits, outputs = self._both_forward(earlier, inputs)
+                    earlier_logits = full_precision(earlier_logits)
+                else:
+                    outputs = self._ssl_forward(inputs)
                 loss = self.task.loss(outputs, targets)
             if step_index == 0:
                 self.ssl_loss.copy_(loss.detach().float())
@@ -241,15 +314,7 @@ class OnlineTTT:
             counts["skipped"] += (1 - gate).long()
             if config.rollback.enabled:
                 self._check_update(check_inputs, check_targets, check_before, gate)
-        if logits is None:
-            logits = self._predict(images)
-        if self.window is not None:
-            self.window.update(logits.argmax(1))
-            collapsed = self.window.collapsed(config.rollback.min_entropy)
-            self._restore(collapsed, self.source, also_snapshot=True)
-            self.window.clear(collapsed)
-            counts["collapse_resets"] += collapsed.long()
-        return logits
+        return earlier_logits
 
     def _views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.train_source is not None:
@@ -297,29 +362,31 @@ class OnlineTTT:
             tensors += [self.window.predictions, self.window.count]
         return tensors
 
-    def _replay(self, kind: str, images: torch.Tensor) -> torch.Tensor:
-        """kind "step" (update, then the step's logits) or "predict" (logits only); each captured once."""
+    def _replay(self, kind: str, *inputs: torch.Tensor) -> torch.Tensor | None:
+        """kind "step" (update, then the step's logits), "predict" (logits only), "update" (no logits) or
+        "pipelined" (logits of the first input, update on the second); each captured once."""
         if kind not in self._graphs:
-            self._graphs[kind] = self._capture(kind, images)
-        graph, static_images, static_logits = self._graphs[kind]
-        static_images.copy_(images)
+            self._graphs[kind] = self._capture(kind, *inputs)
+        graph, static_inputs, static_logits = self._graphs[kind]
+        for static, given in zip(static_inputs, inputs, strict=True):
+            static.copy_(given)
         graph.replay()
-        return static_logits.clone()
+        return None if static_logits is None else static_logits.clone()
 
-    def _capture(self, kind: str, images: torch.Tensor) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+    def _capture(self, kind: str, *inputs: torch.Tensor):
         """Warm up on a side stream (then undo the warm-up's effect on the state), capture one call."""
-        run = self.step if kind == "step" else self._predict
+        run = self._kinds()[kind]
         saved = [t.clone() for t in self._state_tensors()]
-        static_images = images.clone()
+        static_inputs = [x.clone() for x in inputs]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
-                run(static_images)
+                run(*static_inputs)
         torch.cuda.current_stream().wait_stream(stream)
         for tensor, value in zip(self._state_tensors(), saved, strict=True):
             tensor.copy_(value)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_logits = run(static_images)
-        return graph, static_images, static_logits
+            static_logits = run(*static_inputs)
+        return graph, static_inputs, static_logits

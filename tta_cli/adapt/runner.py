@@ -62,13 +62,16 @@ def run_method(
     if world_size == 1 and hasattr(method, "batch_size") and segments:  # a method that sizes its own batches (ttt)
         first = segments[0].indices[:8].to(device)
         batch_size = method.batch_size(to_float_nchw(images[first]))
+    sequence = world_size == 1 and hasattr(method, "adapt_sequence")  # online: runs of its batches in one call
+    step = batch_size * -(-1024 // batch_size) if sequence else batch_size  # whole batches, so the same batches
     for segment in segments:
         method.reset()
         order = segment.indices.to(device)
-        for start in range(0, len(order), batch_size):
-            batch_index = order[start : start + batch_size]
+        for start in range(0, len(order), step):
+            batch_index = order[start : start + step]
             if world_size == 1:
-                logits = method.adapt(to_float_nchw(images[batch_index]))
+                run = method.adapt_sequence if sequence else method.adapt
+                logits = run(to_float_nchw(images[batch_index]))
                 predictions[batch_index] = logits.argmax(1)
             else:
                 rows, logits = shard_adapt(method, to_float_nchw(images[batch_index]), batches, rank, world_size)
