@@ -18,7 +18,9 @@ def allow_recompiles(limit: int = 64) -> None:
 
 
 class CompiledOrEager:
-    """Calls `torch.compile(function)`; the first exception raised while compiling switches to `function`."""
+    """Calls `torch.compile(function)`; the first compile error (dynamo or inductor, including a missing C
+    compiler, which inductor reports as one) switches to `function`. Errors of the computation itself, such as
+    running out of memory, are raised as they are."""
 
     def __init__(self, function: Callable, backend: str = "inductor", dynamic: bool | None = False):
         allow_recompiles()
@@ -31,7 +33,7 @@ class CompiledOrEager:
             return self.eager(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)
-        except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported, RuntimeError, OSError) as error:
+        except torch._dynamo.exc.TorchDynamoException as error:  # tracing or code generation; a real error (OOM) passes
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise  # inside a CUDA graph capture nothing can be retried: let the caller see it
             self.failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
