@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from tta_cli.adapt.online import OnlineConfig, OnlineTTT
-from tta_cli.adapt.online_parallel import ParallelOnlineTTT, adapt_streams_reference
+from tta_cli.adapt.online_parallel import ParallelOnlineTTT
+from tta_cli.adapt.per_sample import adapt_streams_reference
 from tta_cli.config import ModelConfig, TaskConfig
+from tta_cli.data.imageset import to_float_nchw
 from tta_cli.models import build_model
 from tta_cli.tasks import build_task
 
@@ -46,7 +48,7 @@ def test_parallel_streams_on_cuda_equal_the_reference_in_float64():
     config = OnlineConfig(steps=1, lr=0.05, copies=3, amp=False, cuda_graph=False)
     generator = torch.Generator(device="cuda")
     batched = ParallelOnlineTTT(copy.deepcopy(model), task, config, generator.manual_seed(8)).adapt_streams(images, streams)
-    reference = adapt_streams_reference(copy.deepcopy(model), task, config, images, streams, generator.manual_seed(8))
+    reference = adapt_streams_reference(copy.deepcopy(model), task, config, to_float_nchw(images), streams, generator.manual_seed(8))
     for got, expected in zip(batched, reference, strict=True):
         assert torch.allclose(got, expected, atol=1e-9)
 

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from tta_cli.adapt.online import OnlineConfig, OnlineTTT
-from tta_cli.adapt.online_parallel import ParallelOnlineTTT, adapt_streams_reference
+from tta_cli.adapt.online_parallel import ParallelOnlineTTT
+from tta_cli.adapt.per_sample import adapt_streams_reference
 from tta_cli.config import ModelConfig, TaskConfig
+from tta_cli.data.imageset import to_float_nchw
 from tta_cli.models import build_model
 from tta_cli.tasks import build_task
 
@@ -32,7 +34,7 @@ def test_parallel_streams_equal_the_reference(task_name, momentum, skip_above):
     streams = [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5]), torch.tensor([6, 7, 8])]  # ragged: shorter streams stop early
     config = OnlineConfig(steps=2, lr=0.05, copies=3, momentum=momentum, skip_above=skip_above, amp=False)
     batched = ParallelOnlineTTT(copy.deepcopy(model), task, config, torch.Generator().manual_seed(8)).adapt_streams(images, streams)
-    reference = adapt_streams_reference(copy.deepcopy(model), task, config, images, streams, torch.Generator().manual_seed(8))
+    reference = adapt_streams_reference(copy.deepcopy(model), task, config, to_float_nchw(images), streams, torch.Generator().manual_seed(8))
     for got, expected, stream in zip(batched, reference, streams, strict=True):
         assert got.shape == (len(stream), 10)
         assert torch.allclose(got, expected, atol=1e-10, rtol=1e-8)

@@ -12,7 +12,6 @@ single-process run: the sharded predictions equal the single-process ones exactl
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ from torch import nn
 
 from tta_cli import distributed
 from tta_cli.adapt.params import adapted_parameter_names
-from tta_cli.adapt.per_sample import PerSampleModel, sgd_step
+from tta_cli.adapt.per_sample import PerSampleModel, adapt_streams_reference, sgd_step
 from tta_cli.adapt.views import full_precision, grouped_views, make_views
 
 
@@ -159,25 +158,8 @@ class EpisodicTTT:
 
 
 def adapt_sequential(model: nn.Module, task, config: EpisodicConfig, images: torch.Tensor, generator=None) -> torch.Tensor:
-    """The reference: one sample at a time, a fresh copy of the model, torch.optim.SGD, plain autograd.
-
-    Views are drawn for the whole chunk each step in the same order as the batched path, so both
-    consume the generator identically.
-    """
-    names = set(adapted_parameter_names(model, config.params))
-    copies_of_model = [copy.deepcopy(model).eval() for _ in range(images.shape[0])]
-    optimizers = [
-        torch.optim.SGD([p for n, p in m.named_parameters() if n in names], lr=config.lr, momentum=config.momentum)
-        for m in copies_of_model
-    ]
-    for _ in range(config.steps):
-        inputs, targets = grouped_views(task, images, config.copies, generator)  # (S, copies, ...)
-        for index, (sample_model, optimizer) in enumerate(zip(copies_of_model, optimizers, strict=True)):
-            outputs = sample_model(inputs[index], head="ssl")
-            if config.skip_above is not None and task.confidence(outputs, targets[index]) > config.skip_above:
-                continue
-            optimizer.zero_grad()
-            task.loss(outputs, targets[index]).backward()
-            optimizer.step()
-    with torch.no_grad():
-        return torch.cat([m(images[i : i + 1]) for i, m in enumerate(copies_of_model)])
+    """The reference: one sample at a time, a fresh copy of the model, torch.optim.SGD, plain autograd; each
+    sample is a stream of one (`adapt_streams_reference`), so views are drawn for the whole chunk each step in
+    the same order as the batched path, and both consume the generator identically."""
+    singletons = [torch.tensor([index], device=images.device) for index in range(images.shape[0])]
+    return torch.cat(adapt_streams_reference(model, task, config, images, singletons, generator))

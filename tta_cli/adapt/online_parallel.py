@@ -44,7 +44,6 @@ class ParallelOnlineTTT:
         self.device = next(model.parameters()).device
         names = adapted_parameter_names(model, config.params)
         self.functions = PerSampleModel(model, task, names, config.skip_above is not None, config.compile)
-        self.functions.source = {name: tensor.clone() for name, tensor in self.functions.source.items()}  # never aliased
         zero = torch.zeros((), dtype=torch.long, device=self.device)
         self.counts = {"updates": zero.clone(), "skipped": zero.clone()}
 
@@ -150,36 +149,3 @@ class _CapturedStep:
         self.graph.replay()
         return self.static_logits
 
-
-def adapt_streams_reference(model: nn.Module, task, config, images: torch.Tensor, streams: list[torch.Tensor], generator=None):
-    """The slow twin: one model copy and torch.optim.SGD per stream, plain autograd, one stream at a time per
-    position. Views are drawn for all streams per step exactly as the batched path draws them."""
-    import copy
-
-    names = set(adapted_parameter_names(model, config.params))
-    models = [copy.deepcopy(model).eval() for _ in streams]
-    optimizers = [
-        torch.optim.SGD([p for n, p in m.named_parameters() if n in names], lr=config.lr, momentum=config.momentum) for m in models
-    ]
-    lengths = [len(s) for s in streams]
-    outputs = [[] for _ in streams]
-    dtype = next(model.parameters()).dtype
-    for position in range(max(lengths)):
-        rows = torch.stack([s[min(position, len(s) - 1)] for s in streams])
-        current = to_float_nchw(images[rows]).to(dtype)
-        for _ in range(config.steps):
-            inputs, targets = grouped_views(task, current, config.copies, generator)  # (S, copies, ...)
-            for row, (stream_model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
-                if position >= lengths[row]:
-                    continue
-                outputs_ssl = stream_model(inputs[row], head="ssl")
-                if config.skip_above is not None and task.confidence(outputs_ssl, targets[row]) > config.skip_above:
-                    continue
-                optimizer.zero_grad()
-                task.loss(outputs_ssl, targets[row]).backward()
-                optimizer.step()
-        with torch.no_grad():
-            for row, stream_model in enumerate(models):
-                if position < lengths[row]:
-                    outputs[row].append(stream_model(current[row : row + 1]))
-    return [torch.cat(rows) for rows in outputs]

@@ -13,6 +13,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from tta_cli.adapt.compiled import maybe_compile
+from tta_cli.adapt.params import adapted_parameter_names
+from tta_cli.adapt.views import grouped_views
 
 
 def split_state(model: nn.Module, names: list[str]) -> tuple[dict, dict]:
@@ -29,7 +31,8 @@ class PerSampleModel:
 
     def __init__(self, model: nn.Module, task, names: list[str], with_confidence: bool = False, compile: bool = False):
         self.names = names
-        self.source, self.frozen = split_state(model, names)
+        adapted, self.frozen = split_state(model, names)
+        self.source = {name: tensor.clone() for name, tensor in adapted.items()}  # a copy: the live weights may move
         frozen = self.frozen
 
         def sample_loss(sample_params, inputs, targets):
@@ -70,3 +73,40 @@ def sgd_step(params, velocity, steps, lr: float, momentum: float, keep: torch.Te
             velocity[index] += gate * (velocity[index] * (momentum - 1.0) + step)
             step = velocity[index]
         param.sub_(lr * gate * step)
+
+
+def adapt_streams_reference(model: nn.Module, task, config, images: torch.Tensor, streams: list[torch.Tensor], generator=None):
+    """The slow twin of both batched paths: one model copy and torch.optim.SGD per stream, plain autograd, one
+    stream at a time. images float (N, C, H, W); each stream indexes into it and is adapted in order from the
+    source weights, `config.steps` SGD steps per sample, each sample predicted after its steps. Views are drawn
+    for every stream's current sample at once, per step, exactly as the batched paths draw them. Episodic TTT is
+    the case of streams of one sample each."""
+    import copy
+
+    names = set(adapted_parameter_names(model, config.params))
+    models = [copy.deepcopy(model).eval() for _ in streams]
+    optimizers = [
+        torch.optim.SGD([p for n, p in m.named_parameters() if n in names], lr=config.lr, momentum=config.momentum) for m in models
+    ]
+    lengths = [len(s) for s in streams]
+    outputs = [[] for _ in streams]
+    dtype = next(model.parameters()).dtype
+    for position in range(max(lengths)):
+        rows = torch.stack([s[min(position, len(s) - 1)] for s in streams])
+        current = images[rows].to(dtype)
+        for _ in range(config.steps):
+            inputs, targets = grouped_views(task, current, config.copies, generator)  # (S, copies, ...)
+            for row, (stream_model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
+                if position >= lengths[row]:
+                    continue
+                outputs_ssl = stream_model(inputs[row], head="ssl")
+                if config.skip_above is not None and task.confidence(outputs_ssl, targets[row]) > config.skip_above:
+                    continue
+                optimizer.zero_grad()
+                task.loss(outputs_ssl, targets[row]).backward()
+                optimizer.step()
+        with torch.no_grad():
+            for row, stream_model in enumerate(models):
+                if position < lengths[row]:
+                    outputs[row].append(stream_model(current[row : row + 1]))
+    return [torch.cat(rows) for rows in outputs]
