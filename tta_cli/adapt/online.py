@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from tta_cli.adapt.compiled import maybe_compile
+from tta_cli.adapt.graphs import CapturedCall
 from tta_cli.adapt.online_parallel import ParallelOnlineTTT, supports_parallel
 from tta_cli.adapt.params import adapted_parameter_names
 from tta_cli.adapt.policies import PredictionWindow, ResetPolicy, RollbackPolicy, ShiftDetector
@@ -138,31 +139,30 @@ class OnlineTTT:
         self.ssl_loss = torch.full((), float("nan"), device=self.device)  # first step's loss on the latest input
         self.samples_seen = 0
         self.scheduled_resets = 0
-        self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor | None]] = {}
+        self._graphs: dict[str, CapturedCall] = {}
         # independent segments (each from the source weights) side by side, up to `streams` at once, when nothing
         # in the config decides per sample; the runner hands it all segments at once (`adapt_streams`)
         self.parallel = None
         if streams > 1 and train_source is None and supports_parallel(config):
             self.parallel = ParallelOnlineTTT(model, task, config, generator, max_streams=streams)
+        self._memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self._ssl_forward = self._forward("ssl")
         self._main_forward = self._forward("main")
         self._both_forward = maybe_compile(self._forward_both, config.compile, config.compile_backend)
+        self._calls = {"step": self.step, "predict": self._predict, "update": self._update, "pipelined": self._pipelined}
 
     def _forward(self, head: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The model's forward through one head, compiled when asked (one compiled graph per head and shape)."""
 
-        memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
-
         def forward(images: torch.Tensor) -> torch.Tensor:
-            return self.model(images.contiguous(memory_format=memory_format), head=head)
+            return self.model(images.contiguous(memory_format=self._memory_format), head=head)
 
         return maybe_compile(forward, self.config.compile, self.config.compile_backend)
 
     def _forward_both(self, earlier: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One encoder pass over [earlier; inputs]: main-head logits of `earlier`, ssl outputs of `inputs`. Exact
         because every normalization here is per sample (GroupNorm, LayerNorm, BatchNorm in eval mode)."""
-        memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
-        features = self.model.features(torch.cat([earlier, inputs]).contiguous(memory_format=memory_format))
+        features = self.model.features(torch.cat([earlier, inputs]).contiguous(memory_format=self._memory_format))
         count = earlier.shape[0]
         return self.model.main_head(features[:count]).detach(), self.model.ssl_head(features[count:])
 
@@ -215,7 +215,7 @@ class OnlineTTT:
         if self._use_graph(images):
             for kind in ("step", "predict"):
                 if kind not in self._graphs:
-                    self._graphs[kind] = self._capture(kind, images)
+                    self._graphs[kind] = CapturedCall(self._calls[kind], [images], self._state_tensors())
 
     def can_pipeline(self) -> bool:
         """Whether adapt_sequence may fold predictions into the next update: nothing may act on a prediction before
@@ -248,10 +248,7 @@ class OnlineTTT:
         """One call of `kind`, replayed from its CUDA graph when every input is a whole batch."""
         if all(self._use_graph(x) for x in inputs):
             return self._replay(kind, *inputs)
-        return self._kinds()[kind](*inputs)
-
-    def _kinds(self) -> dict[str, Callable]:
-        return {"step": self.step, "predict": self._predict, "update": self._update, "pipelined": self._pipelined}
+        return self._calls[kind](*inputs)
 
     # ---- one step ---------------------------------------------------------------------------
     def _autocast(self):
@@ -368,27 +365,6 @@ class OnlineTTT:
         """kind "step" (update, then the step's logits), "predict" (logits only), "update" (no logits) or
         "pipelined" (logits of the first input, update on the second); each captured once."""
         if kind not in self._graphs:
-            self._graphs[kind] = self._capture(kind, *inputs)
-        graph, static_inputs, static_logits = self._graphs[kind]
-        for static, given in zip(static_inputs, inputs, strict=True):
-            static.copy_(given)
-        graph.replay()
-        return None if static_logits is None else static_logits.clone()
-
-    def _capture(self, kind: str, *inputs: torch.Tensor):
-        """Warm up on a side stream (then undo the warm-up's effect on the state), capture one call."""
-        run = self._kinds()[kind]
-        saved = [t.clone() for t in self._state_tensors()]
-        static_inputs = [x.clone() for x in inputs]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                run(*static_inputs)
-        torch.cuda.current_stream().wait_stream(stream)
-        for tensor, value in zip(self._state_tensors(), saved, strict=True):
-            tensor.copy_(value)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_logits = run(*static_inputs)
-        return graph, static_inputs, static_logits
+            self._graphs[kind] = CapturedCall(self._calls[kind], inputs, self._state_tensors())
+        logits = self._graphs[kind](*inputs)
+        return None if logits is None else logits.clone()

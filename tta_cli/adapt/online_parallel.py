@@ -12,10 +12,12 @@ path (`OnlineTTT`), whose policies decide per sample.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 
+from tta_cli.adapt.graphs import CapturedCall
 from tta_cli.adapt.params import adapted_parameter_names
 from tta_cli.adapt.per_sample import PerSampleModel, sgd_step
 from tta_cli.adapt.views import full_precision, grouped_views
@@ -79,8 +81,10 @@ class ParallelOnlineTTT:
             current = to_float_nchw(images[index[:, position]]).to(params[0].dtype)  # (S, C, H, W)
             everyone = position < shortest  # every stream still has samples: no gates
             if everyone and self._graphable():  # one captured step per position
-                graph = graph or self._capture(params, velocity, current)
-                step_logits = graph.run(current)
+                if graph is None:  # the step changes weights, velocity and counters in place
+                    step = partial(self._step, params, velocity, active=None)
+                    graph = CapturedCall(step, [current], [*params, *(velocity or []), *self.counts.values()])
+                step_logits = graph(current)
             else:
                 step_logits = self._step(params, velocity, current, None if everyone else active[:, position])
             logits = step_logits.new_empty(count, longest, step_logits.shape[1]) if logits is None else logits
@@ -93,7 +97,7 @@ class ParallelOnlineTTT:
     def counters(self) -> dict:
         return {name: int(value) for name, value in self.counts.items()}
 
-    # ---- CUDA graph of one position's step, all streams active --------------------------------
+    # ---- one position's step (captured as a CUDA graph when every stream is active) ---------
     def _graphable(self) -> bool:
         """A graph needs CUDA, the default generator (graph-safe) and a gate-free update."""
         return self.config.cuda_graph and self.device.type == "cuda" and self.generator is None and self.config.skip_above is None
@@ -118,34 +122,3 @@ class ParallelOnlineTTT:
             sgd_step(params, velocity, steps, config.lr, config.momentum, keep)
         with torch.no_grad(), self._autocast():
             return full_precision(functions.predict(params, current))
-
-    def _capture(self, params, velocity, current: torch.Tensor) -> _CapturedStep:
-        """Warm up on a side stream (compiling), undo the warm-up's updates, capture one step."""
-        state = [*params, *(velocity or []), *self.counts.values()]
-        saved = [tensor.clone() for tensor in state]
-        static_current = current.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self._step(params, velocity, static_current, None)
-        torch.cuda.current_stream().wait_stream(side)
-        for tensor, value in zip(state, saved, strict=True):
-            tensor.copy_(value)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_logits = self._step(params, velocity, static_current, None)
-        return _CapturedStep(graph, static_current, static_logits)
-
-
-class _CapturedStep:
-    """A captured position step: copy the inputs in, replay, hand back (a copy of) the logits."""
-
-    def __init__(self, graph, static_current: torch.Tensor, static_logits: torch.Tensor):
-        self.graph, self.static_current, self.static_logits = graph, static_current, static_logits
-
-    def run(self, current: torch.Tensor) -> torch.Tensor:
-        self.static_current.copy_(current)
-        self.graph.replay()
-        return self.static_logits
-
