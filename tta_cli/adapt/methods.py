@@ -114,10 +114,9 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
         cuda_graph=use_graph,
         compile=settings.compile and device.type == "cuda",
         channels_last=settings.channels_last,
+        cudnn_benchmark=settings.cudnn_benchmark,
         pipeline=settings.pipeline,
     )
-    if settings.cudnn_benchmark and device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     streams = settings.streams if settings.streams is not None else (256 if device.type == "cuda" else 1)
     if streams < 1:
         raise TTAError(f"streams must be at least 1, got {streams}")

@@ -47,6 +47,7 @@ class OnlineConfig:
     # channels_last weights and inputs: cuDNN's fast kernels are NHWC, and on NCHW fp32 tensors it wraps them in
     # transposes (105 a step, 15% of the compiled online step's device time on an H200). Not yet measured on.
     channels_last: bool = False
+    cudnn_benchmark: bool = False  # cuDNN's autotuner for the step's fixed shapes (process-wide); not yet measured on
     # adapt_sequence: predict each batch inside the next batch's first forward pass (the weights are the same
     # ones), saving the separate prediction pass; exactly the sequential result. Not yet measured on.
     pipeline: bool = False
@@ -122,6 +123,8 @@ class OnlineTTT:
         self.device = next(model.parameters()).device
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
+        if config.cudnn_benchmark and self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
         self.weights = FlatParameters(model, adapted_parameter_names(model, config.params), config.channels_last)
         for param in self.weights.params:
             param.requires_grad_(True)

@@ -148,9 +148,8 @@ def build_stream_method(
         cuda_graph=use_graph,
         compile=settings.compile and device.type == "cuda",
         channels_last=settings.channels_last,
+        cudnn_benchmark=settings.cudnn_benchmark,
     )
-    if settings.cudnn_benchmark and device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     window = None
     if settings.mode == "explicit" and settings.window > 1 and settings.adapting:
         window = FrameWindow(settings.window, frame_shape, device, generator)
