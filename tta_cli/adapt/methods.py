@@ -129,4 +129,4 @@ def batch_size_for(method, settings: AdaptSettings, total: int) -> int:
         return settings.batch
     if method.name in ("norm", "tent"):
         return settings.comparator_batch
-    return 2048 if method.name == "ttt" else 1000  # one process: ttt sizes its own batches (EpisodicTTT.batch_size)
+    return 2048 if method.name == "ttt" else 1000  # ttt's under torchrun; in one process it sizes its own (EpisodicTTT.batch_size)

@@ -52,34 +52,11 @@ def run_method(
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    done = batches = 0
     parallel = getattr(method, "parallel", None)
-    if parallel is not None and len(segments) > 1 and world_size == 1:  # independent segments side by side
-        streams = [segment.indices.to(device) for segment in segments]
-        for stream, logits in zip(streams, parallel.adapt_streams(images, streams, on_batch), strict=True):
-            predictions[stream] = logits.argmax(1)
-        done, segments = sum(len(stream) for stream in streams), []
-    if world_size == 1 and hasattr(method, "batch_size") and segments:  # a method that sizes its own batches (ttt)
-        first = segments[0].indices[:8].to(device)
-        batch_size = method.batch_size(to_float_nchw(images[first]))
-    sequence = world_size == 1 and hasattr(method, "adapt_sequence")  # online: runs of its batches in one call
-    step = batch_size * -(-1024 // batch_size) if sequence else batch_size  # whole batches, so the same batches
-    for segment in segments:
-        method.reset()
-        order = segment.indices.to(device)
-        for start in range(0, len(order), step):
-            batch_index = order[start : start + step]
-            if world_size == 1:
-                run = method.adapt_sequence if sequence else method.adapt
-                logits = run(to_float_nchw(images[batch_index]))
-                predictions[batch_index] = logits.argmax(1)
-            else:
-                rows, logits = shard_adapt(method, to_float_nchw(images[batch_index]), batches, rank, world_size)
-                if rows.numel():
-                    predictions[batch_index[rows]] = logits.argmax(1)
-            batches += 1
-            done += len(batch_index)
-            on_batch(done)
+    if parallel is not None and len(segments) > 1 and world_size == 1:
+        done = adapt_side_by_side(parallel, images, segments, predictions, on_batch)
+    else:
+        done = adapt_in_order(method, images, segments, predictions, batch_size, rank, world_size, on_batch)
     counters = method.counters()
     if world_size > 1:  # every sample was predicted by exactly one rank
         mine = (predictions >= 0).nonzero().squeeze(1)
@@ -97,6 +74,43 @@ def run_method(
         seen = visited[part].sum().clamp_min(1)
         errors.append(float(100.0 * (wrong[part] * visited[part]).sum() / seen))
     return RunResult(method.name, errors, predictions.cpu(), seconds, done, counters)
+
+
+def adapt_side_by_side(parallel, images, segments: list[Segment], predictions: torch.Tensor, on_batch) -> int:
+    """Independent segments (each starting from the source weights) adapted together by the method's parallel twin."""
+    streams = [segment.indices.to(images.device) for segment in segments]
+    for stream, logits in zip(streams, parallel.adapt_streams(images, streams, on_batch), strict=True):
+        predictions[stream] = logits.argmax(1)
+    return sum(len(stream) for stream in streams)
+
+
+def adapt_in_order(method, images, segments: list[Segment], predictions: torch.Tensor, batch_size: int, rank: int, world_size: int,
+                   on_batch) -> int:
+    """Segment after segment, reset before each, `batch_size` samples per call (under torchrun, shared out over
+    the ranks). One process: ttt sizes its own batches, and online methods take runs of whole batches per call
+    (`adapt_sequence`: the same batches, fewer calls)."""
+    single = world_size == 1
+    if single and hasattr(method, "batch_size") and segments:
+        batch_size = method.batch_size(to_float_nchw(images[segments[0].indices[:8].to(images.device)]))
+    sequence = single and hasattr(method, "adapt_sequence")
+    adapt = method.adapt_sequence if sequence else method.adapt
+    step = batch_size * -(-1024 // batch_size) if sequence else batch_size
+    done = batches = 0
+    for segment in segments:
+        method.reset()
+        order = segment.indices.to(images.device)
+        for start in range(0, len(order), step):
+            batch_index = order[start : start + step]
+            if single:
+                predictions[batch_index] = adapt(to_float_nchw(images[batch_index])).argmax(1)
+            else:
+                rows, logits = shard_adapt(method, to_float_nchw(images[batch_index]), batches, rank, world_size)
+                if rows.numel():
+                    predictions[batch_index[rows]] = logits.argmax(1)
+            batches += 1
+            done += len(batch_index)
+            on_batch(done)
+    return done
 
 
 def shard_adapt(method, images: torch.Tensor, batch_number: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
