@@ -52,23 +52,15 @@ for stage in "$@"; do
       /usr/bin/time -f "corrupt wall %e s" $TTA corrupt --data $ARCHIVE --out "$WORK/cifar10-c" --seed 0 \
         --preview "$WORK/corrupt_preview.png" > "$WORK/corrupt.log" 2>&1
       tail -25 "$WORK/corrupt.log" ;;
-    adapt:*)
-      # adapt:METHODS:TAG, e.g. adapt:source,ttt-online:-online (separate runs, so a cut-off run loses only itself)
-      IFS=: read -r _ ADAPT_METHODS ADAPT_TAG <<< "$stage"
+    adapt:*|adapt)
+      # adapt[:METHODS[:TAG[:EXTRA FLAGS]]], severity 5, ADAPT_N images of each corruption (default: all 10,000);
+      # e.g. adapt:source,ttt-online:-online, or adapt:ttt-online:-paper-params:--params encoder+ssl (the paper's
+      # choice of parameters). Separate stages are separate runs, so a run cut off by the deadline loses only itself.
+      IFS=: read -r _ methods tag extra <<< "$stage"
       timeout "$(cap ${ADAPT_TIMEOUT:-600})" $TTA adapt --ckpt "$CKPT" --data "$WORK/cifar10-c" --severities 5 ${ADAPT_N:+--n $ADAPT_N} \
-        --method "$ADAPT_METHODS" --out "$WORK/adapt$ADAPT_TAG" --plot "$WORK/adapt$ADAPT_TAG/errors.png" ${ADAPT_ARGS:-} > "$WORK/adapt$ADAPT_TAG.log" 2>&1
-      tail -28 "$WORK/adapt$ADAPT_TAG.log" ;;
-    adapt)
-      # source / ttt / ttt-online at severity 5; ADAPT_N images of each corruption (default: all 10,000).
-      timeout "$(cap ${ADAPT_TIMEOUT:-600})" $TTA adapt --ckpt "$CKPT" --data "$WORK/cifar10-c" --severities 5 ${ADAPT_N:+--n $ADAPT_N} \
-        --method ${ADAPT_METHODS:-source,ttt-online,ttt} \
-        --out "$WORK/adapt${ADAPT_TAG:-}" --plot "$WORK/adapt${ADAPT_TAG:-}/errors.png" ${ADAPT_ARGS:-} > "$WORK/adapt${ADAPT_TAG:-}.log" 2>&1
-      tail -32 "$WORK/adapt${ADAPT_TAG:-}.log" ;;
-    adapt-paper-params)
-      # ttt-online moving the encoder and the ssl head, as the paper's code does (tta's default moves the encoder only)
-      timeout "$(cap ${ADAPT_TIMEOUT:-600})" $TTA adapt --ckpt "$CKPT" --data "$WORK/cifar10-c" --severities 5 ${ADAPT_N:+--n $ADAPT_N} --method ttt-online \
-        --params encoder+ssl --out "$WORK/adapt-paper-params" > "$WORK/adapt-paper-params.log" 2>&1
-      tail -24 "$WORK/adapt-paper-params.log" ;;
+        --method "${methods:-source,ttt-online,ttt}" --out "$WORK/adapt$tag" --plot "$WORK/adapt$tag/errors.png" $extra \
+        > "$WORK/adapt$tag.log" 2>&1
+      tail -28 "$WORK/adapt$tag.log" ;;
     adapt-speed)
       timeout "$(cap ${ADAPT_SPEED_TIMEOUT:-400})" python3 benchmarks/adapt_speed.py $([ -d "$CKPT" ] && echo --ckpt "$CKPT") \
         ${ADAPT_SPEED_ARGS:---episodic-samples 1024 --online-samples 3000 --reference-samples 10} > "$WORK/adapt_speed.txt" 2>&1
