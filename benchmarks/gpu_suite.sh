@@ -4,21 +4,24 @@
 # there) and writes logs under $WORK, bundled into $OUT/results.tgz after every stage (the device tool
 # brings back at most 8 files). A checkpoint from an earlier call can travel as .carry/ckpt.
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TTA_CACHE_DIR=/tmp/tta-cache
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TTA_CACHE_DIR=$PWD/.work/tta-cache
 # torch.compile's kernels: carried in as .carry/inductor.tgz when an earlier call saved them (stage save-cache)
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+# Work files and the kernel cache live in the checkout's ignored .work/, which the device keeps between calls
+# while the machine stays warm (a call made soon after the last one finds the corrupted sets and kernels there).
+export TORCHINDUCTOR_CACHE_DIR=$PWD/.work/inductor-cache
 [ -f .carry/inductor.tgz ] && mkdir -p $TORCHINDUCTOR_CACHE_DIR && tar xzf .carry/inductor.tgz -C $TORCHINDUCTOR_CACHE_DIR
 OUT=${OUT:-gpu-out}
-WORK=${WORK:-/tmp/tta-work}
+WORK=${WORK:-$PWD/.work/tta-work}
 ARCHIVE=.carry/cifar10-jpeg.tar.gz
 CKPT=${CKPT:-.carry/ckpt}
-mkdir -p "$OUT" "$WORK"
+mkdir -p "$OUT" "$WORK"; rm -f "$WORK"/bg-*.log
 # DEADLINE (seconds from now) caps every stage's timeout, so the last stages end before the device call does
 START=$(date +%s)
 cap() { local left=$(( ${DEADLINE:-100000} - ($(date +%s) - START) - 15 )); [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 TTA="python3 -m tta_cli.cli"
 bundle() { tar czf "$OUT/results.tgz" -C "$WORK" --exclude='*.npy' --exclude='*.mp4' --exclude='resume.pt' --exclude='*.safetensors' . 2>/dev/null; }
-for stage in "$@"; do
+run_stage() {
+  local stage=$1
   echo "=== stage $stage ($(date +%T))"
   SECONDS=0
   case $stage in
@@ -30,7 +33,7 @@ for stage in "$@"; do
         tests/test_adapt_online.py tests/test_adapt_online_parallel.py tests/test_adapt_cuda.py tests/test_stream_loop.py 2>&1 | tail -15 ;;
     train-fast)
       # The fast recipe on the full archive; on a non-timeout failure (say torch.compile), once more eagerly.
-      timeout "$(cap ${TRAIN_TIMEOUT:-400})" /usr/bin/time -f "train wall %e s" $TTA train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast" \
+      /usr/bin/time -f "train wall %e s" timeout "$(cap ${TRAIN_TIMEOUT:-400})" $TTA train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast" \
         ${TRAIN_ARGS:-} > "$WORK/train-fast.log" 2>&1
       rc=$?
       if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
@@ -42,6 +45,28 @@ for stage in "$@"; do
       mkdir -p "$OUT/ckpt" && cp "$WORK"/sun2020-fast/model.* "$OUT/ckpt/" 2>/dev/null
       [ -f "$WORK/sun2020-fast/model.safetensors" ] || cp "$WORK/sun2020-fast/resume.pt" "$OUT/ckpt/" 2>/dev/null
       CKPT=$WORK/sun2020-fast ;;
+    train-paper)
+      # The paper's recipe (batch 128, 150 epochs), over several calls if need be: a call resumes from the
+      # state an earlier one brought back as .carry/paper/resume.pt; each call returns its state in $OUT/paper.
+      # PAPER_COMPILE_MODE (default reduce-overhead: forward and backward as CUDA graphs) for the launch-bound batch.
+      dir=$WORK/sun2020; mkdir -p "$dir" "$OUT/paper"
+      [ -f "$dir/resume.pt" ] || { [ -f .carry/paper/resume.pt ] && cp .carry/paper/resume.pt "$dir/"; }
+      [ -f .carry/paper/train-paper.log ] && [ ! -f "$WORK/train-paper.log" ] && cp .carry/paper/train-paper.log "$WORK/"
+      resume=$([ -f "$dir/resume.pt" ] && echo --resume)
+      echo "--- call at $(date +%T) $resume" >> "$WORK/train-paper.log"
+      /usr/bin/time -f "train wall %e s" timeout "$(cap ${TRAIN_TIMEOUT:-600})" $TTA train recipes/sun2020-rotation-gn.yaml --data $ARCHIVE \
+        --out "$dir" $resume --set compile_mode=${PAPER_COMPILE_MODE:-reduce-overhead} ${TRAIN_ARGS:-} >> "$WORK/train-paper.log" 2>&1
+      rc=$?
+      if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
+        tail -20 "$WORK/train-paper.log"; echo "retrying with compile_mode=default"
+        resume=$([ -f "$dir/resume.pt" ] && echo --resume)
+        timeout "$(cap 600)" $TTA train recipes/sun2020-rotation-gn.yaml --data $ARCHIVE --out "$dir" $resume --force \
+          --set compile_mode=default ${TRAIN_ARGS:-} >> "$WORK/train-paper.log" 2>&1
+      fi
+      grep -E "^epoch|test|error|seconds|wall|call at|resum" "$WORK/train-paper.log" | tail -30
+      cp "$WORK/train-paper.log" "$dir"/resume.pt "$OUT/paper/" 2>/dev/null
+      cp "$dir"/model.* "$OUT/paper/" 2>/dev/null
+      [ -f "$dir/model.safetensors" ] && CKPT=$dir ;;
     train-bn)
       timeout "$(cap ${TRAIN_TIMEOUT:-300})" $TTA train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-bn" \
         --set model.norm=bn ${TRAIN_BN_ARGS:-} > "$WORK/train-bn.log" 2>&1
@@ -49,6 +74,7 @@ for stage in "$@"; do
       mkdir -p "$OUT/ckpt-bn" && cp "$WORK"/sun2020-bn/model.* "$OUT/ckpt-bn/" 2>/dev/null ;;
     corrupt)
       # All 15 corruptions x 5 severities of the 10,000 test images (750,000 images), timed end to end.
+      grep -qs "corrupt wall" "$WORK/corrupt.log" && { echo "the sets are there from an earlier call"; return; }
       /usr/bin/time -f "corrupt wall %e s" $TTA corrupt --data $ARCHIVE --out "$WORK/cifar10-c" --seed 0 \
         --preview "$WORK/corrupt_preview.png" > "$WORK/corrupt.log" 2>&1
       tail -25 "$WORK/corrupt.log" ;;
@@ -90,4 +116,16 @@ for stage in "$@"; do
   esac
   echo "--- stage $stage took ${SECONDS}s"
   bundle
+}
+# bg:STAGE runs beside the stages after it (say the CUDA tests beside a launch-bound training run); its log
+# is printed when the suite ends
+for stage in "$@"; do
+  if [[ $stage == bg:* ]]; then
+    run_stage "${stage#bg:}" > "$WORK/bg-${stage#bg:}.log" 2>&1 &
+  else
+    run_stage "$stage"
+  fi
 done
+wait
+for log in "$WORK"/bg-*.log; do [ -f "$log" ] && { echo "=== background: $log"; cat "$log"; }; done
+bundle
