@@ -58,13 +58,15 @@ class AdaptSettings:
     # rollback, --pre-update, --batch > 1) always run one stream at a time.
     streams: int | None = None
     # ttt-online, one stream: channels_last weights and inputs, and cuDNN's autotuner for the fixed step shapes
-    # (torch.backends.cudnn.benchmark, process-wide). The levers the profile of the step points at (docs/results.md);
-    # off until measured.
+    # (torch.backends.cudnn.benchmark, process-wide), the levers the profile of the step pointed at. Measured on
+    # the H200 (fp32, compiled, CUDA graph; docs/speed-notes.md): channels_last 476 vs 534 samples/s (slower),
+    # cudnn_benchmark 535 (no change). So both stay off.
     channels_last: bool = False
     cudnn_benchmark: bool = False
     # ttt-online, one stream: predict each sample inside the next sample's first forward pass (exactly the same
-    # result, one forward pass fewer per sample); not yet measured, so off.
-    pipeline: bool = False
+    # result, one forward pass fewer per sample): 570 vs 534 samples/s on the H200, so on. It applies only where
+    # nothing acts between a prediction and the next update (no rollback, --pre-update or reset every:N).
+    pipeline: bool = True
     seed: int = 0
 
 
