@@ -88,13 +88,19 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path, monkeypat
 
 def test_resume_with_more_epochs_continues_from_the_saved_epoch(tiny_checkpoint, tmp_path):
     run = shutil.copytree(tiny_checkpoint, tmp_path / "run")
-    first_epoch = torch.load(run / "resume.pt", weights_only=False)["history"][0]
+    saved = torch.load(run / "resume.pt", weights_only=False)
+    saved["history"][0]["seconds"] = 1000.0  # as if the first process had trained for that long
+    torch.save(saved, run / "resume.pt")
+    first_epoch = saved["history"][0]
     result = run_cli(["train", "--resume", "--epochs", "2", "--out", run])
     assert result.exit_code == 0, result.output
     assert "resuming after epoch 1" in result.stderr
     state = torch.load(run / "resume.pt", weights_only=False)
     assert state["epoch"] == 2 and state["history"][0] == first_epoch
-    assert yaml.safe_load((run / "model.yaml").read_text())["metrics"]["epoch"] == 2
+    metrics = yaml.safe_load((run / "model.yaml").read_text())["metrics"]
+    assert metrics["epoch"] == 2
+    assert state["history"][1]["seconds"] > 1000.0  # the time of both processes, not of the last alone
+    assert metrics["train_seconds"] > 1000.0
 
 
 def test_resume_without_a_previous_run_is_one_line(tmp_path):

@@ -226,7 +226,8 @@ def train(
     compiled_loss = torch.compile(step_loss, mode=config.compile_mode) if config.compile else step_loss
     use_amp = config.amp and on_gpu
     steps_per_epoch = len(loader)
-    started = time.perf_counter()
+    # seconds count training time over every process of a run: a resumed run goes on from the saved total
+    started = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
     metrics: dict = history[-1] if history else {}
     on_event("start", epochs=config.optim.epochs, steps_per_epoch=steps_per_epoch, start_epoch=start_epoch)
     for epoch in range(start_epoch, config.optim.epochs):
