@@ -210,15 +210,37 @@ def profile_online(model, task, images, device) -> None:
         for image in images[30 : 30 + steps]:
             method.adapt(image[None])
         sync(device)
+    print_profile(trace, steps, "the compiled fp32 online step (no graph)", "step")
+
+
+def print_profile(trace, count: int, what: str, unit: str) -> None:
+    """Kernel count and device time per `unit` (count of them in the trace), then the costliest kernels."""
     events = [e for e in trace.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_ms = sum(e.device_time if hasattr(e, "device_time") else e.cuda_time for e in events) / 1000.0 / steps
-    print(f"\nprofile of the compiled fp32 online step (no graph): {len(events) / steps:.0f} kernels and {busy_ms:.3f} ms device time per step")
-    for key in ("self_device_time_total", "self_cuda_time_total"):  # the name changed across torch releases
+    busy_ms = sum(e.device_time if hasattr(e, "device_time") else e.cuda_time for e in events) / 1000.0 / count
+    print(f"\nprofile of {what}: {len(events) / count:.0f} kernels and {busy_ms:.3f} ms device time per {unit}")
+    keys = ("self_device_time_total", "self_cuda_time_total") if events else ("self_cpu_time_total",)  # names differ across releases
+    for key in keys:
         try:
             print(trace.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=70))
             break
         except (KeyError, AttributeError, ValueError):
             continue
+
+
+def profile_episodic(model, task, images, chunk: int, device) -> None:
+    """Kernels of the episodic path (bf16, compiled on CUDA) on one warm chunk of `chunk` samples x 10 steps:
+    where the per-sample (grouped) convolutions spend the time, before choosing a kernel to replace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    config = EpisodicConfig(steps=10, copies=32, amp=on_gpu, compile=on_gpu, chunk=chunk)
+    method = EpisodicTTT(copy.deepcopy(model), task, config, torch.Generator(device=device).manual_seed(0))
+    method.adapt(images[:chunk])  # compiles
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_gpu else [])]) as trace:
+        method.adapt(images[chunk : 2 * chunk])
+        sync(device)
+    print_profile(trace, chunk * config.steps, f"the episodic path, chunk {chunk}", "sample-step")
 
 
 def online_parity(model, task, images, device) -> str:
@@ -255,6 +277,8 @@ def main() -> None:
     parser.add_argument("--parallel", default="fp32:compile:15g,bf16:compile:15g",
                         help="precision:eager|compile:streams, streams ending in g = CUDA graph per position")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of the compiled online step")
+    parser.add_argument("--profile-episodic", type=int, default=0, metavar="CHUNK",
+                        help="print a kernel profile of one episodic chunk of CHUNK samples (needs 2 x CHUNK samples)")
     args = parser.parse_args()
     device = torch.device(args.device)
     model, task = reference_model(args.ckpt, device)
@@ -270,6 +294,8 @@ def main() -> None:
         print(rows, flush=True)
     if args.profile:
         profile_online(model, task, images, device)
+    if args.profile_episodic:
+        profile_episodic(model, task, images, args.profile_episodic, device)
     parity = online_parity(model, task, images, device)
     print(parity, flush=True)
     rows += online_rows(model, task, images, args, device)
