@@ -35,6 +35,9 @@ def test_train_writes_weights_and_a_description_of_them(tiny_checkpoint):
     assert meta["config"]["model"]["depth"] == 8 and meta["config"]["optim"]["epochs"] == 1
     assert len(meta["class_names"]) == 10 and len(meta["normalization"]["mean"]) == 3
     assert meta["metrics"]["epoch"] == 1 and 0.0 <= meta["metrics"]["test_acc"] <= 1.0
+    batch, train_images = meta["config"]["optim"]["batch_size"], meta["config"]["data"]["limit_train"]
+    seen = (train_images // batch) * batch  # one epoch of whole batches
+    assert meta["metrics"]["train_images_per_s"] == pytest.approx(seen / meta["metrics"]["train_seconds"])
 
 
 def test_checkpoint_reloads_to_identical_outputs_and_metrics(tiny_checkpoint):

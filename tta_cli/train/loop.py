@@ -288,7 +288,8 @@ def train(
                 }
             )
     seconds = time.perf_counter() - started
-    final = dict(metrics, train_seconds=seconds, device=str(device))
+    images_seen = config.optim.epochs * steps_per_epoch * config.optim.batch_size  # clean images, all ranks
+    final = dict(metrics, train_seconds=seconds, train_images_per_s=images_seen / max(seconds, 1e-9), device=str(device))
     model = model.to(memory_format=torch.contiguous_format)
     if distributed.is_main():
         checkpoint.save_model(out_dir, model, config, train_set.class_names, final)
