@@ -103,3 +103,29 @@ def test_zero_streams_is_one_line_before_any_work(tiny_checkpoint, tmp_path):
     result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--method", "ttt-online", *TINY_ADAPT_ARGS, "--set", "streams=0", "--out", tmp_path / "a"])
     assert_one_line_error(result, "streams must be at least 1")
     assert not (tmp_path / "a").exists()
+
+
+def test_one_stream_online_default_runs_pipelined_and_predicts_as_the_plain_loop(tiny_checkpoint, tmp_path, monkeypatch):
+    """The one-stream ttt-online default folds each prediction into the next update's forward pass (exactness is
+    tested in float64 in test_adapt_online.py); through the CLI it is the path taken, and `--set pipeline=false`
+    turns it off with the same predictions."""
+    from tta_cli.adapt.online import OnlineTTT
+
+    calls = []
+    pipelined = OnlineTTT._pipelined
+    monkeypatch.setattr(OnlineTTT, "_pipelined", lambda self, *inputs: calls.append(1) or pipelined(self, *inputs))
+    predictions, pipelined_calls = {}, {}
+    for label, extra in (("default", []), ("plain", ["--set", "pipeline=false"])):
+        calls.clear()
+        out = tmp_path / label
+        result = run_cli([
+            "adapt", "--ckpt", tiny_checkpoint, "--data", "cifar10-mini", "--corruptions", "gaussian_noise",
+            "--method", "ttt-online", *TINY_ADAPT_ARGS, "--set", "streams=1", *extra, "--predictions", "--out", out,
+        ])
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "results.json").read_text())["settings"]["pipeline"] is (label == "default")
+        with open(out / "predictions.csv", newline="") as handle:
+            predictions[label] = [row["ttt-online"] for row in csv.DictReader(handle)]
+        pipelined_calls[label] = len(calls)
+    assert pipelined_calls == {"default": 19, "plain": 0}  # 20 samples: the first has no earlier one to predict
+    assert len(predictions["default"]) == 20 and predictions["default"] == predictions["plain"]
