@@ -19,18 +19,14 @@ import torch
 from torch import nn
 
 from tta_cli import distributed
-from tta_cli.adapt.params import adapted_parameter_names
+from tta_cli.adapt.params import UpdateConfig, adapted_parameter_names
 from tta_cli.adapt.per_sample import PerSampleModel, adapt_streams_reference, sgd_step
 from tta_cli.adapt.views import full_precision, grouped_views, make_views
 
 
 @dataclass
-class EpisodicConfig:
+class EpisodicConfig(UpdateConfig):
     steps: int = 10
-    lr: float = 0.001
-    copies: int = 32
-    momentum: float = 0.0
-    params: str = "encoder"
     skip_above: float | None = None  # skip a step when the rotation head's confidence exceeds this
     chunk: int | None = None  # samples adapted together; None sizes it to free GPU memory
     amp: bool = True  # bf16 autocast on CUDA

@@ -84,13 +84,11 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
     if name == "tent":
         return Tent(model, settings.tent_lr, bool(settings.amp))
     generator = torch.Generator(device=device).manual_seed(settings.seed)
+    update = {"lr": settings.lr, "copies": settings.copies, "momentum": settings.momentum, "params": settings.params}
     if name == "ttt":
         config = EpisodicConfig(
             steps=10 if settings.steps is None else settings.steps,
-            lr=settings.lr,
-            copies=settings.copies,
-            momentum=settings.momentum,
-            params=settings.params,
+            **update,
             skip_above=settings.skip_above,
             chunk=settings.chunk,
             amp=True if settings.amp is None else settings.amp,
@@ -103,10 +101,7 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
         generator = None
     config = OnlineConfig(
         steps=1 if settings.steps is None else settings.steps,
-        lr=settings.lr,
-        copies=settings.copies,
-        momentum=settings.momentum,
-        params=settings.params,
+        **update,
         batch=settings.batch,
         skip_above=settings.skip_above,
         reset=ResetPolicy.parse(settings.reset),

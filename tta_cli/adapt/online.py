@@ -19,19 +19,14 @@ from torch import nn
 from tta_cli.adapt.compiled import maybe_compile
 from tta_cli.adapt.graphs import CapturedCall
 from tta_cli.adapt.online_parallel import ParallelOnlineTTT, supports_parallel
-from tta_cli.adapt.params import adapted_parameter_names
+from tta_cli.adapt.params import UpdateConfig, adapted_parameter_names
 from tta_cli.adapt.policies import PredictionWindow, ResetPolicy, RollbackPolicy, ShiftDetector
 from tta_cli.adapt.views import full_precision, make_views
 from tta_cli.errors import TTAError
 
 
 @dataclass
-class OnlineConfig:
-    steps: int = 1
-    lr: float = 0.001
-    copies: int = 32
-    momentum: float = 0.0
-    params: str = "encoder"
+class OnlineConfig(UpdateConfig):
     batch: int = 1  # consecutive samples adapted together
     skip_above: float | None = None
     reset: ResetPolicy = field(default_factory=ResetPolicy)

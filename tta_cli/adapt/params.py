@@ -1,6 +1,8 @@
-"""Which parameters adaptation moves. The main head never moves."""
+"""Which parameters adaptation moves, and the update both TTT methods apply to them. The main head never moves."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -8,6 +10,18 @@ from tta_cli.errors import TTAError
 
 PARAM_GROUPS = ("encoder", "encoder+ssl", "norm")
 NORM_TYPES = (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm)
+
+
+@dataclass
+class UpdateConfig:
+    """The ssl update of episodic and online TTT: `steps` SGD steps (`lr`, `momentum`) on `copies` augmented
+    views of the input, moving the `params` group."""
+
+    steps: int = 1
+    lr: float = 0.001
+    copies: int = 32
+    momentum: float = 0.0
+    params: str = "encoder"
 
 
 def norm_parameter_names(module: nn.Module, prefix: str) -> list[str]:
