@@ -33,11 +33,15 @@ def test_parallel_streams_equal_the_reference(task_name, momentum, skip_above):
     images = uint8_images(9)
     streams = [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5]), torch.tensor([6, 7, 8])]  # ragged: shorter streams stop early
     config = OnlineConfig(steps=2, lr=0.05, copies=3, momentum=momentum, skip_above=skip_above, amp=False)
-    batched = ParallelOnlineTTT(copy.deepcopy(model), task, config, torch.Generator().manual_seed(8)).adapt_streams(images, streams)
+    method = ParallelOnlineTTT(copy.deepcopy(model), task, config, torch.Generator().manual_seed(8))
+    batched = method.adapt_streams(images, streams)
     reference = adapt_streams_reference(copy.deepcopy(model), task, config, to_float_nchw(images), streams, torch.Generator().manual_seed(8))
     for got, expected, stream in zip(batched, reference, streams, strict=True):
         assert got.shape == (len(stream), 10)
         assert torch.allclose(got, expected, atol=1e-10, rtol=1e-8)
+    counts = method.counters()  # every step of every real sample is taken or skipped; ended streams count for nothing
+    assert counts["updates"] + counts["skipped"] == config.steps * 9
+    assert (counts["skipped"] == 0) == (skip_above is None)
 
 
 def test_one_parallel_stream_is_the_online_method():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tta_cli.adapt.params import has_batchnorm, norm_parameter_names
-from tta_cli.adapt.views import full_precision
+from tta_cli.adapt.views import autocast_bf16, full_precision
 from tta_cli.errors import TTAError
 
 
@@ -19,7 +19,7 @@ class SourceModel:
     def __init__(self, model: nn.Module, amp: bool = True):
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.amp = amp and self.device.type == "cuda"
+        self.amp = amp  # bf16 on CUDA only (autocast_bf16)
 
     def reset(self) -> None:
         """Nothing changes, nothing to reset."""
@@ -29,7 +29,7 @@ class SourceModel:
 
     @torch.no_grad()
     def adapt(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with autocast_bf16(self.device, self.amp):
             return full_precision(self.model(images))
 
 
@@ -71,7 +71,7 @@ class Tent:
         use_batch_statistics(model)
         self.model = model
         self.device = next(model.parameters()).device
-        self.amp = amp and self.device.type == "cuda"
+        self.amp = amp  # bf16 on CUDA only (autocast_bf16)
         names = set(norm_parameter_names(model.encoder, "encoder.") + norm_parameter_names(model.main_head, "main_head."))
         for name, param in model.named_parameters():
             param.requires_grad_(name in names)
@@ -90,7 +90,7 @@ class Tent:
         return {}
 
     def adapt(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with autocast_bf16(self.device, self.amp):
             logits = full_precision(self.model(images))
         entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
         self.optimizer.zero_grad(set_to_none=True)

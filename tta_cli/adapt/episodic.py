@@ -20,8 +20,8 @@ from torch import nn
 
 from tta_cli import distributed
 from tta_cli.adapt.params import UpdateConfig, adapted_parameter_names
-from tta_cli.adapt.per_sample import PerSampleModel, adapt_streams_reference, sgd_step
-from tta_cli.adapt.views import full_precision, grouped_views, make_views
+from tta_cli.adapt.per_sample import PerSampleModel, adapt_streams_reference
+from tta_cli.adapt.views import make_views
 
 
 @dataclass
@@ -92,31 +92,18 @@ class EpisodicTTT:
             images = torch.cat([images, images[-1:].expand(self._chunk - real, *images.shape[1:])])
         return images, real
 
-    def _autocast(self):
-        enabled = self.config.amp and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
-
     def adapt_chunk(self, images: torch.Tensor) -> torch.Tensor:
         """images (S, C, H, W) -> logits (S, classes), each sample adapted on its own weights."""
         config = self.config
         if self._functions is None:
-            self._functions = PerSampleModel(self.model, self.task, self.names, config.skip_above is not None, config.compile)
+            self._functions = PerSampleModel(self.model, self.task, self.names, config.skip_above is not None, config.compile, config.amp)
         functions = self._functions
         images, real = self._static_shape(images)
-        samples = images.shape[0]
-        params = functions.repeated_source(samples)
+        params = functions.repeated_source(images.shape[0])
         velocity = [torch.zeros_like(p) for p in params] if config.momentum else None
-        for _ in range(config.steps):
-            inputs, targets = grouped_views(self.task, images, config.copies, self.generator)  # (S, copies, ...)
-            with self._autocast():
-                steps, confidence = functions.gradients(params, inputs, targets)
-            keep = None
-            if config.skip_above is not None:  # gates in the weights' dtype: a float32 gate would round lr in float64 runs
-                keep = (confidence <= config.skip_above).to(params[0].dtype)  # (S,)
-                self.skipped += (real - keep[:real].sum()).detach()
-            sgd_step(params, velocity, steps, config.lr, config.momentum, keep)
-        with torch.no_grad(), self._autocast():
-            return full_precision(functions.predict(params, images))[:real]
+        skipped = functions.sgd_steps(params, velocity, images, config, self.generator)
+        self.skipped += skipped[:real].sum()  # the padding rows do not count
+        return functions.predict(params, images)[:real]
 
     def batch_size(self, sample: torch.Tensor) -> int:
         """How many samples a runner should hand `adapt` at once: four whole chunks (sized on `sample` if not yet),

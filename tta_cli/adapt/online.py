@@ -21,7 +21,7 @@ from tta_cli.adapt.graphs import CapturedCall
 from tta_cli.adapt.online_parallel import ParallelOnlineTTT, supports_parallel
 from tta_cli.adapt.params import UpdateConfig, adapted_parameter_names
 from tta_cli.adapt.policies import PredictionWindow, ResetPolicy, RollbackPolicy, ShiftDetector
-from tta_cli.adapt.views import full_precision, make_views
+from tta_cli.adapt.views import autocast_bf16, full_precision, make_views
 from tta_cli.errors import TTAError
 
 
@@ -251,12 +251,8 @@ class OnlineTTT:
         return self._calls[kind](*inputs)
 
     # ---- one step ---------------------------------------------------------------------------
-    def _autocast(self):
-        enabled = self.config.amp and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
-
     def _predict(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), autocast_bf16(self.device, self.config.amp):
             return full_precision(self._main_forward(images))
 
     def step(self, images: torch.Tensor) -> torch.Tensor:
@@ -285,7 +281,7 @@ class OnlineTTT:
         earlier_logits = None
         for step_index in range(config.steps):
             inputs, targets = self._views(images)
-            with self._autocast():
+            with autocast_bf16(self.device, self.config.amp):
                 if earlier is not None and step_index == 0:
                     earlier_logits, outputs = self._both_forward(earlier, inputs)
                     earlier_logits = full_precision(earlier_logits)
@@ -321,7 +317,7 @@ class OnlineTTT:
         return make_views(self.task, images, self.config.copies, self.generator)
 
     def _ssl_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), autocast_bf16(self.device, self.config.amp):
             return self.task.loss(self._ssl_forward(inputs), targets)
 
     def _check_update(self, inputs, targets, loss_before, gate) -> None:

@@ -19,8 +19,7 @@ from torch import nn
 
 from tta_cli.adapt.graphs import CapturedCall
 from tta_cli.adapt.params import adapted_parameter_names
-from tta_cli.adapt.per_sample import PerSampleModel, sgd_step
-from tta_cli.adapt.views import full_precision, grouped_views
+from tta_cli.adapt.per_sample import PerSampleModel
 from tta_cli.data.imageset import to_float_nchw
 
 
@@ -45,13 +44,9 @@ class ParallelOnlineTTT:
         self.max_streams = max_streams
         self.device = next(model.parameters()).device
         names = adapted_parameter_names(model, config.params)
-        self.functions = PerSampleModel(model, task, names, config.skip_above is not None, config.compile)
+        self.functions = PerSampleModel(model, task, names, config.skip_above is not None, config.compile, config.amp)
         zero = torch.zeros((), dtype=torch.long, device=self.device)
         self.counts = {"updates": zero.clone(), "skipped": zero.clone()}
-
-    def _autocast(self):
-        enabled = self.config.amp and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def adapt_streams(
         self, images: torch.Tensor, streams: list[torch.Tensor], on_step: Callable[[int], None] = lambda done: None
@@ -106,19 +101,8 @@ class ParallelOnlineTTT:
         """`steps` updates of every stream on its views of `current`, then its logits. Streams where `active`
         (S,) is false (ended) or whose rotation head is confident past --skip-above leave weights and velocity
         as they are; active None means every stream updates (the body a CUDA graph captures)."""
-        config, functions = self.config, self.functions
-        dtype = params[0].dtype
-        for _ in range(config.steps):
-            inputs, targets = grouped_views(self.task, current, config.copies, self.generator)  # (S, copies, ...)
-            with self._autocast():
-                steps, confidence = functions.gradients(params, inputs, targets)
-            keep = None if active is None else active.to(dtype)
-            if config.skip_above is not None:
-                confident = (confidence > config.skip_above).to(dtype)
-                live = torch.ones_like(confident) if keep is None else keep
-                self.counts["skipped"] += (confident * live).sum().long()
-                keep = (1.0 - confident) * live
-            self.counts["updates"] += current.shape[0] if keep is None else keep.sum().long()
-            sgd_step(params, velocity, steps, config.lr, config.momentum, keep)
-        with torch.no_grad(), self._autocast():
-            return full_precision(functions.predict(params, current))
+        skipped = self.functions.sgd_steps(params, velocity, current, self.config, self.generator, active).sum()
+        live = current.shape[0] if active is None else active.sum()
+        self.counts["skipped"] += skipped
+        self.counts["updates"] += self.config.steps * live - skipped
+        return self.functions.predict(params, current)

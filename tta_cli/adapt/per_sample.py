@@ -8,13 +8,15 @@ as ordinary batched layers. Episodic TTT (one copy per test sample, reset after 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from tta_cli.adapt.compiled import maybe_compile
 from tta_cli.adapt.params import adapted_parameter_names
-from tta_cli.adapt.views import grouped_views
+from tta_cli.adapt.views import autocast_bf16, full_precision, grouped_views
 
 
 def split_state(model: nn.Module, names: list[str]) -> tuple[dict, dict]:
@@ -26,11 +28,14 @@ def split_state(model: nn.Module, names: list[str]) -> tuple[dict, dict]:
 
 
 class PerSampleModel:
-    """`gradients(params, inputs, targets)` and `predict(params, images)` over a leading copy dimension S:
-    params maps each adapted name to (S, *shape), inputs (S, views, C, H, W), images (S, C, H, W)."""
+    """`sgd_steps(params, ...)`, `gradients(params, inputs, targets)` and `predict(params, images)` over a leading
+    copy dimension S: params lists each adapted weight as (S, *shape) in `names` order, inputs (S, views, C, H, W),
+    images (S, C, H, W). `amp`: bf16 autocast on CUDA for the forward and backward passes."""
 
-    def __init__(self, model: nn.Module, task, names: list[str], with_confidence: bool = False, compile: bool = False):
+    def __init__(self, model: nn.Module, task, names: list[str], with_confidence: bool = False, compile: bool = False, amp: bool = False):
         self.names = names
+        self.task = task
+        self.amp = amp
         adapted, self.frozen = split_state(model, names)
         self.source = {name: tensor.clone() for name, tensor in adapted.items()}  # a copy: the live weights may move
         frozen = self.frozen
@@ -53,11 +58,32 @@ class PerSampleModel:
 
     def gradients(self, params: list[torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor):
         """(per-copy gradients in `names` order, per-copy confidence (S,) or the loss when not asked)."""
-        grads, confidence = self._gradients(dict(zip(self.names, params, strict=True)), inputs, targets)
+        with autocast_bf16(inputs.device, self.amp):
+            grads, confidence = self._gradients(dict(zip(self.names, params, strict=True)), inputs, targets)
         return [grads[n].to(p.dtype) for n, p in zip(self.names, params, strict=True)], confidence
 
     def predict(self, params: list[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-        return self._predict(dict(zip(self.names, params, strict=True)), images)
+        """Main-head logits (S, classes) of each copy's image on its own weights, in full precision."""
+        with torch.no_grad(), autocast_bf16(images.device, self.amp):
+            return full_precision(self._predict(dict(zip(self.names, params, strict=True)), images))
+
+    def sgd_steps(self, params, velocity, images: torch.Tensor, config, generator=None, active: torch.Tensor | None = None):
+        """`config.steps` momentum-SGD steps of every copy on its own `config.copies` views of its image, in place.
+        A copy whose `active` (S,) entry is 0, or whose ssl head is confident past `config.skip_above` at a step,
+        keeps its weights and velocity at that step. Returns the steps each copy skipped for confidence (S,)."""
+        dtype = params[0].dtype  # gates in the weights' dtype: a float32 gate would round lr in float64 runs
+        skipped = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+        for _ in range(config.steps):
+            inputs, targets = grouped_views(self.task, images, config.copies, generator)  # (S, copies, ...)
+            steps, confidence = self.gradients(params, inputs, targets)
+            keep = None if active is None else active.to(dtype)
+            if config.skip_above is not None:
+                confident = (confidence > config.skip_above).to(dtype)
+                live = torch.ones_like(confident) if keep is None else keep
+                skipped += (confident * live).long()
+                keep = (1.0 - confident) * live
+            sgd_step(params, velocity, steps, config.lr, config.momentum, keep)
+        return skipped
 
 
 def sgd_step(params, velocity, steps, lr: float, momentum: float, keep: torch.Tensor | None) -> None:
@@ -81,8 +107,6 @@ def adapt_streams_reference(model: nn.Module, task, config, images: torch.Tensor
     source weights, `config.steps` SGD steps per sample, each sample predicted after its steps. Views are drawn
     for every stream's current sample at once, per step, exactly as the batched paths draw them. Episodic TTT is
     the case of streams of one sample each."""
-    import copy
-
     names = set(adapted_parameter_names(model, config.params))
     models = [copy.deepcopy(model).eval() for _ in streams]
     optimizers = [
