@@ -125,9 +125,10 @@ def episodic_rows(model, task, images, args, device) -> list[tuple]:
     return rows
 
 
-def online_method(model, task, precision, compiled, graph, rollback=False, channels_last=False, pipeline=False):
+def online_method(model, task, precision, compiled, graph, rollback=False, channels_last=False, pipeline=False, autotune=False):
     config = OnlineConfig(
-        steps=1, copies=32, amp=precision == "bf16", cuda_graph=graph, compile=compiled, channels_last=channels_last, pipeline=pipeline
+        steps=1, copies=32, amp=precision == "bf16", cuda_graph=graph, compile=compiled, channels_last=channels_last,
+        pipeline=pipeline, cudnn_benchmark=autotune,
     )
     config.rollback = RollbackPolicy(enabled=rollback)
     generator = None if graph else torch.Generator(device=next(model.parameters()).device).manual_seed(0)
@@ -150,8 +151,7 @@ def online_rows(model, task, images, args, device) -> list[tuple]:
         flags = extra.split("-")
         graph, rollback, channels_last = "eager" not in flags, "rollback" in flags, "cl" in flags
         autotune, pipeline = "bench" in flags, "pipe" in flags
-        torch.backends.cudnn.benchmark = autotune
-        method = online_method(model, task, precision, compiled, graph and device.type == "cuda", rollback, channels_last, pipeline)
+        method = online_method(model, task, precision, compiled, graph and device.type == "cuda", rollback, channels_last, pipeline, autotune)
         count = args.online_samples if graph else min(args.online_samples, 500)
         if pipeline:  # adapt_sequence: predictions folded into the next update's forward pass
             first = warm_up(_Sequence(method), images[:20], 10)
@@ -165,7 +165,7 @@ def online_rows(model, task, images, args, device) -> list[tuple]:
         label += " + cudnn.benchmark" if autotune else ""
         label += " + pipeline" if pipeline else ""
         rows.append((label, rate, peak, first))
-        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.benchmark = False  # the setting is process-wide: the next variant starts without it
         print(rows[-1], flush=True)
     return rows
 
