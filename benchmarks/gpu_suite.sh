@@ -5,9 +5,9 @@
 # brings back at most 8 files). A checkpoint from an earlier call can travel as .carry/ckpt.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TTA_CACHE_DIR=$PWD/.work/tta-cache
-# torch.compile's kernels: carried in as .carry/inductor.tgz when an earlier call saved them (stage save-cache)
-# Work files and the kernel cache live in the checkout's ignored .work/, which the device keeps between calls
-# while the machine stays warm (a call made soon after the last one finds the corrupted sets and kernels there).
+# Work files and torch.compile's kernel cache live in the checkout's ignored .work/, which the device keeps between
+# calls while the machine stays warm (a call made soon after the last one finds the corrupted sets and kernels there);
+# the kernels can also come in as .carry/inductor.tgz, when an earlier call saved them (stage save-cache).
 export TORCHINDUCTOR_CACHE_DIR=$PWD/.work/inductor-cache
 [ -f .carry/inductor.tgz ] && mkdir -p $TORCHINDUCTOR_CACHE_DIR && tar xzf .carry/inductor.tgz -C $TORCHINDUCTOR_CACHE_DIR
 OUT=${OUT:-gpu-out}
@@ -19,6 +19,17 @@ mkdir -p "$OUT" "$WORK"; rm -f "$WORK"/bg-*.log
 START=$(date +%s)
 cap() { local left=$(( ${DEADLINE:-100000} - ($(date +%s) - START) - 15 )); [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 TTA="python3 -m tta_cli.cli"
+# train LOG LIMIT FALLBACK ARGS...: `tta train ARGS $TRAIN_ARGS`, timed, cut at LIMIT seconds (or the deadline), appended
+# to LOG; on a failure other than the cut (say torch.compile), once more with the FALLBACK flags added after ARGS.
+train() {
+  local log=$1 limit=$2 fallback=$3; shift 3
+  /usr/bin/time -f "train wall %e s" timeout "$(cap "$limit")" $TTA train "$@" ${TRAIN_ARGS:-} >> "$log" 2>&1
+  local rc=$?
+  if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
+    tail -20 "$log"; echo "retrying with $fallback"
+    /usr/bin/time -f "train wall %e s" timeout "$(cap "$limit")" $TTA train "$@" ${TRAIN_ARGS:-} $fallback >> "$log" 2>&1
+  fi
+}
 bundle() { tar czf "$OUT/results.tgz" -C "$WORK" --exclude='*.npy' --exclude='*.mp4' --exclude='resume.pt' --exclude='*.safetensors' . 2>/dev/null; }
 run_stage() {
   local stage=$1
@@ -32,15 +43,10 @@ run_stage() {
       timeout "$(cap ${SMOKE_TIMEOUT:-120})" python3 -m pytest -q -x -p no:cacheprovider tests/test_augment.py tests/test_corrupt.py tests/test_adapt_episodic.py \
         tests/test_adapt_online.py tests/test_adapt_online_parallel.py tests/test_adapt_cuda.py tests/test_stream_loop.py 2>&1 | tail -15 ;;
     train-fast)
-      # The fast recipe on the full archive; on a non-timeout failure (say torch.compile), once more eagerly.
-      /usr/bin/time -f "train wall %e s" timeout "$(cap ${TRAIN_TIMEOUT:-400})" $TTA train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast" \
-        ${TRAIN_ARGS:-} > "$WORK/train-fast.log" 2>&1
-      rc=$?
-      if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
-        tail -20 "$WORK/train-fast.log"; echo "retrying without torch.compile"
-        timeout 360 $TTA train recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast" --no-compile --force \
-          ${TRAIN_ARGS:-} > "$WORK/train-fast.log" 2>&1
-      fi
+      # The fast recipe on the full archive; if it fails for another reason than the time limit, once more eagerly.
+      : > "$WORK/train-fast.log"
+      train "$WORK/train-fast.log" "${TRAIN_TIMEOUT:-400}" "--no-compile --force" \
+        recipes/sun2020-rotation-gn-fast.yaml --data $ARCHIVE --out "$WORK/sun2020-fast"
       grep -E "^epoch|test|error|seconds" "$WORK/train-fast.log" | tail -25
       mkdir -p "$OUT/ckpt" && cp "$WORK"/sun2020-fast/model.* "$OUT/ckpt/" 2>/dev/null
       [ -f "$WORK/sun2020-fast/model.safetensors" ] || cp "$WORK/sun2020-fast/resume.pt" "$OUT/ckpt/" 2>/dev/null
@@ -54,15 +60,8 @@ run_stage() {
       [ -f .carry/paper/train-paper.log ] && [ ! -f "$WORK/train-paper.log" ] && cp .carry/paper/train-paper.log "$WORK/"
       resume=$([ -f "$dir/resume.pt" ] && echo --resume)
       echo "--- call at $(date +%T) $resume" >> "$WORK/train-paper.log"
-      /usr/bin/time -f "train wall %e s" timeout "$(cap ${TRAIN_TIMEOUT:-600})" $TTA train recipes/sun2020-rotation-gn.yaml --data $ARCHIVE \
-        --out "$dir" $resume --set compile_mode=${PAPER_COMPILE_MODE:-reduce-overhead} ${TRAIN_ARGS:-} >> "$WORK/train-paper.log" 2>&1
-      rc=$?
-      if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
-        tail -20 "$WORK/train-paper.log"; echo "retrying with compile_mode=default"
-        resume=$([ -f "$dir/resume.pt" ] && echo --resume)
-        timeout "$(cap 600)" $TTA train recipes/sun2020-rotation-gn.yaml --data $ARCHIVE --out "$dir" $resume --force \
-          --set compile_mode=default ${TRAIN_ARGS:-} >> "$WORK/train-paper.log" 2>&1
-      fi
+      train "$WORK/train-paper.log" "${TRAIN_TIMEOUT:-600}" "--force --set compile_mode=default" \
+        recipes/sun2020-rotation-gn.yaml --data $ARCHIVE --out "$dir" $resume --set compile_mode=${PAPER_COMPILE_MODE:-reduce-overhead}
       grep -E "^epoch|test|error|seconds|wall|call at|resum" "$WORK/train-paper.log" | tail -30
       cp "$WORK/train-paper.log" "$dir"/resume.pt "$OUT/paper/" 2>/dev/null
       cp "$dir"/model.* "$OUT/paper/" 2>/dev/null
