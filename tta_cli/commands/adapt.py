@@ -76,7 +76,7 @@ def adapt_command(
     steps: Annotated[int | None, typer.Option("--steps", help="SGD steps per sample (ttt 10, ttt-online 1).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="TTT learning rate (0.001).")] = None,
     copies: Annotated[int | None, typer.Option("--copies", help="Augmented views per sample (32).")] = None,
-    params: Annotated[str | None, typer.Option("--params", help="encoder | encoder+ssl | norm.")] = None,
+    params: Annotated[str | None, typer.Option("--params", help="encoder | encoder+ssl (better for long ttt-online streams) | norm.")] = None,
     batch: Annotated[int | None, typer.Option("--batch", help="ttt-online: consecutive samples per update (1).")] = None,
     reset: Annotated[str | None, typer.Option("--reset", help="ttt-online: never | every:N | on-shift.")] = None,
     rollback: Annotated[bool | None, typer.Option("--rollback/--no-rollback", help="ttt-online: undo harmful updates.")] = None,
