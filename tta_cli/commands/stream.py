@@ -23,7 +23,7 @@ LOG_WIDTH = 120  # columns of the results table when output goes to a file or pi
 
 MAKE_EXAMPLES = """
 A stream is clips of --clip-length frames, each showing one test image under a smooth pan/zoom; every
---segment-clips clips the corruption changes, its severity rising from ~0 to --max-severity and back.
+--segment-clips clips (40) the corruption changes, its severity rising from ~0 to --max-severity and back.
 Writes stream.mp4 (lossless), frames.npy, labels.npy, schedule.csv (frame, clip, label, corruption,
 severity) and stream.json; `tta stream run` finds the labels and the schedule beside the video.
 
@@ -87,8 +87,9 @@ def make_command(
     frames: Annotated[int, typer.Option("--frames", help="Frames in the stream.")] = 3000,
     clip_length: Annotated[int, typer.Option("--clip-length", help="Frames per clip: one image, one label, one smooth pan/zoom.")] = 30,
     segment_clips: Annotated[
-        int, typer.Option("--segment-clips", help="Clips per corruption segment (the severity ramps up and down over it).")
-    ] = 4,
+        int | None,
+        typer.Option("--segment-clips", help="Clips per corruption segment, the severity ramping up and down over it (40: 40 s at 30 fps)."),
+    ] = None,
     corruptions: Annotated[
         str,
         typer.Option(

@@ -34,6 +34,10 @@ from tta_cli.stream.sources import fit_square, import_av
 CLEAN = "clean"
 VIDEO_NAME = "stream.mp4"
 DEFAULT_FPS = 30.0
+# Clips per corruption segment: 40 clips of 30 frames is 40 s of video at 30 fps per corruption, a drift on the
+# time scale of weather or light. The first streams changed corruption every 4 clips (4 s): there online memory
+# had no time to pay off before the next shift (docs/results.md); `--segment-clips 4` still makes that stream.
+DEFAULT_SEGMENT_CLIPS = 40
 MIN_ZOOM = 0.7  # the tightest crop shows 70% of the image side
 PAN_SLACK = 0.1  # the crop may leave the image by this much (normalised units); reflection fills it
 CHUNK_PIXELS = 2**24  # pixels rendered / corrupted per batch (16384 frames of 32x32), to bound memory
@@ -87,7 +91,7 @@ def make_stream(
     max_severity: int = 5,
     seed: int = 0,
     size: int = 32,
-    segment_clips: int = 4,
+    segment_clips: int = DEFAULT_SEGMENT_CLIPS,
     device: torch.device | str | None = None,
 ) -> StreamData:
     """Build a labelled drifting stream of `frames` frames from `images` (deterministic for a seed).
@@ -379,7 +383,7 @@ def make_stream_command(
     video: bool,
     max_severity: int = 5,
     size: int | None = None,
-    segment_clips: int = 4,
+    segment_clips: int | None = None,
     fps: float = DEFAULT_FPS,
     data_root: str | None = None,
 ) -> dict[str, Any]:
@@ -400,7 +404,7 @@ def make_stream_command(
         max_severity=max_severity,
         seed=seed,
         size=size or int(min(images.images.shape[1:3])),
-        segment_clips=segment_clips,
+        segment_clips=segment_clips or DEFAULT_SEGMENT_CLIPS,
         device=compute_device,
     )
     written = save_stream(stream, out, video=video, fps=fps)
