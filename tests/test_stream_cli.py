@@ -155,6 +155,30 @@ def test_compare_prints_error_per_run_and_writes_each(checkpoint, stream_dir, tm
     assert [run["run"] for run in summary["runs"]] == names
     assert all(run["frames"] == 16 and run["error"] is not None for run in summary["runs"])
     assert all(len(read_csv(out / f"frames-{name}.csv")) == 16 for name in names)
+    assert "vs none: error difference in points, per clip" in result.output
+
+
+def test_compare_pairs_each_run_with_the_first_per_clip(checkpoint, stream_dir, tmp_path):
+    """vs_first is the per-clip error difference to the first run (none), recomputed here from the frame files."""
+    out = tmp_path / "compare"
+    ok("stream", "run", stream_dir, "--ckpt", checkpoint, "--compare", "--max-frames", "30", "--batch-size", "4", "--lr", "0.05", "--out", out)
+    clips = {row["frame"]: int(row["clip"]) for row in read_csv(stream_dir / "schedule.csv")}
+
+    def per_clip_error(name: str) -> dict[int, float]:
+        wrong: dict[int, list[bool]] = {}
+        for row in read_csv(out / f"frames-{name}.csv"):
+            wrong.setdefault(clips[row["frame"]], []).append(row["correct"] != "True")
+        return {clip: float(np.mean(values)) for clip, values in wrong.items()}
+
+    baseline = per_clip_error("none")
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert "vs_first" not in runs[0]
+    for run in runs[1:]:
+        ours = per_clip_error(run["run"])
+        differences = 100.0 * np.array([ours[clip] - baseline[clip] for clip in sorted(baseline)])
+        assert run["vs_first"]["baseline"] == "none" and run["vs_first"]["clips"] == 3
+        assert run["vs_first"]["points"] == pytest.approx(differences.mean())
+        assert run["vs_first"]["standard_error"] == pytest.approx(differences.std(ddof=1) / np.sqrt(3))
 
 
 def test_fps_paces_the_stream_in_real_time(checkpoint, stream_dir, tmp_path):

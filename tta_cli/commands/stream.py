@@ -255,7 +255,7 @@ def run_command(
             if result.interrupted:
                 console.print(f"stopped by Ctrl-C after {len(result):,} frames; the results cover those")
                 break
-    print_results(results, compare)
+    print_results(results, compare, truth)
     if out is not None:
         write_outputs(out, results, truth, class_names, {"checkpoint": str(ckpt), "source": source, "device": str(torch_device)})
     if plot is not None:
@@ -379,18 +379,27 @@ class LiveView:
         return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
 
 
-def print_results(results, compare: bool) -> None:
-    """Error (when labelled), throughput, latency and event counts per run."""
-    table = Table(title="tta stream: error per run" if compare else "tta stream run")
-    for column in ("run", "frames", "error %", "fps", "p50 ms", "p95 ms", "adapted", "rollbacks", "resets"):
+def print_results(results, compare: bool, truth=None) -> None:
+    """Error (when labelled), throughput, latency and event counts per run; with several runs and known clips, each
+    run's error difference to the first, paired per clip (mean +- standard error, in points)."""
+    from tta_cli.stream.report import paired_difference
+
+    differences = [None] + [paired_difference(result, results[0], truth) for result in results[1:]]
+    paired = any(difference is not None for difference in differences)
+    caption = f"vs {results[0].name}: error difference in points, per clip, mean +- standard error" if paired else None
+    table = Table(title="tta stream: error per run" if compare else "tta stream run", caption=caption)
+    columns = ["run", "frames", "error %"] + ([f"vs {results[0].name}"] if paired else [])
+    for column in columns + ["fps", "p50 ms", "p95 ms", "adapted", "rollbacks", "resets"]:
         table.add_column(column, justify="left" if column == "run" else "right", no_wrap=True)
-    for result in results:
+    for result, difference in zip(results, differences):
         summary = result.summary
         latency = summary["latency_ms"]
+        vs_first = [] if not paired else ["-" if difference is None else f"{difference['points']:+.2f} +- {difference['standard_error']:.2f}"]
         table.add_row(
             result.name,
             f"{summary['frames']:,}",
             "-" if summary["error"] is None else f"{summary['error']:.1f}",
+            *vs_first,
             f"{summary['fps']:,.1f}",
             *[("-" if latency[key] is None else f"{latency[key]:.1f}") for key in ("p50", "p95")],
             f"{summary['adapted']:,}",
@@ -416,5 +425,5 @@ def write_outputs(out: Path, results, truth, class_names: list[str], context: di
     written = []
     for result in results:
         written += write_frames(out, frames_stem(result, several), frame_rows(result, class_names, truth))
-    written.append(write_summary(out / "summary.json", results, {"tool": "tta stream run", **context, "class_names": class_names}))
+    written.append(write_summary(out / "summary.json", results, {"tool": "tta stream run", **context, "class_names": class_names}, truth))
     console.print(f"wrote {', '.join(path.name for path in written)} to {out}", highlight=False)

@@ -57,11 +57,15 @@ class StreamSettings:
     pre_update: bool = False  # predict before the frame's update (lowest latency)
     seed: int = 0
     max_frames: int | None = None
-    amp: bool = True
+    # bf16 autocast on CUDA. Off: on the H200 the reference ResNet-26's explicit-memory step runs 515 frames/s in
+    # fp32 against 481 in bf16 (p95 latency 48 vs 89 ms; benchmarks/stream_speed.py), as `tta adapt`'s online step
+    # does: for 0.64M parameters the casts cost more than bf16 saves. Larger backbones may want --set amp=true.
+    amp: bool = False
     cuda_graph: bool = True
     compile: bool = True  # torch.compile the forward passes on CUDA (inside the CUDA graph); never on the CPU
     # channels_last weights and inputs, and cuDNN's autotuner for the fixed step shapes (process-wide): on the
-    # H200's fp32 online step of `tta adapt` slower (476 vs 534 samples/s) and unchanged; not measured here in bf16
+    # H200's fp32 online step of `tta adapt` slower (476 vs 534 samples/s) and unchanged; here, bf16 + channels_last
+    # 498 frames/s against bf16's 481 and fp32's 515 (stream_speed.py)
     channels_last: bool = False
     cudnn_benchmark: bool = False
     block: int = 64  # frames per device-to-host copy of the per-frame log

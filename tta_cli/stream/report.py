@@ -60,14 +60,46 @@ def write_frames(out: Path, stem: str, rows: list[dict[str, Any]]) -> list[Path]
     return [write_csv(out / f"{stem}.csv", rows), write_text(out / f"{stem}.jsonl", lines)]
 
 
+def paired_difference(result: StreamResult, baseline: StreamResult, truth: StreamLabels | None) -> dict[str, Any] | None:
+    """Error of `result` minus error of `baseline`, in points, paired per clip: mean and standard error over the clips
+    both runs saw. The frames of one clip show one image, so they are not independent: the clip is the unit, and
+    the standard error says how sure the difference is. None without clip ids or with fewer than two clips."""
+    if truth is None or truth.clip_ids is None:
+        return None
+    clip_ids = truth.clip_ids.numpy()
+
+    def per_clip_error(run: StreamResult) -> dict[int, float]:
+        frames, labels = run.columns["frame"].astype(np.int64), run.columns["label"]
+        keep = (labels >= 0) & (frames < len(clip_ids))
+        wrong = (run.columns["predicted"][keep] != labels[keep]).astype(np.float64)
+        clips = clip_ids[frames[keep]]
+        totals, counts = np.bincount(clips, wrong), np.bincount(clips)
+        return {int(c): totals[c] / counts[c] for c in np.flatnonzero(counts)}
+
+    ours, theirs = per_clip_error(result), per_clip_error(baseline)
+    shared = sorted(ours.keys() & theirs.keys())
+    if len(shared) < 2:
+        return None
+    differences = 100.0 * np.array([ours[c] - theirs[c] for c in shared])
+    return {
+        "baseline": baseline.name,
+        "points": float(differences.mean()),
+        "standard_error": float(differences.std(ddof=1) / math.sqrt(len(shared))),
+        "clips": len(shared),
+    }
+
+
 def run_record(result: StreamResult) -> dict[str, Any]:
     """A run's summary (accuracy, latency percentiles, fps, counts) with the settings that produced it."""
     return clean_numbers({**result.summary, "settings": dataclasses.asdict(result.settings)})
 
 
-def write_summary(path: Path, results: list[StreamResult], context: dict[str, Any]) -> Path:
-    """One run: its record at the top level; several (--compare): a `runs` list. `context` says what ran on what."""
+def write_summary(path: Path, results: list[StreamResult], context: dict[str, Any], truth: StreamLabels | None = None) -> Path:
+    """One run: its record at the top level; several (--compare): a `runs` list, each later run with its error
+    difference to the first (`vs_first`, paired per clip). `context` says what ran on what."""
     records = [run_record(result) for result in results]
+    for record, result in zip(records[1:], results[1:]):
+        record["vs_first"] = clean_numbers(paired_difference(result, results[0], truth))
     body = {**context, **records[0]} if len(records) == 1 else {**context, "runs": records}
     return write_json(path, body)
 
