@@ -391,7 +391,7 @@ def print_results(results, compare: bool, truth=None) -> None:
     columns = ["run", "frames", "error %"] + ([f"vs {results[0].name}"] if paired else [])
     for column in columns + ["fps", "p50 ms", "p95 ms", "adapted", "rollbacks", "resets"]:
         table.add_column(column, justify="left" if column == "run" else "right", no_wrap=True)
-    for result, difference in zip(results, differences):
+    for result, difference in zip(results, differences, strict=True):
         summary = result.summary
         latency = summary["latency_ms"]
         vs_first = [] if not paired else ["-" if difference is None else f"{difference['points']:+.2f} +- {difference['standard_error']:.2f}"]

@@ -98,7 +98,7 @@ def write_summary(path: Path, results: list[StreamResult], context: dict[str, An
     """One run: its record at the top level; several (--compare): a `runs` list, each later run with its error
     difference to the first (`vs_first`, paired per clip). `context` says what ran on what."""
     records = [run_record(result) for result in results]
-    for record, result in zip(records[1:], results[1:]):
+    for record, result in zip(records[1:], results[1:], strict=True):
         record["vs_first"] = clean_numbers(paired_difference(result, results[0], truth))
     body = {**context, **records[0]} if len(records) == 1 else {**context, "runs": records}
     return write_json(path, body)
@@ -156,16 +156,16 @@ def plot_timeline(path: Path, results: list[StreamResult], truth: StreamLabels |
     FigureCanvasAgg(figure)
     top, bottom = figure.subplots(2, 1, sharex=True)
     labelled = any((result.columns["label"] >= 0).any() for result in results)
-    for result in results:
-        columns = result.columns
+    for index, result in enumerate(results):
+        columns, color = result.columns, f"C{index}"  # one colour per run in both panels
         if labelled:
             known = columns["label"] >= 0
             correct = np.where(known, (columns["predicted"] == columns["label"]).astype(np.float64), np.nan)
-            top.plot(columns["frame"], 100.0 * rolling_mean(correct, window), label=result.name, linewidth=1.2)
+            top.plot(columns["frame"], 100.0 * rolling_mean(correct, window), label=result.name, linewidth=1.2, color=color)
         else:
-            top.plot(columns["frame"], 100.0 * rolling_mean(columns["confidence"], window), label=result.name, linewidth=1.2)
+            top.plot(columns["frame"], 100.0 * rolling_mean(columns["confidence"], window), label=result.name, linewidth=1.2, color=color)
         if np.isfinite(columns["ssl_loss"]).any():
-            bottom.plot(columns["frame"], rolling_mean(columns["ssl_loss"], window), label=result.name, linewidth=1.2)
+            bottom.plot(columns["frame"], rolling_mean(columns["ssl_loss"], window), label=result.name, linewidth=1.2, color=color)
     top.set_ylabel(f"{'accuracy' if labelled else 'confidence'} (%, last {window} frames)")
     bottom.set_ylabel(f"ssl loss (mean, last {window})")
     bottom.set_xlabel("frame")
