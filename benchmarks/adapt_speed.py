@@ -110,9 +110,12 @@ def parse_variants(text: str) -> list[tuple[str, bool, str]]:
 def episodic_rows(model, task, images, args, device) -> list[tuple]:
     rows = []
     for precision, compiled, chunk in parse_variants(args.episodic):
-        config = EpisodicConfig(steps=10, copies=32, amp=precision == "bf16", compile=compiled, chunk=None if chunk == "auto" else int(chunk))
+        chunk, _, how = chunk.partition("-")  # "512-grouped": per-sample weights folded into grouped convolutions
+        config = EpisodicConfig(
+            steps=10, copies=32, amp=precision == "bf16", compile=compiled, chunk=None if chunk == "auto" else int(chunk), per_sample=how or "vmap"
+        )
         method = EpisodicTTT(copy.deepcopy(model), task, config, torch.Generator(device=device).manual_seed(0))
-        label = f"tta episodic {precision} {'compiled' if compiled else 'eager'}"
+        label = f"tta episodic {config.per_sample} {precision} {'compiled' if compiled else 'eager'}"
         try:
             first = warm_up(method, images[: (method._chunk or 64)], 4096)  # also sizes the automatic chunk
             rate, peak = timed(method, images[: args.episodic_samples], 4096)
@@ -227,13 +230,13 @@ def print_profile(trace, count: int, what: str, unit: str) -> None:
             continue
 
 
-def profile_episodic(model, task, images, chunk: int, device) -> None:
+def profile_episodic(model, task, images, chunk: int, device, per_sample: str = "vmap") -> None:
     """Kernels of the episodic path (bf16, compiled on CUDA) on one warm chunk of `chunk` samples x 10 steps:
     where the per-sample (grouped) convolutions spend the time, before choosing a kernel to replace."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
-    config = EpisodicConfig(steps=10, copies=32, amp=on_gpu, compile=on_gpu, chunk=chunk)
+    config = EpisodicConfig(steps=10, copies=32, amp=on_gpu, compile=on_gpu, chunk=chunk, per_sample=per_sample)
     method = EpisodicTTT(copy.deepcopy(model), task, config, torch.Generator(device=device).manual_seed(0))
     method.adapt(images[:chunk])  # compiles
     sync(device)
@@ -270,7 +273,7 @@ def main() -> None:
     parser.add_argument("--online-samples", type=int, default=4000)
     parser.add_argument("--reference-samples", type=int, default=10)
     parser.add_argument("--episodic", default="bf16:compile:auto,fp32:compile:auto,bf16:eager:auto",
-                        help="precision:eager|compile:chunk (chunk auto = sized to free memory)")
+                        help="precision:eager|compile:chunk[-grouped] (chunk auto = sized to free memory; -grouped: adapt/grouped.py)")
     parser.add_argument("--online", default="fp32:eager:graph,fp32:compile:graph,fp32:compile:graph-cl,fp32:compile:graph-bench,"
                         "fp32:compile:graph-cl-bench,fp32:compile:graph-pipe,fp32:compile:graph-cl-bench-pipe,fp32:compile:graph-rollback",
                         help="precision:eager|compile:graph|eager[-rollback][-cl][-bench][-pipe]; cl: channels_last, bench: cudnn.benchmark")
@@ -279,6 +282,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of the compiled online step")
     parser.add_argument("--profile-episodic", type=int, default=0, metavar="CHUNK",
                         help="print a kernel profile of one episodic chunk of CHUNK samples (needs 2 x CHUNK samples)")
+    parser.add_argument("--profile-per-sample", default="vmap", choices=["vmap", "grouped"], help="which per-sample path --profile-episodic profiles")
     args = parser.parse_args()
     device = torch.device(args.device)
     model, task = reference_model(args.ckpt, device)
@@ -295,7 +299,7 @@ def main() -> None:
     if args.profile:
         profile_online(model, task, images, device)
     if args.profile_episodic:
-        profile_episodic(model, task, images, args.profile_episodic, device)
+        profile_episodic(model, task, images, args.profile_episodic, device, args.profile_per_sample)
     parity = online_parity(model, task, images, device)
     print(parity, flush=True)
     rows += online_rows(model, task, images, args, device)

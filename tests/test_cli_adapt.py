@@ -129,3 +129,32 @@ def test_one_stream_online_default_runs_pipelined_and_predicts_as_the_plain_loop
         pipelined_calls[label] = len(calls)
     assert pipelined_calls == {"default": 19, "plain": 0}  # 20 samples: the first has no earlier one to predict
     assert len(predictions["default"]) == 20 and predictions["default"] == predictions["plain"]
+
+
+def test_grouped_per_sample_ttt_runs_through_the_cli_and_predicts_as_vmap(tiny_checkpoint, tmp_path, monkeypatch):
+    """`--set per_sample=grouped` reaches episodic TTT (the folded path is taken) and predicts as the vmap default
+    (their equality is tested in float64 in test_adapt_grouped.py)."""
+    from tta_cli.adapt import grouped
+
+    built = []
+    monkeypatch.setattr(grouped.GroupedPerSampleModel, "__init__", _recording(grouped.GroupedPerSampleModel.__init__, built))
+    predictions = {}
+    for how in ("vmap", "grouped"):
+        out = tmp_path / how
+        result = run_cli([
+            "adapt", "--ckpt", tiny_checkpoint, "--data", "cifar10-mini", "--corruptions", "fog",
+            "--method", "ttt", *TINY_ADAPT_ARGS, "--set", f"per_sample={how}", "--predictions", "--out", out,
+        ])
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "results.json").read_text())["settings"]["per_sample"] == how
+        with open(out / "predictions.csv", newline="") as handle:
+            predictions[how] = [row["ttt"] for row in csv.DictReader(handle)]
+    assert len(built) == 1 and len(predictions["vmap"]) == 20 and predictions["grouped"] == predictions["vmap"]
+
+
+def _recording(function, calls: list):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return wrapper

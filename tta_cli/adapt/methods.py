@@ -33,6 +33,7 @@ class AdaptSettings:
     params: str = "encoder"
     batch: int = 1  # ttt-online mini-batch of consecutive samples
     chunk: int | None = None  # ttt samples adapted at once (None: sized to free GPU memory)
+    per_sample: str = "vmap"  # ttt: "vmap" or "grouped" (per-sample weights as grouped convolutions; EpisodicConfig)
     reset: str = "never"
     rollback: bool = False
     rollback_margin: float = 0.2
@@ -91,6 +92,7 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
             **update,
             skip_above=settings.skip_above,
             chunk=settings.chunk,
+            per_sample=settings.per_sample,
             amp=True if settings.amp is None else settings.amp,
             compile=settings.compile and device.type == "cuda",
         )
