@@ -18,12 +18,13 @@ def tiny_model(task_name: str, dtype=torch.float64):
     return model.to(dtype), task
 
 
+@pytest.mark.parametrize("per_sample", ["vmap", "grouped"])
 @pytest.mark.parametrize("task_name", ["rotation", "masked"])
 @pytest.mark.parametrize("params", ["encoder", "encoder+ssl", "norm"])
-def test_batched_episodic_equals_sequential(task_name, params):
+def test_batched_episodic_equals_sequential(task_name, params, per_sample):
     model, task = tiny_model(task_name)
     images = torch.rand(3, 3, 32, 32, dtype=torch.float64)
-    config = EpisodicConfig(steps=3, lr=0.05, copies=4, params=params, chunk=3, amp=False, momentum=0.9)
+    config = EpisodicConfig(steps=3, lr=0.05, copies=4, params=params, chunk=3, amp=False, momentum=0.9, per_sample=per_sample)
     batched = EpisodicTTT(copy.deepcopy(model), task, config, torch.Generator().manual_seed(7)).adapt(images)
     reference = adapt_sequential(copy.deepcopy(model), task, config, images, torch.Generator().manual_seed(7))
     source = model.eval()(images)

@@ -64,6 +64,12 @@ def test_models_the_fold_does_not_know_keep_vmap(task_name, norm):
     assert type(functions) is PerSampleModel
 
 
+def test_auto_folds_on_the_cpu():
+    model, task = tiny_model()
+    functions = per_sample_model(model, task, adapted_parameter_names(model, "encoder"), EpisodicConfig())
+    assert EpisodicConfig().per_sample == "auto" and isinstance(functions, grouped.GroupedPerSampleModel)
+
+
 def test_unknown_per_sample_is_a_user_error():
     model, task = tiny_model()
     with pytest.raises(TTAError, match="per_sample"):

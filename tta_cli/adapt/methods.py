@@ -33,7 +33,7 @@ class AdaptSettings:
     params: str = "encoder"
     batch: int = 1  # ttt-online mini-batch of consecutive samples
     chunk: int | None = None  # ttt samples adapted at once (None: sized to free GPU memory)
-    per_sample: str = "vmap"  # ttt: "vmap" or "grouped" (per-sample weights as grouped convolutions; EpisodicConfig)
+    per_sample: str = "auto"  # ttt: "auto", "vmap" or "grouped" (per-sample weights as grouped convolutions; EpisodicConfig)
     reset: str = "never"
     rollback: bool = False
     rollback_margin: float = 0.2
