@@ -50,6 +50,7 @@ class FoldedNetwork:
         return weight.expand(self.samples, *weight.shape)
 
     def run(self, module: nn.Module, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        """`module`'s output for all S samples at once; x is folded (views, S * C, H, W), `prefix` the module's name."""
         if isinstance(module, (nn.Sequential, NormReLU)):
             for name, child in module.named_children():
                 x = self.run(child, x, f"{prefix}{name}.")
