@@ -92,6 +92,14 @@ def test_make_without_pyav_is_one_line_before_any_file(tmp_path, monkeypatch):
     assert not (tmp_path / "stream").exists()
 
 
+def test_make_refuses_zero_clips_per_segment(tmp_path):
+    """0 is a bad value, not "the default": one line, exit 2, no stream written."""
+    result = tta("stream", "make", "--out", tmp_path / "s", "--frames", "10", "--segment-clips", "0", "--device", "cpu")
+    assert result.exit_code == 2
+    assert "clips per corruption must be positive" in one_line(result.output)
+    assert not (tmp_path / "s" / "stream.json").exists()
+
+
 def test_make_refuses_to_replace_a_stream_without_force(stream_dir):
     result = tta("stream", "make", "--out", stream_dir, "--frames", "10", "--no-video")
     assert result.exit_code == 2 and "--force" in one_line(result.output)

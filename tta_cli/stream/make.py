@@ -404,7 +404,7 @@ def make_stream_command(
         max_severity=max_severity,
         seed=seed,
         size=size or int(min(images.images.shape[1:3])),
-        segment_clips=segment_clips or DEFAULT_SEGMENT_CLIPS,
+        segment_clips=DEFAULT_SEGMENT_CLIPS if segment_clips is None else segment_clips,
         device=compute_device,
     )
     written = save_stream(stream, out, video=video, fps=fps)
