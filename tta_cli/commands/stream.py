@@ -255,7 +255,10 @@ def run_command(
             if result.interrupted:
                 console.print(f"stopped by Ctrl-C after {len(result):,} frames; the results cover those")
                 break
-    print_results(results, compare, truth)
+    from tta_cli.stream.report import attach_paired_differences
+
+    attach_paired_differences(results, truth)
+    print_results(results, compare)
     if out is not None:
         write_outputs(out, results, truth, class_names, {"checkpoint": str(ckpt), "source": source, "device": str(torch_device)})
     if plot is not None:
@@ -379,12 +382,10 @@ class LiveView:
         return self.class_names[index] if 0 <= index < len(self.class_names) else str(index)
 
 
-def print_results(results, compare: bool, truth=None) -> None:
+def print_results(results, compare: bool) -> None:
     """Error (when labelled), throughput, latency and event counts per run; with several runs and known clips, each
     run's error difference to the first, paired per clip (mean +- standard error, in points)."""
-    from tta_cli.stream.report import paired_difference
-
-    differences = [None] + [paired_difference(result, results[0], truth) for result in results[1:]]
+    differences = [result.summary.get("vs_first") for result in results]
     paired = any(difference is not None for difference in differences)
     caption = f"vs {results[0].name}: error difference in points, per clip, mean +- standard error" if paired else None
     table = Table(title="tta stream: error per run" if compare else "tta stream run", caption=caption)
@@ -425,5 +426,5 @@ def write_outputs(out: Path, results, truth, class_names: list[str], context: di
     written = []
     for result in results:
         written += write_frames(out, frames_stem(result, several), frame_rows(result, class_names, truth))
-    written.append(write_summary(out / "summary.json", results, {"tool": "tta stream run", **context, "class_names": class_names}, truth))
+    written.append(write_summary(out / "summary.json", results, {"tool": "tta stream run", **context, "class_names": class_names}))
     console.print(f"wrote {', '.join(path.name for path in written)} to {out}", highlight=False)

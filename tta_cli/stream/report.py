@@ -89,17 +89,22 @@ def paired_difference(result: StreamResult, baseline: StreamResult, truth: Strea
     }
 
 
+def attach_paired_differences(results: list[StreamResult], truth: StreamLabels | None) -> None:
+    """Each run after the first gets `summary["vs_first"]`: its paired difference to the first run (or None), which
+    the results table prints and summary.json keeps."""
+    for result in results[1:]:
+        result.summary["vs_first"] = paired_difference(result, results[0], truth)
+
+
 def run_record(result: StreamResult) -> dict[str, Any]:
     """A run's summary (accuracy, latency percentiles, fps, counts) with the settings that produced it."""
     return clean_numbers({**result.summary, "settings": dataclasses.asdict(result.settings)})
 
 
-def write_summary(path: Path, results: list[StreamResult], context: dict[str, Any], truth: StreamLabels | None = None) -> Path:
-    """One run: its record at the top level; several (--compare): a `runs` list, each later run with its error
-    difference to the first (`vs_first`, paired per clip). `context` says what ran on what."""
+def write_summary(path: Path, results: list[StreamResult], context: dict[str, Any]) -> Path:
+    """One run: its record at the top level; several (--compare): a `runs` list (each later run with `vs_first`,
+    see attach_paired_differences). `context` says what ran on what."""
     records = [run_record(result) for result in results]
-    for record, result in zip(records[1:], results[1:], strict=True):
-        record["vs_first"] = clean_numbers(paired_difference(result, results[0], truth))
     body = {**context, **records[0]} if len(records) == 1 else {**context, "runs": records}
     return write_json(path, body)
 
