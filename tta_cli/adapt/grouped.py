@@ -36,18 +36,11 @@ def supports(model: nn.Module, task) -> bool:
 
 
 class FoldedNetwork:
-    """Evaluates a module tree on folded inputs (views, S * C, H, W): `adapted[name]` holds a parameter's S
-    per-sample copies (S, *shape); every other weight comes from `shared` and is the same for all samples."""
+    """Evaluates a module tree on folded inputs (views, S * C, H, W) with every weight given per sample as
+    (S, *shape): `adapted` holds the moving ones, `shared` the frozen ones repeated S times."""
 
     def __init__(self, adapted: dict[str, torch.Tensor], shared: dict[str, torch.Tensor], samples: int):
-        self.adapted, self.shared, self.samples = adapted, shared, samples
-
-    def stacked(self, name: str) -> torch.Tensor:
-        """(S, *shape) for any weight."""
-        if name in self.adapted:
-            return self.adapted[name]
-        weight = self.shared[name]
-        return weight.expand(self.samples, *weight.shape)
+        self.weights, self.samples = {**shared, **adapted}, samples
 
     def run(self, module: nn.Module, x: torch.Tensor, prefix: str) -> torch.Tensor:
         """`module`'s output for all S samples at once; x is folded (views, S * C, H, W), `prefix` the module's name."""
@@ -60,12 +53,12 @@ class FoldedNetwork:
             residual = self.run(module.conv2, torch.relu(self.run(module.norm2, residual, f"{prefix}norm2.")), f"{prefix}conv2.")
             return (x if module.shortcut is None else self.run(module.shortcut, x, f"{prefix}shortcut.")) + residual
         if isinstance(module, nn.Conv2d):
-            weight = self.stacked(f"{prefix}weight")
+            weight = self.weights[f"{prefix}weight"]
             weight = weight.reshape(-1, *weight.shape[2:])  # (S * out, in, k, k): sample s's filters are group s
-            bias = None if module.bias is None else self.stacked(f"{prefix}bias").reshape(-1)
+            bias = None if module.bias is None else self.weights[f"{prefix}bias"].reshape(-1)
             return functional.conv2d(x, weight, bias, module.stride, module.padding, module.dilation, module.groups * self.samples)
         if isinstance(module, nn.GroupNorm):
-            weight, bias = self.stacked(f"{prefix}weight").reshape(-1), self.stacked(f"{prefix}bias").reshape(-1)
+            weight, bias = self.weights[f"{prefix}weight"].reshape(-1), self.weights[f"{prefix}bias"].reshape(-1)
             return functional.group_norm(x, module.num_groups * self.samples, weight, bias, module.eps)
         if isinstance(module, nn.ReLU):
             return torch.relu(x)
@@ -79,8 +72,8 @@ class FoldedNetwork:
             pooled = x.mean(dim=(2, 3))  # (views, S * C)
             return pooled.reshape(pooled.shape[0], self.samples, -1)  # (views, S, C)
         if isinstance(module, nn.Linear):  # after GlobalPool: (views, S, C) -> (views, S, outputs)
-            out = torch.einsum("vsc,soc->vso", x, self.stacked(f"{prefix}weight").to(x.dtype))
-            return out if module.bias is None else out + self.stacked(f"{prefix}bias").to(out.dtype)
+            out = torch.einsum("vsc,soc->vso", x, self.weights[f"{prefix}weight"])
+            return out if module.bias is None else out + self.weights[f"{prefix}bias"]
         raise TypeError(f"no folded form for {type(module).__name__}")
 
 
@@ -105,37 +98,56 @@ class GroupedPerSampleModel(PerSampleModel):
         amp: bool = False,
         channels_last: bool = False,
     ):
+        self.channels_last = channels_last
+        self.shared_names = [name for name, _ in model.named_parameters() if name not in names]
+        self._shared: tuple[int, dict[str, torch.Tensor]] | None = None
         super().__init__(model, task, names, with_confidence, compile, amp)
-        frozen = self.frozen
+
+    def shared_stacks(self, samples: int) -> dict[str, torch.Tensor]:
+        """The frozen weights repeated for `samples` samples, made once per chunk size rather than at every call
+        (the frozen heads are most of the network's weights)."""
+        if self._shared is None or self._shared[0] != samples:
+            stacks = {name: self.frozen[name].expand(samples, *self.frozen[name].shape).contiguous() for name in self.shared_names}
+            self._shared = (samples, stacks)
+        return self._shared[1]
+
+    def _build(self, model: nn.Module, task, with_confidence: bool, compile: bool):
+        """The folded twin of PerSampleModel._build; the loss and confidence are RotationTask's, per sample."""
+        channels_last = self.channels_last
 
         def normalized(images: torch.Tensor) -> torch.Tensor:  # (S, views, C, H, W), as TTTModel.normalize
             return (images - model.mean.to(images.dtype).unsqueeze(0)) / model.std.to(images.dtype).unsqueeze(0)
 
-        def ssl_losses(params: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor):
-            """Per-sample ssl loss (S,) and per-sample confidence of the true rotation (S,)."""
+        def ssl_losses(params: dict[str, torch.Tensor], shared: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor):
+            """Per-sample ssl loss (S,) and, with the gate, per-sample mean probability of the true rotation (S,)."""
             samples, views = targets.shape
-            folded = FoldedNetwork(params, frozen, samples)
+            folded = FoldedNetwork(params, shared, samples)
             features = folded.run(model.encoder, fold(normalized(inputs), channels_last), "encoder.")
             outputs = folded.run(model.ssl_head, features, "ssl_head.").float()  # (views, S, 4), as task.loss casts
             flat_outputs = outputs.transpose(0, 1).reshape(samples * views, -1)
             losses = functional.cross_entropy(flat_outputs, targets.reshape(-1), reduction="none").view(samples, views).mean(1)
+            if not with_confidence:
+                return losses, losses.detach()
             probabilities = flat_outputs.softmax(dim=1).gather(1, targets.reshape(-1, 1)).view(samples, views).mean(1)
-            return losses, probabilities
+            return losses, probabilities.detach()
+
+        compiled_losses = maybe_compile(ssl_losses, compile)  # forward compiled; autograd runs its compiled backward
 
         def gradients(params: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor):
             leaves = {name: tensor.detach().requires_grad_(True) for name, tensor in params.items()}
             with torch.enable_grad():
-                losses, probabilities = self._ssl_losses(leaves, inputs, targets)
+                losses, confidence = compiled_losses(leaves, self.shared_stacks(targets.shape[0]), inputs, targets)
                 grads = torch.autograd.grad(losses.sum(), list(leaves.values()))  # samples are independent: own grads
-            confidence = probabilities.detach() if with_confidence else losses.detach()
             return dict(zip(leaves, grads, strict=True)), confidence
 
-        def predict(params: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-            samples = images.shape[0]
-            folded = FoldedNetwork(params, frozen, samples)
+        def predict(params: dict[str, torch.Tensor], shared: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+            folded = FoldedNetwork(params, shared, images.shape[0])
             features = folded.run(model.encoder, fold(normalized(images.unsqueeze(1)), channels_last), "encoder.")
             return folded.run(model.main_head, features, "main_head.").squeeze(0)  # (S, classes)
 
-        self._ssl_losses = maybe_compile(ssl_losses, compile)  # forward compiled; autograd runs its compiled backward
-        self._gradients = gradients
-        self._predict = maybe_compile(predict, compile)
+        compiled_predict = maybe_compile(predict, compile)
+
+        def predict_with_shared(params: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+            return compiled_predict(params, self.shared_stacks(images.shape[0]), images)
+
+        return gradients, predict_with_shared

@@ -38,6 +38,11 @@ class PerSampleModel:
         self.amp = amp
         adapted, self.frozen = split_state(model, names)
         self.source = {name: tensor.clone() for name, tensor in adapted.items()}  # a copy: the live weights may move
+        self._gradients, self._predict = self._build(model, task, with_confidence, compile)
+
+    def _build(self, model: nn.Module, task, with_confidence: bool, compile: bool):
+        """(gradients(params dict, inputs, targets) -> (grads dict, confidence), predict(params dict, images) -> logits),
+        both over the copy dimension: here vmap over a functional call of the model."""
         frozen = self.frozen
 
         def sample_loss(sample_params, inputs, targets):
@@ -49,8 +54,7 @@ class PerSampleModel:
         def predict(sample_params, image):
             return functional_call(model, (sample_params, frozen), (image.unsqueeze(0),)).squeeze(0)
 
-        self._gradients = maybe_compile(vmap(grad(sample_loss, has_aux=True)), compile)
-        self._predict = maybe_compile(vmap(predict), compile)
+        return maybe_compile(vmap(grad(sample_loss, has_aux=True)), compile), maybe_compile(vmap(predict), compile)
 
     def repeated_source(self, copies: int) -> list[torch.Tensor]:
         """The source weights, `copies` times each: (copies, *shape) per adapted name, in `names` order."""
