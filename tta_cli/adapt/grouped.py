@@ -9,7 +9,8 @@ times the groups (a group never spans two samples), and the tensor can stay chan
 The S losses are independent, so the gradient of their sum is each sample's own gradient: plain autograd, no vmap.
 
 Only the modules of the CIFAR pre-activation ResNet with the rotation task are folded (`supports`); anything else
-keeps vmap (`PerSampleModel`). tests/test_adapt_episodic.py holds it equal to vmap and to the sequential loop.
+keeps vmap (`PerSampleModel`). tests/test_adapt_grouped.py and test_adapt_episodic.py hold it equal to vmap and to
+the sequential loop in float64.
 """
 
 from __future__ import annotations
