@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+import traceback
 
 import torch
 
@@ -123,6 +124,9 @@ def episodic_rows(model, task, images, args, device) -> list[tuple]:
         except torch.OutOfMemoryError:
             rows.append((f"{label} chunk {chunk}", float("nan"), float("inf"), float("nan")))
             torch.cuda.empty_cache()
+        except Exception:  # one broken variant must not cost the device call the others' numbers
+            traceback.print_exc()
+            rows.append((f"{label} chunk {chunk} FAILED", float("nan"), float("nan"), float("nan")))
         print(rows[-1], flush=True)
         del method
     return rows
@@ -177,27 +181,37 @@ def parallel_rows(model, task, images_uint8, args, device) -> list[tuple]:
     """Online TTT over independent streams side by side (as `tta adapt` runs the per-corruption order)."""
     rows = []
     for precision, compiled, streams in parse_variants(args.parallel):
+        streams, _, how = streams.partition("-")  # "15g-grouped": per-stream weights folded into grouped convolutions
         graph = streams.endswith("g") and device.type == "cuda"  # "15g": 15 streams, each position's step a CUDA graph
         streams = int(streams.rstrip("g"))
-        config = OnlineConfig(steps=1, copies=32, amp=precision == "bf16", compile=compiled, cuda_graph=graph)
-        method = ParallelOnlineTTT(copy.deepcopy(model), task, config)
-        length = max(args.online_samples // streams, 1)
-        indices = torch.arange(streams * length, device=device).remainder(len(images_uint8)).view(streams, length)
-        started = time.perf_counter()
-        method.adapt_streams(images_uint8, list(indices[:, :4]))  # compiles for this number of streams
-        sync(device)
-        first = time.perf_counter() - started
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
-        method.adapt_streams(images_uint8, list(indices))
-        sync(device)
-        rate = streams * length / (time.perf_counter() - started)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-        label = f"tta online, {streams} streams side by side, {precision} {'compiled' if compiled else 'eager'}{' graph' if graph else ''}"
-        rows.append((label, rate, peak, first))
+        config = OnlineConfig(steps=1, copies=32, amp=precision == "bf16", compile=compiled, cuda_graph=graph, per_sample=how or "vmap")
+        label = f"tta online, {streams} streams side by side, {config.per_sample} {precision}"
+        label += f" {'compiled' if compiled else 'eager'}{' graph' if graph else ''}"
+        try:
+            rows.append((label, *parallel_rate(ParallelOnlineTTT(copy.deepcopy(model), task, config), images_uint8, streams, args, device)))
+        except Exception:  # one broken variant must not cost the device call the others' numbers
+            traceback.print_exc()
+            rows.append((f"{label} FAILED", float("nan"), float("nan"), float("nan")))
         print(rows[-1], flush=True)
     return rows
+
+
+def parallel_rate(method, images_uint8, streams: int, args, device) -> tuple[float, float, float]:
+    """(samples/s, peak GiB, seconds of the compiling first call) of `streams` streams side by side."""
+    length = max(args.online_samples // streams, 1)
+    indices = torch.arange(streams * length, device=device).remainder(len(images_uint8)).view(streams, length)
+    started = time.perf_counter()
+    method.adapt_streams(images_uint8, list(indices[:, :4]))  # compiles for this number of streams
+    sync(device)
+    first = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    method.adapt_streams(images_uint8, list(indices))
+    sync(device)
+    rate = streams * length / (time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    return rate, peak, first
 
 
 def profile_online(model, task, images, device) -> None:
@@ -278,7 +292,7 @@ def main() -> None:
                         "fp32:compile:graph-cl-bench,fp32:compile:graph-pipe,fp32:compile:graph-cl-bench-pipe,fp32:compile:graph-rollback",
                         help="precision:eager|compile:graph|eager[-rollback][-cl][-bench][-pipe]; cl: channels_last, bench: cudnn.benchmark")
     parser.add_argument("--parallel", default="fp32:compile:15g,bf16:compile:15g",
-                        help="precision:eager|compile:streams, streams ending in g = CUDA graph per position")
+                        help="precision:eager|compile:streams[-grouped], streams ending in g = CUDA graph per position")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of the compiled online step")
     parser.add_argument("--profile-episodic", type=int, default=0, metavar="CHUNK",
                         help="print a kernel profile of one episodic chunk of CHUNK samples (needs 2 x CHUNK samples)")
@@ -299,7 +313,10 @@ def main() -> None:
     if args.profile:
         profile_online(model, task, images, device)
     if args.profile_episodic:
-        profile_episodic(model, task, images, args.profile_episodic, device, args.profile_per_sample)
+        try:
+            profile_episodic(model, task, images, args.profile_episodic, device, args.profile_per_sample)
+        except Exception:  # the rates below still come back
+            traceback.print_exc()
     parity = online_parity(model, task, images, device)
     print(parity, flush=True)
     rows += online_rows(model, task, images, args, device)

@@ -1,5 +1,6 @@
 """The CUDA-only fast paths against their eager twins: torch.compile inside the online step, parallel streams
-on the GPU, and the per-position CUDA graph of parallel streams. Skipped without a GPU (CI has none); the
+on the GPU, the per-position CUDA graph of parallel streams, and the grouped per-sample fold (channels-last on
+CUDA) in episodic TTT and parallel streams. Skipped without a GPU (CI has none); the
 device suite's `smoke` stage runs them."""
 
 import copy
@@ -7,6 +8,8 @@ import copy
 import pytest
 import torch
 
+from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT
+from tta_cli.adapt.grouped import GroupedPerSampleModel
 from tta_cli.adapt.online import OnlineConfig, OnlineTTT
 from tta_cli.adapt.online_parallel import ParallelOnlineTTT
 from tta_cli.adapt.per_sample import adapt_streams_reference
@@ -41,23 +44,27 @@ def test_compiled_online_step_matches_eager_on_cuda():
     assert ((logits[1] - logits[0]).abs().max() / scale) < 1e-2  # TF32 convolutions in different cuDNN algorithms
 
 
-def test_parallel_streams_on_cuda_equal_the_reference_in_float64():
+@pytest.mark.parametrize("per_sample", ["vmap", "grouped"])
+def test_parallel_streams_on_cuda_equal_the_reference_in_float64(per_sample):
     model, task = tiny(torch.float64)
     images = uint8_images(7)
     streams = [torch.tensor([0, 1, 2], device="cuda"), torch.tensor([3, 4, 5, 6], device="cuda")]
-    config = OnlineConfig(steps=1, lr=0.05, copies=3, amp=False, cuda_graph=False)
+    config = OnlineConfig(steps=1, lr=0.05, copies=3, amp=False, cuda_graph=False, per_sample=per_sample)
     generator = torch.Generator(device="cuda")
-    batched = ParallelOnlineTTT(copy.deepcopy(model), task, config, generator.manual_seed(8)).adapt_streams(images, streams)
+    method = ParallelOnlineTTT(copy.deepcopy(model), task, config, generator.manual_seed(8))
+    assert isinstance(method.functions, GroupedPerSampleModel) == (per_sample == "grouped")
+    batched = method.adapt_streams(images, streams)
     reference = adapt_streams_reference(copy.deepcopy(model), task, config, to_float_nchw(images), streams, generator.manual_seed(8))
     for got, expected in zip(batched, reference, strict=True):
         assert torch.allclose(got, expected, atol=1e-9)
 
 
-def test_parallel_streams_graph_adapts_every_sample():
+@pytest.mark.parametrize("per_sample", ["vmap", "grouped"])
+def test_parallel_streams_graph_adapts_every_sample(per_sample):
     model, task = tiny()
     images = uint8_images(40)
     streams = list(torch.arange(40, device="cuda").view(4, 10))
-    config = OnlineConfig(steps=1, lr=0.05, copies=4, amp=False, cuda_graph=True)
+    config = OnlineConfig(steps=1, lr=0.05, copies=4, amp=False, cuda_graph=True, per_sample=per_sample)
     method = ParallelOnlineTTT(copy.deepcopy(model), task, config)  # default generator: the graph path
     adapted = method.adapt_streams(images, streams)
     assert [a.shape for a in adapted] == [(10, 10)] * 4 and all(a.isfinite().all() for a in adapted)
@@ -79,3 +86,31 @@ def test_pipelined_sequence_on_cuda_equals_one_call_per_sample_and_its_graph_run
     graphed = OnlineTTT(copy.deepcopy(model).float(), task, OnlineConfig(copies=4, lr=0.05, amp=False, pipeline=True), classes=10)
     out = graphed.adapt_sequence(images.float())  # default generator: the "update", "pipelined" and "predict" graphs
     assert out.shape == (6, 10) and out.isfinite().all() and graphed.counters()["updates"] == 6
+
+
+def test_grouped_episodic_on_cuda_equals_vmap_in_float64():
+    """The channels-last fold against vmap on the GPU's own kernels (the CPU tests cover NCHW and the maths)."""
+    model, task = tiny(torch.float64)
+    images = torch.rand(5, 3, 32, 32, device="cuda", dtype=torch.float64)
+    logits = {}
+    for per_sample in ("vmap", "grouped"):
+        config = EpisodicConfig(steps=2, lr=0.05, copies=4, chunk=5, amp=False, momentum=0.9, skip_above=0.5, per_sample=per_sample)
+        method = EpisodicTTT(copy.deepcopy(model), task, config, torch.Generator(device="cuda").manual_seed(3))
+        logits[per_sample] = method.adapt(images)
+        assert isinstance(method._functions, GroupedPerSampleModel) == (per_sample == "grouped")
+        assert method._functions.channels_last if per_sample == "grouped" else True
+    assert torch.allclose(logits["grouped"], logits["vmap"], atol=1e-9)
+
+
+def test_grouped_episodic_compiled_bf16_runs_and_agrees_with_vmap():
+    """The fast configuration (bf16 autocast, torch.compile, a padded last chunk): near vmap's answer, not equal
+    (bf16 rounding in different kernels)."""
+    model, task = tiny()
+    images = torch.rand(12, 3, 32, 32, device="cuda")
+    logits = {}
+    for per_sample in ("vmap", "grouped"):
+        config = EpisodicConfig(steps=2, lr=0.01, copies=8, chunk=8, amp=True, compile=True, per_sample=per_sample)
+        logits[per_sample] = EpisodicTTT(copy.deepcopy(model), task, config, torch.Generator(device="cuda").manual_seed(3)).adapt(images)
+    assert logits["grouped"].shape == (12, 10) and logits["grouped"].isfinite().all()
+    scale = logits["vmap"].abs().max()
+    assert ((logits["grouped"] - logits["vmap"]).abs().max() / scale) < 0.05

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tta_cli.adapt import grouped
-from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT, adapt_sequential, per_sample_model
+from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT, adapt_sequential
 from tta_cli.adapt.params import adapted_parameter_names
 from tta_cli.adapt.per_sample import PerSampleModel
 from tta_cli.adapt.views import grouped_views
@@ -60,13 +60,13 @@ def test_grouped_episodic_equals_sequential(skip_above):
 def test_models_the_fold_does_not_know_keep_vmap(task_name, norm):
     model, task = tiny_model(task_name, norm)
     assert not grouped.supports(model, task)
-    functions = per_sample_model(model, task, adapted_parameter_names(model, "encoder"), EpisodicConfig(per_sample="grouped"))
+    functions = grouped.per_sample_model(model, task, adapted_parameter_names(model, "encoder"), EpisodicConfig(per_sample="grouped"))
     assert type(functions) is PerSampleModel
 
 
 def test_auto_folds_on_the_cpu():
     model, task = tiny_model()
-    functions = per_sample_model(model, task, adapted_parameter_names(model, "encoder"), EpisodicConfig())
+    functions = grouped.per_sample_model(model, task, adapted_parameter_names(model, "encoder"), EpisodicConfig())
     assert EpisodicConfig().per_sample == "auto" and isinstance(functions, grouped.GroupedPerSampleModel)
 
 

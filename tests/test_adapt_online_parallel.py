@@ -5,11 +5,13 @@ import copy
 import pytest
 import torch
 
+from tta_cli.adapt.grouped import GroupedPerSampleModel
 from tta_cli.adapt.online import OnlineConfig, OnlineTTT
 from tta_cli.adapt.online_parallel import ParallelOnlineTTT
 from tta_cli.adapt.per_sample import adapt_streams_reference
 from tta_cli.config import ModelConfig, TaskConfig
 from tta_cli.data.imageset import to_float_nchw
+from tta_cli.errors import TTAError
 from tta_cli.models import build_model
 from tta_cli.tasks import build_task
 
@@ -24,16 +26,18 @@ def uint8_images(count: int) -> torch.Tensor:
     return torch.randint(0, 256, (count, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
 
 
+@pytest.mark.parametrize("per_sample", ["vmap", "grouped"])  # grouped folds the rotation models only; masked keeps vmap
 @pytest.mark.parametrize(
     "task_name,momentum,skip_above",
     [("rotation", 0.0, None), ("rotation", 0.9, None), ("rotation", 0.0, 0.3), ("masked", 0.0, None), ("masked", 0.9, None)],
 )  # the confidence gate (skip_above) needs the rotation task
-def test_parallel_streams_equal_the_reference(task_name, momentum, skip_above):
+def test_parallel_streams_equal_the_reference(task_name, momentum, skip_above, per_sample):
     model, task = tiny(task_name)
     images = uint8_images(9)
     streams = [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5]), torch.tensor([6, 7, 8])]  # ragged: shorter streams stop early
-    config = OnlineConfig(steps=2, lr=0.05, copies=3, momentum=momentum, skip_above=skip_above, amp=False)
+    config = OnlineConfig(steps=2, lr=0.05, copies=3, momentum=momentum, skip_above=skip_above, amp=False, per_sample=per_sample)
     method = ParallelOnlineTTT(copy.deepcopy(model), task, config, torch.Generator().manual_seed(8))
+    assert isinstance(method.functions, GroupedPerSampleModel) == (per_sample == "grouped" and task_name == "rotation")
     batched = method.adapt_streams(images, streams)
     reference = adapt_streams_reference(copy.deepcopy(model), task, config, to_float_nchw(images), streams, torch.Generator().manual_seed(8))
     for got, expected, stream in zip(batched, reference, streams, strict=True):
@@ -68,3 +72,9 @@ def test_parallel_streams_leave_the_source_model_alone_and_adapt():
         source = model(images[[2]].permute(0, 3, 1, 2).double() / 255.0)
     assert not torch.allclose(adapted[0][-1:], source, atol=1e-6)  # three updates in, the stream has moved
     assert [len(a) for a in adapted] == [3, 3, 2]
+
+
+def test_unknown_per_sample_is_a_user_error():
+    model, task = tiny()
+    with pytest.raises(TTAError, match="per_sample"):
+        ParallelOnlineTTT(model, task, OnlineConfig(per_sample="loops"))

@@ -20,12 +20,9 @@ from torch import nn
 
 from tta_cli import distributed
 from tta_cli.adapt import grouped
-from tta_cli.adapt.params import UpdateConfig, adapted_parameter_names
+from tta_cli.adapt.params import UpdateConfig, adapted_parameter_names, check_per_sample
 from tta_cli.adapt.per_sample import PerSampleModel, adapt_streams_reference
 from tta_cli.adapt.views import make_views
-from tta_cli.errors import TTAError
-
-PER_SAMPLE = ("auto", "vmap", "grouped")
 
 
 @dataclass
@@ -35,21 +32,6 @@ class EpisodicConfig(UpdateConfig):
     chunk: int | None = None  # samples adapted together; None sizes it to free GPU memory
     amp: bool = True  # bf16 autocast on CUDA
     compile: bool = False  # torch.compile the per-sample gradient (CUDA; the last chunk is padded)
-    # How per-sample weights are computed: "vmap" (torch.func, any model) or "grouped" (the CIFAR pre-activation
-    # ResNet with rotation folded into grouped convolutions, channels-last on CUDA: adapt/grouped.py; other models
-    # keep vmap). Equal results (float64-tested). "auto": grouped on the CPU, where it measured 1.2x (quick-start
-    # model) to 1.6x (ResNet-26) vmap's samples/s on 2 cores; vmap on CUDA, where grouped is not yet measured.
-    per_sample: str = "auto"
-
-
-def per_sample_model(model: nn.Module, task, names: list[str], config: EpisodicConfig) -> PerSampleModel:
-    """The per-sample machinery `config.per_sample` asks for; "grouped" falls back to vmap for models it cannot fold."""
-    gate = config.skip_above is not None
-    device = next(model.parameters()).device
-    wanted = ("grouped" if device.type == "cpu" else "vmap") if config.per_sample == "auto" else config.per_sample
-    if wanted == "grouped" and grouped.supports(model, task):
-        return grouped.GroupedPerSampleModel(model, task, names, gate, config.compile, config.amp, channels_last=device.type == "cuda")
-    return PerSampleModel(model, task, names, gate, config.compile, config.amp)
 
 
 class EpisodicTTT:
@@ -59,8 +41,7 @@ class EpisodicTTT:
     episodic = True
 
     def __init__(self, model: nn.Module, task, config: EpisodicConfig, generator: torch.Generator | None = None):
-        if config.per_sample not in PER_SAMPLE:  # checked before any work, as build_methods builds every method first
-            raise TTAError(f"unknown per_sample {config.per_sample!r}; choose one of: {', '.join(PER_SAMPLE)}")
+        check_per_sample(config)
         self.model = model.eval()  # BatchNorm uses its running statistics: per-sample results stay independent
         self.task = task
         self.config = config
@@ -117,7 +98,7 @@ class EpisodicTTT:
         """images (S, C, H, W) -> logits (S, classes), each sample adapted on its own weights."""
         config = self.config
         if self._functions is None:
-            self._functions = per_sample_model(self.model, self.task, self.names, config)
+            self._functions = grouped.per_sample_model(self.model, self.task, self.names, config)
         functions = self._functions
         images, real = self._static_shape(images)
         params = functions.repeated_source(images.shape[0])

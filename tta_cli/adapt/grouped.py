@@ -36,6 +36,17 @@ def supports(model: nn.Module, task) -> bool:
     return isinstance(task, RotationTask) and foldable and maps
 
 
+def per_sample_model(model: nn.Module, task, names: list[str], config) -> PerSampleModel:
+    """The per-sample machinery an UpdateConfig's `per_sample` asks for (with its `skip_above`, `compile` and
+    `amp`); "grouped" falls back to vmap for models it cannot fold."""
+    gate = config.skip_above is not None
+    device = next(model.parameters()).device
+    wanted = ("grouped" if device.type == "cpu" else "vmap") if config.per_sample == "auto" else config.per_sample
+    if wanted == "grouped" and supports(model, task):
+        return GroupedPerSampleModel(model, task, names, gate, config.compile, config.amp, channels_last=device.type == "cuda")
+    return PerSampleModel(model, task, names, gate, config.compile, config.amp)
+
+
 class FoldedNetwork:
     """Evaluates a module tree on folded inputs (views, S * C, H, W) with every weight given per sample as
     (S, *shape): `adapted` holds the moving ones, `shared` the frozen ones repeated S times."""

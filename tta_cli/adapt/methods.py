@@ -33,7 +33,7 @@ class AdaptSettings:
     params: str = "encoder"
     batch: int = 1  # ttt-online mini-batch of consecutive samples
     chunk: int | None = None  # ttt samples adapted at once (None: sized to free GPU memory)
-    per_sample: str = "auto"  # ttt: "auto", "vmap" or "grouped" (per-sample weights as grouped convolutions; EpisodicConfig)
+    per_sample: str = "auto"  # ttt and parallel ttt-online streams: "auto", "vmap" or "grouped" (UpdateConfig)
     reset: str = "never"
     rollback: bool = False
     rollback_margin: float = 0.2
@@ -86,13 +86,13 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
         return Tent(model, settings.tent_lr, bool(settings.amp))
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     update = {"lr": settings.lr, "copies": settings.copies, "momentum": settings.momentum, "params": settings.params}
+    update["per_sample"] = settings.per_sample
     if name == "ttt":
         config = EpisodicConfig(
             steps=10 if settings.steps is None else settings.steps,
             **update,
             skip_above=settings.skip_above,
             chunk=settings.chunk,
-            per_sample=settings.per_sample,
             amp=True if settings.amp is None else settings.amp,
             compile=settings.compile and device.type == "cuda",
         )

@@ -3,7 +3,7 @@
 Between two resets the samples of a stream are adapted in order, each update starting from the weights the
 last one left. Streams that start from the source weights with no shared state (the per-corruption order's
 segments) do not depend on each other, so step t of every stream can run together: S streams give S samples
-per batched step, each on its own weights (`PerSampleModel`), with exactly the updates each stream would get
+per batched step, each on its own weights (`PerSampleModel`, or its grouped fold: `per_sample`), with exactly the updates each stream would get
 alone. Only the plain update goes this way (any --steps, --lr, --copies, --momentum, --params, --skip-above);
 reset every:N/on-shift, rollback, pre-update predictions, mini-batches and window views take the one-stream
 path (`OnlineTTT`), whose policies decide per sample.
@@ -17,9 +17,9 @@ from functools import partial
 import torch
 from torch import nn
 
+from tta_cli.adapt import grouped
 from tta_cli.adapt.graphs import CapturedCall
-from tta_cli.adapt.params import adapted_parameter_names
-from tta_cli.adapt.per_sample import PerSampleModel
+from tta_cli.adapt.params import adapted_parameter_names, check_per_sample
 from tta_cli.data.imageset import to_float_nchw
 
 
@@ -43,8 +43,8 @@ class ParallelOnlineTTT:
         self.generator = generator
         self.max_streams = max_streams
         self.device = next(model.parameters()).device
-        names = adapted_parameter_names(model, config.params)
-        self.functions = PerSampleModel(model, task, names, config.skip_above is not None, config.compile, config.amp)
+        check_per_sample(config)
+        self.functions = grouped.per_sample_model(model, task, adapted_parameter_names(model, config.params), config)
         zero = torch.zeros((), dtype=torch.long, device=self.device)
         self.counts = {"updates": zero.clone(), "skipped": zero.clone()}
 
