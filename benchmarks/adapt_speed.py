@@ -111,12 +111,16 @@ def parse_variants(text: str) -> list[tuple[str, bool, str]]:
 def episodic_rows(model, task, images, args, device) -> list[tuple]:
     rows = []
     for precision, compiled, chunk in parse_variants(args.episodic):
-        chunk, _, how = chunk.partition("-")  # "512-grouped": per-sample weights folded into grouped convolutions
+        # "512-grouped": per-sample weights folded into grouped convolutions; "-bench": cuDNN's autotuner
+        chunk, *flags = chunk.split("-")
         config = EpisodicConfig(
-            steps=10, copies=32, amp=precision == "bf16", compile=compiled, chunk=None if chunk == "auto" else int(chunk), per_sample=how or "vmap"
+            steps=10, copies=32, amp=precision == "bf16", compile=compiled, chunk=None if chunk == "auto" else int(chunk),
+            per_sample="grouped" if "grouped" in flags else "vmap",
         )
+        torch.backends.cudnn.benchmark = "bench" in flags  # process-wide: set per variant
         method = EpisodicTTT(copy.deepcopy(model), task, config, torch.Generator(device=device).manual_seed(0))
         label = f"tta episodic {config.per_sample} {precision} {'compiled' if compiled else 'eager'}"
+        label += " + cudnn.benchmark" if "bench" in flags else ""
         try:
             first = warm_up(method, images[: (method._chunk or 64)], 4096)  # also sizes the automatic chunk
             rate, peak = timed(method, images[: args.episodic_samples], 4096)
@@ -129,6 +133,7 @@ def episodic_rows(model, task, images, args, device) -> list[tuple]:
             rows.append((f"{label} chunk {chunk} FAILED", float("nan"), float("nan"), float("nan")))
         print(rows[-1], flush=True)
         del method
+    torch.backends.cudnn.benchmark = False
     return rows
 
 
@@ -287,7 +292,8 @@ def main() -> None:
     parser.add_argument("--online-samples", type=int, default=4000)
     parser.add_argument("--reference-samples", type=int, default=10)
     parser.add_argument("--episodic", default="bf16:compile:auto,fp32:compile:auto,bf16:eager:auto",
-                        help="precision:eager|compile:chunk[-grouped] (chunk auto = sized to free memory; -grouped: adapt/grouped.py)")
+                        help="precision:eager|compile:chunk[-grouped][-bench] (chunk auto = sized to free memory; "
+                        "-grouped: adapt/grouped.py; -bench: cudnn.benchmark)")
     parser.add_argument("--online", default="fp32:eager:graph,fp32:compile:graph,fp32:compile:graph-cl,fp32:compile:graph-bench,"
                         "fp32:compile:graph-cl-bench,fp32:compile:graph-pipe,fp32:compile:graph-cl-bench-pipe,fp32:compile:graph-rollback",
                         help="precision:eager|compile:graph|eager[-rollback][-cl][-bench][-pipe]; cl: channels_last, bench: cudnn.benchmark")
