@@ -78,3 +78,14 @@ def test_unknown_per_sample_is_a_user_error():
     model, task = tiny()
     with pytest.raises(TTAError, match="per_sample"):
         ParallelOnlineTTT(model, task, OnlineConfig(per_sample="loops"))
+
+
+@pytest.mark.parametrize(("amp", "one_stream", "side_by_side"), [(None, False, True), (True, True, True), (False, False, False)])
+def test_tta_adapt_picks_each_paths_precision_unless_told(amp, one_stream, side_by_side):
+    """By default one stream runs fp32 and streams side by side bf16 (what measured fastest for each on the H200);
+    `--set amp=...` forces one choice on both."""
+    from tta_cli.adapt.methods import AdaptSettings, build_method
+
+    model, task = tiny()
+    method = build_method("ttt-online", model, task, AdaptSettings(amp=amp, streams=2), classes=10, device=torch.device("cpu"))
+    assert method.config.amp is one_stream and method.parallel.config.amp is side_by_side

@@ -45,9 +45,10 @@ class AdaptSettings:
     order: str = "per-corruption"
     dirichlet: float | None = None
     # bf16 autocast on CUDA; None picks, per method, what measured fastest for the reference ResNet-26 on the
-    # H200 (docs/results.md): bf16 for ttt (eager 151 vs 125 samples/s fp32; compiled bf16 405, compiled fp32
-    # not yet measured), fp32 for ttt-online (compiled 533 vs 494 bf16: the casts cost more than they save on
-    # a 0.64M-parameter network) and for source/norm/tent. Set it (--set amp=true|false) to force one choice.
+    # H200 (docs/speed-notes.md): bf16 for ttt (compiled 405 vs 49.8 samples/s fp32), fp32 for one ttt-online
+    # stream (compiled 533 vs 494 bf16: the casts cost more than they save on a 0.64M-parameter network), bf16 for
+    # ttt-online streams side by side (15 streams: 2,545 vs 1,693 fp32), fp32 for source/norm/tent. Set it
+    # (--set amp=true|false) to force one choice everywhere.
     amp: bool | None = None
     cuda_graph: bool = True
     # torch.compile the ttt / ttt-online hot paths on CUDA (never on the CPU, where compiling costs more than
@@ -110,6 +111,7 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
         rollback=RollbackPolicy(enabled=settings.rollback, margin=settings.rollback_margin, min_entropy=settings.collapse_entropy),
         pre_update=settings.pre_update,
         amp=bool(settings.amp),
+        parallel_amp=True if settings.amp is None else settings.amp,
         cuda_graph=use_graph,
         compile=settings.compile and device.type == "cuda",
         channels_last=settings.channels_last,
