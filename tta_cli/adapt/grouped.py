@@ -8,6 +8,10 @@ one grouped convolution (groups = S, the weights of the S samples stacked), each
 times the groups (a group never spans two samples), and the tensor can stay channels-last from input to loss.
 The S losses are independent, so the gradient of their sum is each sample's own gradient: plain autograd, no vmap.
 
+Measured: 1.2-1.6x vmap on a 2-core CPU, but 0.77x on an H200 (docs/results.md, fourth session): cuDNN runs a
+grouped convolution of hundreds of groups as many small kernels, each with its own layout transposes, whatever
+layout it is handed. So `per_sample=auto` folds on the CPU only.
+
 Only the modules of the CIFAR pre-activation ResNet with the rotation task are folded (`supports`); anything else
 keeps vmap (`PerSampleModel`). tests/test_adapt_grouped.py and test_adapt_episodic.py hold it equal to vmap and to
 the sequential loop in float64.
