@@ -30,6 +30,7 @@ def test_adapt_writes_results_json_csv_and_a_plot(tiny_checkpoint, tmp_path):
     assert results["table"]["corruptions"] == ["gaussian_noise", "fog"]
     for method in ("source", "ttt", "ttt-online"):
         assert results["methods"][method]["samples"] == 40 and results["methods"][method]["seconds"] > 0
+        assert results["methods"][method]["precision"] == "float32"  # bf16 autocast happens on CUDA only
         assert 0.0 <= results["table"]["mean"][method] <= 100.0
     assert results["methods"]["ttt-online"]["counters"]["updates"] == 40
     assert results["methods"]["ttt"]["counters"] == {"skipped_steps": 0}

@@ -29,6 +29,7 @@ class RunResult:
     seconds: float
     samples: int
     counters: dict
+    precision: str  # what the path taken computed in: "bf16 autocast" or the model's dtype
 
 
 def run_method(
@@ -53,7 +54,8 @@ def run_method(
         torch.cuda.synchronize()
     started = time.perf_counter()
     parallel = getattr(method, "parallel", None)
-    if parallel is not None and len(segments) > 1 and world_size == 1:
+    side_by_side = parallel is not None and len(segments) > 1 and world_size == 1
+    if side_by_side:
         done = adapt_side_by_side(parallel, images, segments, predictions, on_batch)
     else:
         done = adapt_in_order(method, images, segments, predictions, batch_size, rank, world_size, on_batch)
@@ -73,7 +75,16 @@ def run_method(
         part = slice(offset, offset + len(image_set))
         seen = visited[part].sum().clamp_min(1)
         errors.append(float(100.0 * (wrong[part] * visited[part]).sum() / seen))
-    return RunResult(method.name, errors, predictions.cpu(), seconds, done, counters)
+    return RunResult(method.name, errors, predictions.cpu(), seconds, done, counters, precision(parallel if side_by_side else method, device))
+
+
+def precision(path, device: torch.device) -> str:
+    """What a method's path computes in, for the results file: its amp flag (in its config for the TTT
+    methods) means bf16 autocast, which only happens on CUDA; otherwise the model's own dtype."""
+    amp = path.config.amp if hasattr(path, "config") else path.amp
+    if amp and device.type == "cuda":
+        return "bf16 autocast"
+    return str(next(path.model.parameters()).dtype).removeprefix("torch.")
 
 
 def adapt_side_by_side(parallel, images, segments: list[Segment], predictions: torch.Tensor, on_batch) -> int:

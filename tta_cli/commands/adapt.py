@@ -276,7 +276,10 @@ def write_outputs(out: Path, results, sets, settings, ckpt, data, selection: dic
         "table": table,
         "rows": rows,
         "methods": {
-            r.method: {"seconds": r.seconds, "samples": r.samples, "samples_per_s": r.samples / max(r.seconds, 1e-9), "counters": r.counters}
+            r.method: {
+                "seconds": r.seconds, "samples": r.samples, "samples_per_s": r.samples / max(r.seconds, 1e-9), "counters": r.counters,
+                "precision": r.precision,
+            }
             for r in results
         },
     })
