@@ -36,8 +36,8 @@ Methods (--method, comma-separated; each gets a fresh copy of the checkpoint):
   tent        entropy minimisation of the normalization affine parameters, Adam 1e-3, batches of 200.
 
 Speed (CUDA): ttt and ttt-online run through torch.compile, so the first call compiles for tens of
-seconds (--set compile=false for short runs); bf16 for ttt, fp32 for the rest (--set amp=true|false
-for all).
+seconds (--set compile=false for short runs); bf16 for ttt and for ttt-online streams side by side,
+fp32 for one ttt-online stream and the rest (--set amp=true|false for all; results.json says which ran).
 
 Examples:
 
