@@ -159,3 +159,12 @@ def _recording(function, calls: list):
         return function(*args, **kwargs)
 
     return wrapper
+
+
+def test_unknown_per_sample_is_one_line_for_one_online_stream_too(tiny_checkpoint, tmp_path):
+    """One ttt-online stream builds no per-sample path, yet a misspelt `per_sample` is refused, not ignored."""
+    result = run_cli([
+        "adapt", "--ckpt", tiny_checkpoint, "--method", "ttt-online", *TINY_ADAPT_ARGS, "--set", "per_sample=loops", "--out", tmp_path / "a"
+    ])
+    assert_one_line_error(result, "unknown per_sample 'loops'")
+    assert not (tmp_path / "a").exists()

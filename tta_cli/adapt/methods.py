@@ -14,6 +14,7 @@ import torch
 from tta_cli.adapt.comparators import NormAdapt, SourceModel, Tent
 from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT
 from tta_cli.adapt.online import OnlineConfig, OnlineTTT
+from tta_cli.adapt.params import check_per_sample
 from tta_cli.adapt.policies import ResetPolicy, RollbackPolicy
 from tta_cli.errors import TTAError
 
@@ -85,6 +86,7 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
         return NormAdapt(model, bool(settings.amp))
     if name == "tent":
         return Tent(model, settings.tent_lr, bool(settings.amp))
+    check_per_sample(settings)  # before any work, also where no per-sample path would be built (one stream)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     update = {"lr": settings.lr, "copies": settings.copies, "momentum": settings.momentum, "params": settings.params}
     update["per_sample"] = settings.per_sample
