@@ -6,6 +6,7 @@ import csv
 import json
 import shutil
 
+import pytest
 import yaml
 from conftest import run_cli
 from test_cli_train import assert_one_line_error
@@ -167,4 +168,24 @@ def test_unknown_per_sample_is_one_line_for_one_online_stream_too(tiny_checkpoin
         "adapt", "--ckpt", tiny_checkpoint, "--method", "ttt-online", *TINY_ADAPT_ARGS, "--set", "per_sample=loops", "--out", tmp_path / "a"
     ])
     assert_one_line_error(result, "unknown per_sample 'loops'")
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--copies", "0"], "copies must be at least 1"),
+        (["--steps", "-1"], "steps must be 0 or more"),
+        (["--batch", "0"], "batch must be at least 1"),
+        (["--lr", "-0.1"], "lr must be 0 or more"),
+        (["--set", "chunk=0"], "chunk must be at least 1"),
+        (["--set", "momentum=1.5"], "momentum must be in [0, 1)"),
+        (["--skip-above", "2"], "--skip-above is a probability"),
+        (["--order", "correlated", "--dirichlet", "0"], "--dirichlet must be above 0"),
+    ],
+)
+def test_values_no_method_can_run_with_are_one_line_before_any_work(tiny_checkpoint, tmp_path, flags, message):
+    """Each of these used to end in a traceback deep in the adaptation loop, or (chunk=0) to be read as the default."""
+    result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--method", "ttt,ttt-online", *TINY_ADAPT_ARGS, *flags, "--out", tmp_path / "a"])
+    assert_one_line_error(result, message)
     assert not (tmp_path / "a").exists()

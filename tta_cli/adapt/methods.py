@@ -72,6 +72,26 @@ class AdaptSettings:
     pipeline: bool = True
     seed: int = 0
 
+    def validate(self) -> None:
+        """One-line errors for values no method can run with (the names as `--set` spells them), before any work;
+        methods, --params, --reset and --order are checked where they are parsed."""
+        at_least_one = {"copies": self.copies, "batch": self.batch, "comparator_batch": self.comparator_batch, "chunk": self.chunk,
+                        "streams": self.streams}
+        for name, value in at_least_one.items():
+            if value is not None and value < 1:
+                raise TTAError(f"{name} must be at least 1, got {value}")
+        for name, value in {"steps": self.steps, "lr": self.lr, "tent_lr": self.tent_lr, "rollback_margin": self.rollback_margin,
+                            "collapse_entropy": self.collapse_entropy}.items():
+            if value is not None and not value >= 0:  # `not >=` also refuses NaN
+                raise TTAError(f"{name} must be 0 or more, got {value}")
+        if not 0 <= self.momentum < 1:
+            raise TTAError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.skip_above is not None and not 0 <= self.skip_above <= 1:
+            raise TTAError(f"--skip-above is a probability (0 to 1), got {self.skip_above}")
+        if self.dirichlet is not None and not self.dirichlet > 0:
+            raise TTAError(f"--dirichlet must be above 0, got {self.dirichlet}")
+        check_per_sample(self)
+
 
 def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSettings, classes: int, device: torch.device):
     """A fresh copy of the model per method, so methods never see each other's changes."""
@@ -86,7 +106,6 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
         return NormAdapt(model, bool(settings.amp))
     if name == "tent":
         return Tent(model, settings.tent_lr, bool(settings.amp))
-    check_per_sample(settings)  # before any work, also where no per-sample path would be built (one stream)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     update = {"lr": settings.lr, "copies": settings.copies, "momentum": settings.momentum, "params": settings.params}
     update["per_sample"] = settings.per_sample
@@ -121,8 +140,6 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
         pipeline=settings.pipeline,
     )
     streams = settings.streams if settings.streams is not None else (256 if device.type == "cuda" else 1)
-    if streams < 1:
-        raise TTAError(f"streams must be at least 1, got {streams}")
     return OnlineTTT(model, task, config, classes, generator, streams=streams)
 
 

@@ -106,6 +106,7 @@ def adapt_command(
     }
     given = merge({k: v for k, v in flags.items() if v is not None}, parse_overrides(overrides or []))
     settings = load_config(AdaptSettings, recipe, given)
+    settings.validate()
     check_shardable(settings.methods)
     torch_device = distributed.init(resolve_device(device or "auto"))  # under torchrun: join the group, cuda:LOCAL_RANK
     model, train_config, meta = load_model(ckpt, torch_device)
