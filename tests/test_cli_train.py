@@ -135,8 +135,11 @@ def test_force_overwrites_an_existing_checkpoint(tiny_checkpoint, tmp_path):
         (["--set", "compile_mode=turbo"], "unknown compile_mode 'turbo'"),
         (["--set", "model.colour=blue"], "unknown config key 'model.colour'"),
         (["--batch-size", "512"], "fewer than one batch"),
+        (["--set", "optim.lr=-0.1"], "optim.lr must be 0 or more"),
+        (["--set", "optim.momentum=1"], "optim.momentum and optim.label_smoothing must be in [0, 1)"),
+        (["--set", "optim.clip_grad_norm=0"], "optim.clip_grad_norm must be above 0"),
     ],
-    ids=["missing-data", "backbone", "task", "split", "schedule", "compile-mode", "config-key", "batch-too-large"],
+    ids=["missing-data", "backbone", "task", "split", "schedule", "compile-mode", "config-key", "batch-too-large", "lr", "momentum", "clip"],
 )
 def test_bad_training_input_is_one_line_and_writes_nothing(tmp_path, flags, fragment):
     out = tmp_path / "run"

@@ -128,6 +128,14 @@ def check_config(config: TrainConfig, resume: bool = False, force: bool = False)
     or an existing checkpoint in `config.out` (building the model on the CPU validates the architecture)."""
     if config.optim.epochs < 1 or config.optim.batch_size < 1:
         raise TTAError(f"optim.epochs and optim.batch_size must be at least 1, got {config.optim.epochs} and {config.optim.batch_size}")
+    optim = config.optim
+    for name in ("lr", "weight_decay", "ssl_weight", "label_smoothing", "warmup_epochs", "gamma"):
+        if not getattr(optim, name) >= 0:  # `not >=` also refuses NaN
+            raise TTAError(f"optim.{name} must be 0 or more, got {getattr(optim, name)}")
+    if not 0 <= optim.momentum < 1 or not optim.label_smoothing < 1:
+        raise TTAError(f"optim.momentum and optim.label_smoothing must be in [0, 1), got {optim.momentum} and {optim.label_smoothing}")
+    if optim.clip_grad_norm is not None and not optim.clip_grad_norm > 0:
+        raise TTAError(f"optim.clip_grad_norm must be above 0 (or null for no clip), got {optim.clip_grad_norm}")
     if config.optim.batch_size % distributed.world_size():
         raise TTAError(
             f"optim.batch_size {config.optim.batch_size} does not split evenly over {distributed.world_size()} torchrun processes; "
