@@ -100,6 +100,14 @@ def test_make_refuses_zero_clips_per_segment(tmp_path):
     assert not (tmp_path / "s" / "stream.json").exists()
 
 
+@pytest.mark.parametrize(("flag", "value", "message"), [("--size", "0", "--size must be at least 1"), ("--fps", "0", "--fps must be above 0")])
+def test_make_refuses_a_zero_size_or_frame_rate(tmp_path, flag, value, message):
+    """--size 0 used to be read as the default size, and --fps 0 was written into the stream for `--fps native`."""
+    result = tta("stream", "make", "--out", tmp_path / "s", "--frames", "10", flag, value, "--no-video", "--device", "cpu")
+    assert result.exit_code == 2 and message in one_line(result.output)
+    assert not (tmp_path / "s" / "stream.json").exists()
+
+
 def test_make_refuses_to_replace_a_stream_without_force(stream_dir):
     result = tta("stream", "make", "--out", stream_dir, "--frames", "10", "--no-video")
     assert result.exit_code == 2 and "--force" in one_line(result.output)

@@ -392,6 +392,10 @@ def make_stream_command(
     `size` defaults to the test images' own side (32 for CIFAR-10). Without PyAV a video cannot be written: that
     fails here, before any work or file, rather than after frames.npy is already on disk.
     """
+    if size is not None and size < 1:
+        raise TTAError(f"--size must be at least 1 pixel, got {size}")
+    if not fps > 0:  # the rate `tta stream run --fps native` paces by
+        raise TTAError(f"--fps must be above 0, got {fps}")
     if video:
         import_av("or add --no-video to write the stream as frames.npy only")
     images = load_split(data, "test", root=data_root)
@@ -403,7 +407,7 @@ def make_stream_command(
         corruptions=corruptions,
         max_severity=max_severity,
         seed=seed,
-        size=size or int(min(images.images.shape[1:3])),
+        size=int(min(images.images.shape[1:3])) if size is None else size,
         segment_clips=DEFAULT_SEGMENT_CLIPS if segment_clips is None else segment_clips,
         device=compute_device,
     )
