@@ -203,3 +203,15 @@ def test_pipelined_sequence_equals_one_adapt_call_per_batch(batch, steps):
     assert logits.shape == (7, 10) and torch.allclose(piped_logits, logits, atol=1e-10)
     assert torch.allclose(piped_weights, weights, atol=1e-12)
     assert piped_counters == counters and piped_seen == seen == 7
+
+
+def test_rollback_counts_a_nan_loss_after_an_update_as_worse():
+    """NaN compares false to everything, so `after > before * (1 + margin)` alone would keep a diverged update."""
+    model, task = tiny()
+    method = OnlineTTT(copy.deepcopy(model), task, OnlineConfig(copies=4, amp=False, rollback=RollbackPolicy(enabled=True)), classes=10)
+    snapshot = method.snapshot.clone()
+    method.weights.flat.add_(1.0)  # the update under judgement
+    method._ssl_loss = lambda inputs, targets: torch.tensor(float("nan"))
+    method._check_update(None, None, torch.tensor(1.0), torch.ones(()))
+    assert method.counters()["rollbacks"] == 1
+    assert torch.equal(method.weights.flat, snapshot)

@@ -124,3 +124,29 @@ def test_tent_moves_only_normalization_affine_parameters():
     moved = {name for name in before if not torch.equal(before[name], after[name])}
     allowed = set(norm_parameter_names(model.encoder, "encoder.") + norm_parameter_names(model.main_head, "main_head."))
     assert moved and moved <= allowed
+
+
+class NaNAfterTwo:
+    """A method whose predictions turn NaN from the third sample on, as diverged updates leave them."""
+
+    name, episodic = "diverging", True
+
+    def reset(self) -> None:
+        self.seen = 0
+
+    def counters(self) -> dict:
+        return {}
+
+    def adapt(self, images: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(images.shape[0], len(CLASSES))
+        rows = torch.arange(self.seen, self.seen + images.shape[0])
+        self.seen += images.shape[0]
+        return logits.masked_fill((rows >= 2)[:, None], float("nan"))
+
+
+def test_a_run_whose_predictions_turn_nan_is_an_error_not_a_table():
+    from tta_cli.adapt.runner import run_method
+
+    sets = shifted_sets(("fog",), (1,), size=5)
+    with pytest.raises(TTAError, match="3 of 5 predictions were NaN or infinite"):
+        run_method(NaNAfterTwo(), sets, build_order(sets, "per-corruption"), batch_size=2, device=torch.device("cpu"))

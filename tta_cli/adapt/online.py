@@ -331,7 +331,7 @@ class OnlineTTT:
         views of the current input (the update's own views would reward over-fitting them)."""
         policy, counts = self.config.rollback, self.counts
         loss_after = self._ssl_loss(inputs, targets)
-        worse = (loss_after > loss_before * (1.0 + policy.margin)) & (gate > 0)
+        worse = ~(loss_after <= loss_before * (1.0 + policy.margin)) & (gate > 0)  # a NaN loss after is worse too
         counts["strikes"].copy_(torch.where(worse, counts["strikes"] + 1, torch.zeros_like(counts["strikes"])))
         to_source = counts["strikes"] >= policy.max_strikes
         self._restore(worse, torch.where(to_source, self.source, self.snapshot))

@@ -55,16 +55,20 @@ def run_method(
     started = time.perf_counter()
     parallel = getattr(method, "parallel", None)
     side_by_side = parallel is not None and len(segments) > 1 and world_size == 1
+    record = Recorder(predictions)
     if side_by_side:
-        done = adapt_side_by_side(parallel, images, segments, predictions, on_batch)
+        done = adapt_side_by_side(parallel, images, segments, record, on_batch)
     else:
-        done = adapt_in_order(method, images, segments, predictions, batch_size, rank, world_size, on_batch)
+        done = adapt_in_order(method, images, segments, record, batch_size, rank, world_size, on_batch)
     counters = method.counters()
+    nonfinite = record.nonfinite
     if world_size > 1:  # every sample was predicted by exactly one rank
         mine = (predictions >= 0).nonzero().squeeze(1)
         predictions = distributed.gather_in_order(predictions[mine], mine, len(labels), fill=-1)
         counters = {name: type(value)(distributed.sum_over_ranks(torch.tensor([value], device=device)).item())
                     for name, value in counters.items()}
+        nonfinite = distributed.sum_over_ranks(nonfinite.view(1))
+    check_finite(method.name, int(nonfinite), done)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
@@ -87,15 +91,37 @@ def precision(path, device: torch.device) -> str:
     return str(next(path.model.parameters()).dtype).removeprefix("torch.")
 
 
-def adapt_side_by_side(parallel, images, segments: list[Segment], predictions: torch.Tensor, on_batch) -> int:
+class Recorder:
+    """Writes each batch's predicted classes into `predictions` at its rows and counts, on the device (no host
+    sync per batch), the samples whose logits are not finite: the mark of updates that diverged."""
+
+    def __init__(self, predictions: torch.Tensor):
+        self.predictions = predictions
+        self.nonfinite = torch.zeros((), dtype=torch.long, device=predictions.device)
+
+    def __call__(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
+        self.predictions[rows] = logits.argmax(1)
+        self.nonfinite += (~logits.isfinite().all(1)).sum()
+
+
+def check_finite(name: str, nonfinite: int, samples: int) -> None:
+    """A diverged run is an error, not a table: NaN logits give arbitrary classes that would read as results."""
+    if nonfinite:
+        raise TTAError(
+            f"{name}: {nonfinite} of {samples} predictions were NaN or infinite, so the adaptation diverged; lower --lr "
+            "(or --set tent_lr for tent), or add --rollback for ttt-online; nothing was written"
+        )
+
+
+def adapt_side_by_side(parallel, images, segments: list[Segment], record: Recorder, on_batch) -> int:
     """Independent segments (each starting from the source weights) adapted together by the method's parallel twin."""
     streams = [segment.indices.to(images.device) for segment in segments]
     for stream, logits in zip(streams, parallel.adapt_streams(images, streams, on_batch), strict=True):
-        predictions[stream] = logits.argmax(1)
+        record(stream, logits)
     return sum(len(stream) for stream in streams)
 
 
-def adapt_in_order(method, images, segments: list[Segment], predictions: torch.Tensor, batch_size: int, rank: int, world_size: int,
+def adapt_in_order(method, images, segments: list[Segment], record: Recorder, batch_size: int, rank: int, world_size: int,
                    on_batch) -> int:
     """Segment after segment, reset before each, `batch_size` samples per call (under torchrun, shared out over
     the ranks). One process: ttt sizes its own batches, and online methods take runs of whole batches per call
@@ -113,11 +139,11 @@ def adapt_in_order(method, images, segments: list[Segment], predictions: torch.T
         for start in range(0, len(order), step):
             batch_index = order[start : start + step]
             if single:
-                predictions[batch_index] = adapt(to_float_nchw(images[batch_index])).argmax(1)
+                record(batch_index, adapt(to_float_nchw(images[batch_index])))
             else:
                 rows, logits = shard_adapt(method, to_float_nchw(images[batch_index]), batches, rank, world_size)
                 if rows.numel():
-                    predictions[batch_index[rows]] = logits.argmax(1)
+                    record(batch_index[rows], logits)
             batches += 1
             done += len(batch_index)
             on_batch(done)
