@@ -323,3 +323,15 @@ def test_installed_entry_point_runs_a_stream(checkpoint, stream_dir, tmp_path):
     assert finished.returncode == 0, finished.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["frames"] == 20 and summary["labelled_frames"] == 20
+
+
+def test_a_diverged_stream_writes_its_frames_then_ends_as_an_error(checkpoint, stream_dir, tmp_path):
+    """An absurd learning rate overflows the weights: the per-frame files show where, and the run exits 2 in one
+    line instead of reporting an accuracy over arbitrary classes."""
+    out = tmp_path / "run"
+    result = tta("stream", "run", stream_dir / "frames.npy", "--ckpt", checkpoint, "--mode", "implicit", "--lr", "1e38", "--out", out)
+    last = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 2 and last.startswith("error: ") and "frames had NaN or infinite predictions" in last
+    assert "Traceback" not in result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["nonfinite_frames"] <= summary["frames"] == FRAMES

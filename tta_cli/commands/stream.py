@@ -265,6 +265,19 @@ def run_command(
         from tta_cli.stream.report import plot_timeline
 
         console.print(f"wrote {plot_timeline(plot, results, truth)}")
+    check_finite(results)
+
+
+def check_finite(results) -> None:
+    """After the outputs (which show where it happened): NaN or infinite predictions mean the updates diverged,
+    and the run's accuracy counts arbitrary classes, so it ends as an error."""
+    for result in results:
+        nonfinite, frames = result.summary["nonfinite_frames"], result.summary["frames"]
+        if nonfinite:
+            raise TTAError(
+                f"{result.name}: {nonfinite} of {frames} frames had NaN or infinite predictions, so the adaptation diverged; "
+                "lower --lr or add --rollback"
+            )
 
 
 def stream_settings(flags: dict, overrides: list[str] | None):

@@ -431,6 +431,7 @@ def summarize(result: StreamResult) -> dict:
         "skipped_updates": frames - adapted if result.settings.adapting else 0,
         "rollbacks": int(columns["rolled_back"].sum()),
         "resets": int(columns["reset"].sum()),
+        "nonfinite_frames": int((~np.isfinite(columns["confidence"])).sum()),  # NaN logits: diverged updates
         "counters": result.counters,
         "interrupted": result.interrupted,
     }
