@@ -69,6 +69,15 @@ def test_archives_load_like_the_folder(tiny_folder: Path, tmp_path: Path, name: 
         assert from_archive.class_names == from_folder.class_names
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not-an-archive"])
+def test_a_damaged_archive_is_one_line(tiny_folder: Path, tmp_path: Path, damage: str):
+    archive = make_tar(tiny_folder, tmp_path / "tree.tar.gz")
+    archive.write_bytes(archive.read_bytes()[:100] if damage == "truncated" else b"<html>404 Not Found</html>")  # a bad download
+    with pytest.raises(TTAError, match="cannot read archive") as raised:
+        load_split(str(archive), "test")
+    assert "\n" not in str(raised.value)  # tarfile's message for a non-archive spans lines, one per compression
+
+
 def test_cifar10_class_folders_keep_cifar10_label_order(tmp_path: Path):
     for class_name in CIFAR10_CLASSES:
         write_png(tmp_path / "tree" / class_name / "0.png", np.zeros((8, 8, 3), np.uint8))

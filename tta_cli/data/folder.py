@@ -106,7 +106,8 @@ def _list_tar(archive: Path, split: str | None) -> TreeFiles:
         with tarfile.open(mode="r:*", **source) as tar:
             members = [member for member in tar.getmembers() if member.isfile()]
     except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
-        raise TTAError(f"cannot read archive {archive} ({type(error).__name__}: {error}); is it a complete .tar/.tar.gz?") from None
+        reason = " ".join(str(error).split())  # tarfile's message spans lines (one per compression it tried)
+        raise TTAError(f"cannot read archive {archive} ({type(error).__name__}: {reason}); is it a complete .tar/.tar.gz?") from None
     relative_paths = [member.name.removeprefix("./") for member in members]
     chosen, names, labels, class_names = _resolve_layout(relative_paths, split, str(archive))
 
