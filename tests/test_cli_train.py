@@ -155,6 +155,21 @@ def test_missing_recipe_or_a_folder_without_images_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_broken_yaml_in_a_recipe_or_a_set_value_is_one_line(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("optim:\n  lr: [\n")
+    assert_one_line_error(run_cli(["train", recipe, "--out", tmp_path / "run"]), "broken.yaml is not valid YAML", "line 3")
+    assert_one_line_error(run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, "--set", "optim.lr=[", "--out", tmp_path / "run"]), "not valid YAML")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_with_broken_yaml_is_one_line(tiny_checkpoint, tmp_path):
+    broken = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "model.yaml").write_text("config: {model: [\n")
+    assert_one_line_error(run_cli(["adapt", "--ckpt", broken, "--device", "cpu"]), "model.yaml is not valid YAML")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_on_a_machine_without_it_is_one_line(tmp_path):
     result = run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, "--device", "cuda", "--out", tmp_path / "run"])

@@ -160,8 +160,19 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if "=" not in pair:
             raise TTAError(f"override {pair!r} is not key=value (example: --set optim.lr=0.05)")
         key, raw = pair.split("=", 1)
-        set_dotted(nested, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as error:
+            raise TTAError(f"--set {pair}: the value is not valid YAML ({yaml_problem(error)}); quote it, e.g. --set 'key=\"text\"'") from None
+        set_dotted(nested, key.strip(), value)
     return nested
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: what went wrong and where."""
+    problem = getattr(error, "problem", None) or " ".join(str(error).split())
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def set_dotted(nested: dict[str, Any], key: str, value: Any) -> None:
@@ -190,7 +201,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise TTAError(f"recipe {path} is not valid YAML: {error}") from None
+        raise TTAError(f"recipe {path} is not valid YAML: {yaml_problem(error)}") from None
     return loaded or {}
 
 

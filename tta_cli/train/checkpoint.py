@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save
 
-from tta_cli.config import TrainConfig, from_dict, to_dict
+from tta_cli.config import TrainConfig, from_dict, to_dict, yaml_problem
 from tta_cli.errors import TTAError
 from tta_cli.files import write_bytes, write_text
 from tta_cli.models import TTTModel, build_model
@@ -51,7 +51,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     try:
         meta = yaml.safe_load((folder / META).read_text())
     except yaml.YAMLError as error:
-        raise TTAError(f"{folder / META} is not valid YAML: {error}") from None
+        raise TTAError(f"{folder / META} is not valid YAML: {yaml_problem(error)}") from None
     if not isinstance(meta, dict) or "config" not in meta:
         raise TTAError(f"{folder / META} is not a tta checkpoint description")
     return meta
