@@ -44,6 +44,21 @@ def tiny_folder(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture
+def cifar_classes_48px(tmp_path: Path) -> Path:
+    """`<root>/{train,test}/<CIFAR-10 class>/N.png`: 2 random 48x48 images per class and split, a size no
+    checkpoint here was trained on."""
+    from tta_cli.data.cifar_binary import CIFAR10_CLASSES
+
+    rng = np.random.default_rng(1)
+    root = tmp_path / "cifar48"
+    for split in ("train", "test"):
+        for class_name in CIFAR10_CLASSES:
+            for index in range(2):
+                write_png(root / split / class_name / f"{index}.png", rng.integers(0, 256, (48, 48, 3), dtype=np.uint8))
+    return root
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Per-frame work is tiny: one thread is faster and immune to other processes competing for the cores."""

@@ -162,6 +162,19 @@ def _recording(function, calls: list):
     return wrapper
 
 
+def test_a_clean_source_of_another_size_is_resized_but_a_shifted_set_must_match(tiny_checkpoint, cifar_classes_48px, tmp_path):
+    """48x48 clean images are resized to the checkpoint's 32x32 before the corruption; ready-made shifted sets
+    of 48x48 images are refused, since resizing them would change what their corruptions measure."""
+    args = ["adapt", "--ckpt", tiny_checkpoint, "--method", "source", "--corruptions", "fog", "--device", "cpu"]
+    result = run_cli([*args, "--data", cifar_classes_48px, "--out", tmp_path / "clean"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "clean" / "results.json").read_text())["methods"]["source"]["samples"] == 20
+    made = run_cli(["corrupt", "--data", cifar_classes_48px, "--out", tmp_path / "c48", "--corruptions", "fog", "--severities", "5"])
+    assert made.exit_code == 0, made.output
+    assert_one_line_error(run_cli([*args, "--data", tmp_path / "c48", "--out", tmp_path / "shifted"]), "holds 48x48 images", "takes 32x32")
+    assert not (tmp_path / "shifted").exists()
+
+
 def test_unknown_per_sample_is_one_line_for_one_online_stream_too(tiny_checkpoint, tmp_path):
     """One ttt-online stream builds no per-sample path, yet a misspelt `per_sample` is refused, not ignored."""
     result = run_cli([

@@ -155,6 +155,16 @@ def test_missing_recipe_or_a_folder_without_images_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_images_of_another_size_are_resized_to_the_models_input(cifar_classes_48px, tmp_path):
+    """A ViT's patch grid is fixed by model.img_size (32), so 48x48 images must be resized to train at all."""
+    vit = ["--set", "model.backbone=vit", "--set", "model.split=block3", "--set", "model.embed_dim=32", "--set", "model.vit_depth=4",
+           "--set", "model.vit_heads=2", "--set", "model.patch_size=4"]
+    args = ["train", QUICKSTART, "--data", cifar_classes_48px, "--epochs", "1", "--batch-size", "8", "--device", "cpu", *vit]
+    result = run_cli([*args, "--out", tmp_path / "run"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
 def test_broken_yaml_in_a_recipe_or_a_set_value_is_one_line(tmp_path):
     recipe = tmp_path / "broken.yaml"
     recipe.write_text("optim:\n  lr: [\n")

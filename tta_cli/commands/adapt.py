@@ -115,7 +115,7 @@ def adapt_command(
     task = build_task(train_config.task)
     adapters = build_methods(model, task, settings, len(meta["class_names"]), torch_device)  # bad methods fail before any work
     severity_list = parse_ints(severities, "--severities") or [5]
-    sets = load_sets(data or "cifar10-mini", corruptions, severity_list, n, settings.seed, torch_device)
+    sets = load_sets(data or "cifar10-mini", corruptions, severity_list, n, settings.seed, torch_device, train_config.model.img_size)
     check_classes(meta["class_names"], sets, ckpt)
     results = run_all(adapters, settings, sets, torch_device)
     table = print_table(results, sets)
@@ -140,14 +140,25 @@ def check_shardable(methods: list[str]) -> None:
         )
 
 
-def load_sets(data: str, corruptions: str | None, severities: list[int], n: int | None, seed: int, device: torch.device):
+def load_sets(data: str, corruptions: str | None, severities: list[int], n: int | None, seed: int, device: torch.device, size: int):
+    """The shifted sets to adapt on. A clean source is resized to the checkpoint's input `size` (as `tta train` and
+    `tta stream` do) before it is corrupted; a ready-made shifted set must already have that size, since resizing
+    it would change what its corruptions measure."""
     from tta_cli.data.imageset import mix_classes
     from tta_cli.data.shifted import is_shifted_root, load_shifted
     from tta_cli.data.sources import load_split
 
     if is_shifted_root(data):
-        return load_shifted(data, corruptions, severities, n)
-    clean, _ = mix_classes(load_split(data, "test", limit=n, seed=seed), seed)
+        sets = load_shifted(data, corruptions, severities, n)
+        for image_set in sets:
+            height, width = image_set.images.shape[1:3]
+            if (height, width) != (size, size):
+                raise TTAError(
+                    f"the shifted set {image_set.meta.get('corruption', '')} in {data} holds {height}x{width} images but the "
+                    f"checkpoint takes {size}x{size}; make the sets from images of that size (tta corrupt keeps the size it is given)"
+                )
+        return sets
+    clean, _ = mix_classes(load_split(data, "test", limit=n, seed=seed, image_size=size), seed)
     if corruptions is None:
         clean.meta.update({"corruption": "clean", "severity": 0})
         return [clean]

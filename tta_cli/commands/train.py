@@ -80,8 +80,10 @@ def train_command(
     torch_device = distributed.init(resolve_device(config.device))  # under torchrun: join the group, cuda:LOCAL_RANK
     check_config(config, resume, force)  # before any output, data loading or file writing
     with console.status(f"loading {config.data.source} ..."):
-        train_set = load_split(config.data.source, "train", root=config.data.root, limit=config.data.limit_train, seed=config.seed)
-        test_set = load_split(config.data.source, "test", root=config.data.root, limit=config.data.limit_test, seed=config.seed)
+        # images of another size are resized to the model's input (shorter side, then a center crop)
+        size = config.model.img_size
+        train_set = load_split(config.data.source, "train", root=config.data.root, limit=config.data.limit_train, seed=config.seed, image_size=size)
+        test_set = load_split(config.data.source, "test", root=config.data.root, limit=config.data.limit_test, seed=config.seed, image_size=size)
     check_data(config, train_set, test_set)
     console.print(
         f"[bold]tta train[/] {config.model.backbone} depth {config.model.depth} ({config.model.norm}), split {config.model.split}, "
