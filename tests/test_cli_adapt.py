@@ -195,6 +195,7 @@ def test_unknown_per_sample_is_one_line_for_one_online_stream_too(tiny_checkpoin
         (["--set", "momentum=1.5"], "momentum must be in [0, 1)"),
         (["--skip-above", "2"], "--skip-above is a probability"),
         (["--order", "correlated", "--dirichlet", "0"], "--dirichlet must be above 0"),
+        (["--method", "source, source"], "--method lists source more than once"),
     ],
 )
 def test_values_no_method_can_run_with_are_one_line_before_any_work(tiny_checkpoint, tmp_path, flags, message):

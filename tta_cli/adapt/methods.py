@@ -74,7 +74,10 @@ class AdaptSettings:
 
     def validate(self) -> None:
         """One-line errors for values no method can run with (the names as `--set` spells them), before any work;
-        methods, --params, --reset and --order are checked where they are parsed."""
+        unknown methods, --params, --reset and --order are checked where they are parsed."""
+        repeated = sorted({name for name in self.methods if self.methods.count(name) > 1})
+        if repeated:  # results are keyed by method: a second run would overwrite the first
+            raise TTAError(f"--method lists {', '.join(repeated)} more than once")
         at_least_one = {"copies": self.copies, "batch": self.batch, "comparator_batch": self.comparator_batch, "chunk": self.chunk,
                         "streams": self.streams}
         for name, value in at_least_one.items():

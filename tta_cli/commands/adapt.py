@@ -100,7 +100,7 @@ def adapt_command(
     from tta_cli.train.checkpoint import load_model
 
     flags = {
-        "methods": method.split(",") if method else None,
+        "methods": [name.strip() for name in method.split(",")] if method else None,  # "source, ttt" reads as it looks
         "steps": steps, "lr": lr, "copies": copies, "params": params, "batch": batch, "reset": reset,
         "rollback": rollback, "skip_above": skip_above, "order": order, "dirichlet": dirichlet, "seed": seed,
     }
