@@ -170,6 +170,8 @@ def test_broken_yaml_in_a_recipe_or_a_set_value_is_one_line(tmp_path):
     recipe.write_text("optim:\n  lr: [\n")
     assert_one_line_error(run_cli(["train", recipe, "--out", tmp_path / "run"]), "broken.yaml is not valid YAML", "line 3")
     assert_one_line_error(run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, "--set", "optim.lr=[", "--out", tmp_path / "run"]), "not valid YAML")
+    recipe.write_text("- optim\n- model\n")
+    assert_one_line_error(run_cli(["train", recipe, "--out", tmp_path / "run"]), "holds a YAML list", "a mapping of settings")
     assert not (tmp_path / "run").exists()
 
 

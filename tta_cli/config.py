@@ -202,6 +202,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise TTAError(f"recipe {path} is not valid YAML: {yaml_problem(error)}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise TTAError(f"recipe {path} holds a YAML {type(loaded).__name__}; a recipe is a mapping of settings (key: value)")
     return loaded or {}
 
 
