@@ -106,6 +106,8 @@ class Recorder:
 
 def check_finite(name: str, nonfinite: int, samples: int) -> None:
     """A diverged run is an error, not a table: NaN logits give arbitrary classes that would read as results."""
+    if nonfinite and name == "source":  # nothing adapted: the checkpoint itself is broken
+        raise TTAError(f"source: {nonfinite} of {samples} predictions of the checkpoint itself were NaN or infinite; retrain it")
     if nonfinite:
         raise TTAError(
             f"{name}: {nonfinite} of {samples} predictions were NaN or infinite, so the adaptation diverged; lower --lr "
