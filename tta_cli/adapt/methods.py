@@ -110,8 +110,9 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
     if name == "tent":
         return Tent(model, settings.tent_lr, bool(settings.amp))
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    update = {"lr": settings.lr, "copies": settings.copies, "momentum": settings.momentum, "params": settings.params}
-    update["per_sample"] = settings.per_sample
+    update = {
+        "lr": settings.lr, "copies": settings.copies, "momentum": settings.momentum, "params": settings.params, "per_sample": settings.per_sample,
+    }
     if name == "ttt":
         config = EpisodicConfig(
             steps=10 if settings.steps is None else settings.steps,
