@@ -4,9 +4,11 @@ CUDA) in episodic TTT and parallel streams. Skipped without a GPU (CI has none);
 device suite's `smoke` stage runs them."""
 
 import copy
+import json
 
 import pytest
 import torch
+from conftest import run_cli
 
 from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT
 from tta_cli.adapt.grouped import GroupedPerSampleModel
@@ -114,3 +116,19 @@ def test_grouped_episodic_compiled_bf16_runs_and_agrees_with_vmap():
     assert logits["grouped"].shape == (12, 10) and logits["grouped"].isfinite().all()
     scale = logits["vmap"].abs().max()
     assert ((logits["grouped"] - logits["vmap"]).abs().max() / scale) < 0.05
+
+
+def test_tta_adapt_end_to_end_on_cuda_records_each_paths_precision(tiny_checkpoint, tmp_path):
+    """The whole command on the GPU: ttt in bf16, the two corruptions' ttt-online streams side by side in bf16,
+    source in fp32, every prediction finite (the runner would refuse the run otherwise)."""
+    out = tmp_path / "adapt"
+    result = run_cli([
+        "adapt", "--ckpt", tiny_checkpoint, "--data", "cifar10-mini", "--corruptions", "gaussian_noise,fog", "--n", "20",
+        "--method", "source,ttt,ttt-online", "--steps", "1", "--copies", "4", "--device", "cuda", "--set", "compile=false", "--out", out,
+    ])
+    assert result.exit_code == 0, result.output
+    methods = json.loads((out / "results.json").read_text())["methods"]
+    assert {name: record["precision"] for name, record in methods.items()} == {
+        "source": "float32", "ttt": "bf16 autocast", "ttt-online": "bf16 autocast"
+    }
+    assert methods["ttt-online"]["counters"]["updates"] == 40
