@@ -1,6 +1,6 @@
 """The CUDA-only fast paths against their eager twins: torch.compile inside the online step, parallel streams
-on the GPU, the per-position CUDA graph of parallel streams, and the grouped per-sample fold (channels-last on
-CUDA) in episodic TTT and parallel streams. Skipped without a GPU (CI has none); the
+on the GPU, the per-position CUDA graph of parallel streams, the grouped per-sample fold (channels-last on CUDA) in
+episodic TTT and parallel streams, and `tta adapt` end to end. Skipped without a GPU (CI has none); the
 device suite's `smoke` stage runs them."""
 
 import copy
