@@ -188,9 +188,9 @@ def test_unknown_per_sample_is_one_line_for_one_online_stream_too(tiny_checkpoin
     ("flags", "message"),
     [
         (["--copies", "0"], "copies must be at least 1"),
-        (["--steps", "-1"], "steps must be 0 or more"),
+        (["--steps", "-1"], "steps must be at least 0, got -1"),
         (["--batch", "0"], "batch must be at least 1"),
-        (["--lr", "-0.1"], "lr must be 0 or more"),
+        (["--lr", "-0.1"], "lr must be at least 0, got -0.1"),
         (["--set", "chunk=0"], "chunk must be at least 1"),
         (["--set", "momentum=1.5"], "momentum must be in [0, 1)"),
         (["--skip-above", "2"], "--skip-above is a probability"),

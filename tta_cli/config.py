@@ -168,6 +168,15 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return nested
 
 
+def check_range(name: str, value: float | None, low: float, high: float | None = None) -> None:
+    """A one-line error unless `low <= value < high` (no upper end when `high` is None). None means "not set" and
+    passes; NaN fails (every comparison with it is false)."""
+    if value is None or (value >= low and (high is None or value < high)):
+        return
+    bound = f"at least {low:g}" if high is None else f"in [{low:g}, {high:g})"
+    raise TTAError(f"{name} must be {bound}, got {value}")
+
+
 def yaml_problem(error: yaml.YAMLError) -> str:
     """PyYAML's several-line message as one line: what went wrong and where."""
     problem = getattr(error, "problem", None) or " ".join(str(error).split())

@@ -16,6 +16,7 @@ from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT
 from tta_cli.adapt.online import OnlineConfig, OnlineTTT
 from tta_cli.adapt.params import check_per_sample
 from tta_cli.adapt.policies import ResetPolicy, RollbackPolicy
+from tta_cli.config import check_range
 from tta_cli.errors import TTAError
 
 METHODS = ("source", "norm", "tent", "ttt", "ttt-online")
@@ -78,17 +79,11 @@ class AdaptSettings:
         repeated = sorted({name for name in self.methods if self.methods.count(name) > 1})
         if repeated:  # results are keyed by method: a second run would overwrite the first
             raise TTAError(f"--method lists {', '.join(repeated)} more than once")
-        at_least_one = {"copies": self.copies, "batch": self.batch, "comparator_batch": self.comparator_batch, "chunk": self.chunk,
-                        "streams": self.streams}
-        for name, value in at_least_one.items():
-            if value is not None and value < 1:
-                raise TTAError(f"{name} must be at least 1, got {value}")
-        for name, value in {"steps": self.steps, "lr": self.lr, "tent_lr": self.tent_lr, "rollback_margin": self.rollback_margin,
-                            "collapse_entropy": self.collapse_entropy}.items():
-            if value is not None and not value >= 0:  # `not >=` also refuses NaN
-                raise TTAError(f"{name} must be 0 or more, got {value}")
-        if not 0 <= self.momentum < 1:
-            raise TTAError(f"momentum must be in [0, 1), got {self.momentum}")
+        for name in ("copies", "batch", "comparator_batch", "chunk", "streams"):
+            check_range(name, getattr(self, name), 1)
+        for name in ("steps", "lr", "tent_lr", "rollback_margin", "collapse_entropy"):
+            check_range(name, getattr(self, name), 0)
+        check_range("momentum", self.momentum, 0, 1)
         if self.skip_above is not None and not 0 <= self.skip_above <= 1:
             raise TTAError(f"--skip-above is a probability (0 to 1), got {self.skip_above}")
         if self.dirichlet is not None and not self.dirichlet > 0:

@@ -28,6 +28,7 @@ import torch
 
 from tta_cli.adapt.online import OnlineConfig, OnlineTTT
 from tta_cli.adapt.policies import ResetPolicy, RollbackPolicy
+from tta_cli.config import check_range
 from tta_cli.errors import TTAError
 from tta_cli.stream.sources import Pacer
 
@@ -75,15 +76,10 @@ class StreamSettings:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise TTAError(f"unknown --mode {self.mode!r}; choose one of: {', '.join(MODES)}")
-        for name in ("window", "batch_size", "block", "max_inflight"):
-            if getattr(self, name) < 1:
-                raise TTAError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.steps < 0:
-            raise TTAError(f"--steps must be 0 or more, got {self.steps}")
-        if not self.lr >= 0:
-            raise TTAError(f"--lr must be 0 or more, got {self.lr}")
-        if self.max_frames is not None and self.max_frames < 1:
-            raise TTAError(f"--max-frames must be at least 1, got {self.max_frames}")
+        for name in ("window", "batch_size", "block", "max_inflight", "max_frames"):
+            check_range(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        check_range("--steps", self.steps, 0)
+        check_range("--lr", self.lr, 0)
         ResetPolicy.parse(self.reset)
 
     @property

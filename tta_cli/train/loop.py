@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tta_cli import distributed
-from tta_cli.config import TrainConfig, to_dict
+from tta_cli.config import TrainConfig, check_range, to_dict
 from tta_cli.data.imageset import ImageSet, to_float_nchw
 from tta_cli.data.loader import DeviceLoader
 from tta_cli.errors import TTAError
@@ -128,14 +128,13 @@ def check_config(config: TrainConfig, resume: bool = False, force: bool = False)
     or an existing checkpoint in `config.out` (building the model on the CPU validates the architecture)."""
     if config.optim.epochs < 1 or config.optim.batch_size < 1:
         raise TTAError(f"optim.epochs and optim.batch_size must be at least 1, got {config.optim.epochs} and {config.optim.batch_size}")
-    optim = config.optim
-    for name in ("lr", "weight_decay", "ssl_weight", "label_smoothing", "warmup_epochs", "gamma"):
-        if not getattr(optim, name) >= 0:  # `not >=` also refuses NaN
-            raise TTAError(f"optim.{name} must be 0 or more, got {getattr(optim, name)}")
-    if not 0 <= optim.momentum < 1 or not optim.label_smoothing < 1:
-        raise TTAError(f"optim.momentum and optim.label_smoothing must be in [0, 1), got {optim.momentum} and {optim.label_smoothing}")
-    if optim.clip_grad_norm is not None and not optim.clip_grad_norm > 0:
-        raise TTAError(f"optim.clip_grad_norm must be above 0 (or null for no clip), got {optim.clip_grad_norm}")
+    for name in ("lr", "weight_decay", "ssl_weight", "warmup_epochs", "gamma"):
+        check_range(f"optim.{name}", getattr(config.optim, name), 0)
+    for name in ("momentum", "label_smoothing"):
+        check_range(f"optim.{name}", getattr(config.optim, name), 0, 1)
+    clip = config.optim.clip_grad_norm
+    if clip is not None and not clip > 0:
+        raise TTAError(f"optim.clip_grad_norm must be above 0 (or null for no clip), got {clip}")
     if config.optim.batch_size % distributed.world_size():
         raise TTAError(
             f"optim.batch_size {config.optim.batch_size} does not split evenly over {distributed.world_size()} torchrun processes; "
