@@ -41,7 +41,7 @@ class EpisodicTTT:
     episodic = True
 
     def __init__(self, model: nn.Module, task, config: EpisodicConfig, generator: torch.Generator | None = None):
-        check_per_sample(config)
+        check_per_sample(config)  # here, not only when the first chunk builds its per-sample model
         self.model = model.eval()  # BatchNorm uses its running statistics: per-sample results stay independent
         self.task = task
         self.config = config

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional
 
 from tta_cli.adapt.compiled import maybe_compile
+from tta_cli.adapt.params import check_per_sample
 from tta_cli.adapt.per_sample import PerSampleModel
 from tta_cli.models.features import GlobalPool
 from tta_cli.models.preact_resnet import Downsample, NormReLU, PreActBlock
@@ -42,7 +43,8 @@ def supports(model: nn.Module, task) -> bool:
 
 def per_sample_model(model: nn.Module, task, names: list[str], config) -> PerSampleModel:
     """The per-sample machinery an UpdateConfig's `per_sample` asks for (with its `skip_above`, `compile` and
-    `amp`); "grouped" falls back to vmap for models it cannot fold."""
+    `amp`); "grouped" falls back to vmap for models it cannot fold, an unknown value is a user error."""
+    check_per_sample(config)
     gate = config.skip_above is not None
     device = next(model.parameters()).device
     wanted = ("grouped" if device.type == "cpu" else "vmap") if config.per_sample == "auto" else config.per_sample

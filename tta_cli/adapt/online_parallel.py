@@ -19,7 +19,7 @@ from torch import nn
 
 from tta_cli.adapt import grouped
 from tta_cli.adapt.graphs import CapturedCall
-from tta_cli.adapt.params import adapted_parameter_names, check_per_sample
+from tta_cli.adapt.params import adapted_parameter_names
 from tta_cli.data.imageset import to_float_nchw
 
 
@@ -43,7 +43,6 @@ class ParallelOnlineTTT:
         self.generator = generator
         self.max_streams = max_streams
         self.device = next(model.parameters()).device
-        check_per_sample(config)
         self.functions = grouped.per_sample_model(model, task, adapted_parameter_names(model, config.params), config)
         zero = torch.zeros((), dtype=torch.long, device=self.device)
         self.counts = {"updates": zero.clone(), "skipped": zero.clone()}
