@@ -77,10 +77,11 @@ class PerSampleModel:
         keeps its weights and velocity at that step. Returns the steps each copy skipped for confidence (S,)."""
         dtype = params[0].dtype  # gates in the weights' dtype: a float32 gate would round lr in float64 runs
         skipped = torch.zeros(images.shape[0], dtype=torch.long, device=images.device)
+        activity = None if active is None else active.to(dtype)
         for _ in range(config.steps):
             inputs, targets = grouped_views(self.task, images, config.copies, generator)  # (S, copies, ...)
             steps, confidence = self.gradients(params, inputs, targets)
-            keep = None if active is None else active.to(dtype)
+            keep = activity
             if config.skip_above is not None:
                 confident = (confidence > config.skip_above).to(dtype)
                 live = torch.ones_like(confident) if keep is None else keep
