@@ -137,10 +137,10 @@ def episodic_rows(model, task, images, args, device) -> list[tuple]:
     return rows
 
 
-def online_method(model, task, precision, compiled, graph, rollback=False, channels_last=False, pipeline=False, autotune=False):
+def online_method(model, task, precision, compiled, graph, rollback=False, channels_last=False, pipeline=False, autotune=False, triton=False):
     config = OnlineConfig(
         steps=1, copies=32, amp=precision == "bf16", cuda_graph=graph, compile=compiled, channels_last=channels_last,
-        pipeline=pipeline, cudnn_benchmark=autotune,
+        pipeline=pipeline, cudnn_benchmark=autotune, conv_kernels="triton" if triton else "torch",
     )
     config.rollback = RollbackPolicy(enabled=rollback)
     generator = None if graph else torch.Generator(device=next(model.parameters()).device).manual_seed(0)
@@ -162,8 +162,10 @@ def online_rows(model, task, images, args, device) -> list[tuple]:
     for precision, compiled, extra in parse_variants(args.online):
         flags = extra.split("-")
         graph, rollback, channels_last = "eager" not in flags, "rollback" in flags, "cl" in flags
-        autotune, pipeline = "bench" in flags, "pipe" in flags
-        method = online_method(model, task, precision, compiled, graph and device.type == "cuda", rollback, channels_last, pipeline, autotune)
+        autotune, pipeline, triton = "bench" in flags, "pipe" in flags, "triton" in flags
+        method = online_method(
+            model, task, precision, compiled, graph and device.type == "cuda", rollback, channels_last, pipeline, autotune, triton
+        )
         count = args.online_samples if graph else min(args.online_samples, 500)
         if pipeline:  # adapt_sequence: predictions folded into the next update's forward pass
             first = warm_up(_Sequence(method), images[:20], 10)
@@ -176,6 +178,7 @@ def online_rows(model, task, images, args, device) -> list[tuple]:
         label += " + channels_last" if channels_last else ""
         label += " + cudnn.benchmark" if autotune else ""
         label += " + pipeline" if pipeline else ""
+        label += " + triton convs" if triton else ""
         rows.append((label, rate, peak, first))
         torch.backends.cudnn.benchmark = False  # the setting is process-wide: the next variant starts without it
         print(rows[-1], flush=True)

@@ -41,7 +41,7 @@ run_stage() {
       python3 -c "import torch, timm, typer, rich, safetensors; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())" ;;
     smoke)
       timeout "$(cap ${SMOKE_TIMEOUT:-240})" python3 -m pytest -q -x -p no:cacheprovider tests/test_augment.py tests/test_corrupt.py tests/test_adapt_episodic.py \
-        tests/test_adapt_online.py tests/test_adapt_online_parallel.py tests/test_adapt_cuda.py tests/test_stream_loop.py 2>&1 | tail -15 ;;
+        tests/test_adapt_online.py tests/test_adapt_online_parallel.py tests/test_adapt_cuda.py tests/test_stream_loop.py tests/test_triton_conv.py 2>&1 | tail -15 ;;
     train-fast)
       # The fast recipe on the full archive; if it fails for another reason than the time limit, once more eagerly.
       : > "$WORK/train-fast.log"
@@ -99,6 +99,9 @@ run_stage() {
     stream-speed)
       timeout "$(cap ${STREAM_SPEED_TIMEOUT:-300})" python3 benchmarks/stream_speed.py ${STREAM_SPEED_ARGS:-} > "$WORK/stream_speed.txt" 2>&1
       tail -14 "$WORK/stream_speed.txt" ;;
+    conv-speed)
+      timeout "$(cap ${CONV_SPEED_TIMEOUT:-200})" python3 benchmarks/conv_speed.py ${CONV_SPEED_ARGS:-} > "$WORK/conv_speed.txt" 2>&1
+      cat "$WORK/conv_speed.txt" | tail -60 ;;
     stream-make)
       # A labelled drifting stream of STREAM_FRAMES frames (default 20,000) from the test images (STREAM_MAKE_ARGS: more flags); frames.npy only where PyAV is missing (the device has none)
       timeout "$(cap ${STREAM_MAKE_TIMEOUT:-200})" $TTA stream make --data $ARCHIVE --out "$WORK/stream" --frames ${STREAM_FRAMES:-20000} \

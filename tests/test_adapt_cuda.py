@@ -133,3 +133,44 @@ def test_tta_adapt_end_to_end_on_cuda_records_each_paths_precision(tiny_checkpoi
         "source": "float32", "ttt": "bf16 autocast", "ttt-online": "bf16 autocast"
     }
     assert methods["ttt-online"]["counters"]["updates"] == 40
+
+
+@pytest.fixture
+def exact_fp32():
+    """fp32 convolutions without TF32, in torch and in the Triton kernels (which follow cuDNN's setting)."""
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = previous
+
+
+@pytest.mark.parametrize("shape", [(32, 16, 16, 32, 1), (32, 16, 32, 32, 2), (33, 32, 64, 16, 2), (32, 64, 64, 8, 1), (7, 3, 16, 32, 1)], ids=str)
+def test_triton_convolution_kernels_equal_cudnn_on_cuda(shape, exact_fp32):
+    from tta_cli.models import triton_conv
+
+    batch, cin, cout, size, stride = shape
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(batch, cin, size, size, device="cuda", generator=generator, requires_grad=True)
+    w = torch.randn(cout, cin, 3, 3, device="cuda", generator=generator, requires_grad=True)
+    out, expected = triton_conv.conv2d(x, w, stride, 1), torch.nn.functional.conv2d(x, w, None, stride, 1)
+    grad = torch.randn(expected.shape, device="cuda", generator=generator)
+    for fast, slow in zip(torch.autograd.grad(out, (x, w), grad), torch.autograd.grad(expected, (x, w), grad), strict=True):
+        assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-4 * float(slow.abs().max()))
+    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_online_step_with_triton_convolutions_in_its_cuda_graph_follows_cudnn(amp, exact_fp32):
+    """The compiled, graph-captured, pipelined one-stream step: Triton convolutions against cuDNN's, over a short
+    stream (fp32 without TF32 close; bf16 in the same neighbourhood)."""
+    model, task = tiny()
+    images = torch.rand(12, 3, 32, 32, device="cuda")
+    runs = []
+    for kernels in ("torch", "triton"):
+        torch.cuda.manual_seed(5)
+        config = OnlineConfig(copies=8, lr=0.01, amp=amp, compile=True, cuda_graph=True, pipeline=True, conv_kernels=kernels)
+        method = OnlineTTT(copy.deepcopy(model), task, config, classes=10)
+        runs.append(method.adapt_sequence(images).float())
+        assert (type(method.model.encoder.stem).__name__ == "TritonConv2d") == (kernels == "triton")
+    tolerance = 0.1 if amp else 1e-3
+    assert torch.allclose(runs[1], runs[0], atol=tolerance * float(runs[0].abs().max()))

@@ -13,7 +13,7 @@ import torch
 
 from tta_cli.adapt.comparators import NormAdapt, SourceModel, Tent
 from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT
-from tta_cli.adapt.online import OnlineConfig, OnlineTTT
+from tta_cli.adapt.online import OnlineConfig, OnlineTTT, check_conv_kernels
 from tta_cli.adapt.params import check_per_sample
 from tta_cli.adapt.policies import ResetPolicy, RollbackPolicy
 from tta_cli.config import check_range
@@ -67,6 +67,7 @@ class AdaptSettings:
     # cudnn_benchmark 535 (no change). So both stay off.
     channels_last: bool = False
     cudnn_benchmark: bool = False
+    conv_kernels: str = "torch"  # ttt-online, one stream: torch | triton convolutions on CUDA (OnlineConfig)
     # ttt-online, one stream: predict each sample inside the next sample's first forward pass (exactly the same
     # result, one forward pass fewer per sample): 570 vs 534 samples/s on the H200, so on. It applies only where
     # nothing acts between a prediction and the next update (no rollback, --pre-update or reset every:N).
@@ -89,6 +90,7 @@ class AdaptSettings:
         if self.dirichlet is not None and not self.dirichlet > 0:
             raise TTAError(f"--dirichlet must be above 0, got {self.dirichlet}")
         check_per_sample(self)
+        check_conv_kernels(self.conv_kernels)
 
 
 def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSettings, classes: int, device: torch.device):
@@ -136,6 +138,7 @@ def build_method(name: str, model: torch.nn.Module, task, settings: AdaptSetting
         compile=settings.compile and device.type == "cuda",
         channels_last=settings.channels_last,
         cudnn_benchmark=settings.cudnn_benchmark,
+        conv_kernels=settings.conv_kernels,
         pipeline=settings.pipeline,
     )
     streams = settings.streams if settings.streams is not None else (256 if device.type == "cuda" else 1)

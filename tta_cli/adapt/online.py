@@ -24,6 +24,7 @@ from tta_cli.adapt.params import UpdateConfig, adapted_parameter_names
 from tta_cli.adapt.policies import PredictionWindow, ResetPolicy, RollbackPolicy, ShiftDetector
 from tta_cli.adapt.views import autocast_bf16, full_precision, make_views
 from tta_cli.errors import TTAError
+from tta_cli.models import triton_conv
 
 
 @dataclass
@@ -53,6 +54,19 @@ class OnlineConfig(UpdateConfig):
     # ones), saving the separate prediction pass; exactly the sequential result. 570 vs 534 samples/s on the
     # H200; `tta adapt` turns it on (AdaptSettings.pipeline), the object's own default stays the plain loop.
     pipeline: bool = False
+    # Who runs the one-stream step's convolutions: "torch" (cuDNN on CUDA) or "triton" (models/triton_conv.py:
+    # implicit-GEMM kernels without cuDNN's layout transposes, on CUDA only; the CPU always uses torch's). The
+    # parallel streams keep torch's, which vmap needs.
+    conv_kernels: str = "torch"
+
+
+CONV_KERNELS = ("torch", "triton")
+
+
+def check_conv_kernels(value: str) -> None:
+    """A one-line user error for an unknown `conv_kernels`, raised before any work."""
+    if value not in CONV_KERNELS:
+        raise TTAError(f"unknown conv_kernels {value!r}; choose one of: {', '.join(CONV_KERNELS)}")
 
 
 class FlatParameters:
@@ -118,6 +132,7 @@ class OnlineTTT:
         self.model = model.eval()
         for param in model.parameters():
             param.requires_grad_(False)
+        check_conv_kernels(config.conv_kernels)
         self.task = task
         self.config = config
         self.generator = generator
@@ -151,6 +166,8 @@ class OnlineTTT:
         if streams > 1 and train_source is None and supports_parallel(config):
             amp = config.amp if config.parallel_amp is None else config.parallel_amp
             self.parallel = ParallelOnlineTTT(model, task, dataclasses.replace(config, amp=amp), generator, max_streams=streams)
+        if config.conv_kernels == "triton" and self.parallel is None and triton_conv.available(self.device):
+            triton_conv.use_triton_convs(model)
         self._memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self._ssl_forward = self._forward("ssl")
         self._main_forward = self._forward("main")

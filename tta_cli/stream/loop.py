@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tta_cli.adapt.online import OnlineConfig, OnlineTTT
+from tta_cli.adapt.online import OnlineConfig, OnlineTTT, check_conv_kernels
 from tta_cli.adapt.policies import ResetPolicy, RollbackPolicy
 from tta_cli.config import check_range
 from tta_cli.errors import TTAError
@@ -69,6 +69,7 @@ class StreamSettings:
     # 498 frames/s against bf16's 481 and fp32's 515 (stream_speed.py)
     channels_last: bool = False
     cudnn_benchmark: bool = False
+    conv_kernels: str = "torch"  # torch | triton: who runs the step's convolutions on CUDA (OnlineConfig)
     block: int = 64  # frames per device-to-host copy of the per-frame log
     view_every: float = 0.5  # seconds between progress reports at most
     max_inflight: int = 2  # paced CUDA runs: frames queued on the GPU before the loop waits
@@ -81,6 +82,7 @@ class StreamSettings:
         check_range("--steps", self.steps, 0)
         check_range("--lr", self.lr, 0)
         ResetPolicy.parse(self.reset)
+        check_conv_kernels(self.conv_kernels)
 
     @property
     def adapting(self) -> bool:
@@ -151,6 +153,7 @@ def build_stream_method(
         compile=settings.compile and device.type == "cuda",
         channels_last=settings.channels_last,
         cudnn_benchmark=settings.cudnn_benchmark,
+        conv_kernels=settings.conv_kernels,
     )
     window = None
     if settings.mode == "explicit" and settings.window > 1 and settings.adapting:

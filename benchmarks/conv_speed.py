@@ -1,0 +1,115 @@
+"""Convolution speed at the online step's shapes: cuDNN (torch) against the Triton implicit-GEMM kernels of
+tta_cli/models/triton_conv.py, forward, input gradient and weight gradient, each timed as a CUDA graph of
+`--reps` calls (so launch cost from Python is not measured, as in the step's own graph).
+
+The shapes are the reference ResNet-26's (width 1, split after layer2) for a batch of 32 views: the stem,
+layer1 (16 ch, 32 px), layer2 (its strided first convolution and 32 ch at 16 px) and the ssl head's layer3
+(64 ch at 8 px). Each row also gives the largest difference to cuDNN's result, relative to its largest value.
+`--tiles` sweeps the kernels' pixel tile.
+
+    python benchmarks/conv_speed.py [--batch 32] [--reps 50] [--dtypes fp32,bf16] [--tiles 32,64,128]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from tta_cli.models import triton_conv
+
+# (name, in channels, out channels, size, stride, count in one step's forward)
+SHAPES = [
+    ("stem 3->16 @32", 3, 16, 32, 1, 1),
+    ("layer1 16->16 @32", 16, 16, 32, 1, 8),
+    ("layer2 16->32 @32 s2", 16, 32, 32, 2, 1),
+    ("layer2 32->32 @16", 32, 32, 16, 1, 7),
+    ("layer3 32->64 @16 s2", 32, 64, 16, 2, 1),
+    ("layer3 64->64 @8", 64, 64, 8, 1, 7),
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def graph_time_us(call, reps: int) -> float:
+    """Microseconds per call of `call()`, replayed as one CUDA graph of `reps` calls (after a warm-up)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def cudnn_calls(x, w, dy, stride):
+    backward = torch.ops.aten.convolution_backward
+    common = ([stride] * 2, [1, 1], [1, 1], False, [0, 0], 1)
+    return {
+        "forward": lambda: F.conv2d(x, w, None, stride, 1),
+        "input grad": lambda: backward(dy, x, w, None, *common, [True, False, False])[0],
+        "weight grad": lambda: backward(dy, x, w, None, *common, [False, True, False])[1],
+    }
+
+
+def triton_calls(x, w, dy, stride):
+    return {
+        "forward": lambda: triton_conv._conv_forward(x, w, stride, 1),
+        "input grad": lambda: triton_conv._conv_input_grad(dy, w, x.shape, stride, 1),
+        "weight grad": lambda: triton_conv._conv_weight_grad(dy, x, w.shape, stride, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--tiles", default=str(triton_conv.PIXEL_TILE), help="comma list of pixel tiles to sweep")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    print(f"convolution speed on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, batch {args.batch}, "
+          f"TF32 for fp32 convolutions: {torch.backends.cudnn.allow_tf32}")
+    print(f"{'shape':<22} {'dtype':<5} {'op':<12} {'cudnn us':>9} {'tile':>5} {'triton us':>10} {'speedup':>8} {'rel diff':>9}")
+    totals: dict[tuple, float] = {}
+    for name, cin, cout, size, stride, count in SHAPES:
+        for dtype_name in args.dtypes.split(","):
+            dtype = DTYPES[dtype_name]
+            generator = torch.Generator(device=device).manual_seed(0)
+            x = torch.randn(args.batch, cin, size, size, device=device, dtype=dtype, generator=generator)
+            w = torch.randn(cout, cin, 3, 3, device=device, dtype=dtype, generator=generator) * 0.1
+            dy = torch.randn(args.batch, cout, size // stride, size // stride, device=device, dtype=dtype, generator=generator)
+            reference = cudnn_calls(x, w, dy, stride)
+            for op, call in reference.items():
+                cudnn_us = graph_time_us(call, args.reps)
+                expected = call().float()
+                for tile in (int(t) for t in args.tiles.split(",")):
+                    triton_conv.PIXEL_TILE = tile
+                    fast = triton_calls(x, w, dy, stride)[op]
+                    triton_us = graph_time_us(fast, args.reps)
+                    difference = float((fast().float() - expected).abs().max() / expected.abs().max())
+                    totals[(dtype_name, "cudnn", tile)] = totals.get((dtype_name, "cudnn", tile), 0.0) + cudnn_us * count
+                    totals[(dtype_name, "triton", tile)] = totals.get((dtype_name, "triton", tile), 0.0) + triton_us * count
+                    print(f"{name:<22} {dtype_name:<5} {op:<12} {cudnn_us:>9.1f} {tile:>5} {triton_us:>10.1f} "
+                          f"{cudnn_us / triton_us:>7.2f}x {difference:>9.1e}", flush=True)
+    print("\none step's convolutions (each shape x its count, forward + both gradients; the stem's input gradient "
+          "and the ssl head's weight gradient are not needed in the step but counted here):")
+    for (dtype_name, kind, tile), total in sorted(totals.items()):
+        print(f"  {dtype_name} {kind:<6} tile {tile:>4}: {total:8.1f} us")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The Triton convolutions: their float64 checks (in a process with Triton's interpreter), the module swap,
+the setting's validation, and that nothing changes on a CPU without the interpreter."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tta_cli.adapt.methods import AdaptSettings
+from tta_cli.adapt.online import OnlineConfig, OnlineTTT
+from tta_cli.cli import app
+from tta_cli.config import ModelConfig, TaskConfig
+from tta_cli.errors import TTAError
+from tta_cli.models import build_model, triton_conv
+from tta_cli.stream.loop import StreamSettings
+from tta_cli.tasks import build_task
+
+CHECKS = Path(__file__).with_name("triton_checks.py")
+
+
+def tiny():
+    torch.manual_seed(0)
+    task = build_task(TaskConfig(name="rotation"))
+    return build_model(ModelConfig(depth=8, groups=4), task), task
+
+
+@pytest.mark.skipif(triton_conv.triton is None, reason="triton is not installed")
+def test_triton_kernels_pass_their_float64_checks_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CHECKS)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout
+
+
+def test_swapped_convolutions_keep_their_parameters_and_state_dict():
+    model, _ = tiny()
+    state = copy.deepcopy(model.state_dict())
+    weight = model.encoder.layer1[0].conv1.weight
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert triton_conv.use_triton_convs(model) == convs
+    assert isinstance(model.encoder.layer1[0].conv1, triton_conv.TritonConv2d)
+    assert model.encoder.layer1[0].conv1.weight is weight  # the same Parameter: optimizers and flat buffers still see it
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.skipif(triton_conv.INTERPRET, reason="the interpreter runs the kernels on the CPU")
+def test_without_cuda_the_triton_setting_keeps_torch_convolutions():
+    model, task = tiny()
+    images = torch.rand(2, 1, 3, 32, 32)
+    runs = []
+    for kernels in ("torch", "triton"):
+        config = OnlineConfig(copies=4, lr=0.05, amp=False, conv_kernels=kernels)
+        method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(1))
+        assert not any(isinstance(m, triton_conv.TritonConv2d) for m in method.model.modules())
+        runs.append(torch.cat([method.adapt(image) for image in images]))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_an_unknown_conv_kernels_value_is_one_clear_error():
+    model, task = tiny()
+    with pytest.raises(TTAError, match="conv_kernels 'cutlass'"):
+        OnlineTTT(model, task, OnlineConfig(conv_kernels="cutlass"), classes=10)
+    with pytest.raises(TTAError, match="conv_kernels"):
+        StreamSettings(conv_kernels="cutlass").validate()
+    with pytest.raises(TTAError, match="conv_kernels"):
+        AdaptSettings(conv_kernels="cutlass").validate()
+
+
+def test_adapt_refuses_an_unknown_conv_kernels_value_in_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["adapt", "--ckpt", str(tmp_path / "none"), "--set", "conv_kernels=cutlass"])
+    assert result.exit_code == 2
+    assert "conv_kernels" in result.output and "Traceback" not in result.output

@@ -1,0 +1,82 @@
+"""Checks of the Triton convolution kernels on the CPU through Triton's interpreter, in float64 against torch.
+
+Not collected on its own (the name has no test_ prefix): tests/test_triton_conv.py runs this file in a fresh
+process with TRITON_INTERPRET=1, which Triton reads when the kernels are defined, so it cannot be set later.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tta_cli.adapt.online import OnlineConfig, OnlineTTT
+from tta_cli.config import ModelConfig, TaskConfig
+from tta_cli.models import build_model, triton_conv
+from tta_cli.tasks import build_task
+
+# (batch, in channels, out channels, size, kernel, stride, padding): the ResNet's 3x3 convolutions, strided
+# and not, a 1x1 strided one, no padding, odd sizes and channel counts below the 16-wide tiles, stride 3
+SHAPES = [
+    (2, 3, 16, 8, 3, 1, 1),
+    (2, 16, 32, 8, 3, 2, 1),
+    (3, 5, 7, 9, 3, 2, 1),
+    (2, 4, 8, 7, 1, 2, 0),
+    (1, 20, 18, 6, 3, 1, 0),
+    (2, 8, 4, 5, 3, 3, 1),
+    (1, 70, 3, 4, 3, 1, 1),
+]
+
+
+def test_the_interpreter_is_on():
+    assert triton_conv.INTERPRET and triton_conv.available(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_kernels_equal_torch_convolution_and_its_gradients(shape):
+    batch, cin, cout, size, kernel, stride, padding = shape
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, cin, size, size, dtype=torch.float64, generator=generator, requires_grad=True)
+    w = torch.randn(cout, cin, kernel, kernel, dtype=torch.float64, generator=generator, requires_grad=True)
+    out = triton_conv.conv2d(x, w, stride, padding)
+    expected = F.conv2d(x, w, None, stride, padding)
+    grad = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
+    dx, dw = torch.autograd.grad(out, (x, w), grad)
+    expected_dx, expected_dw = torch.autograd.grad(expected, (x, w), grad)
+    assert out.shape == expected.shape
+    assert torch.allclose(out, expected, atol=1e-12)
+    assert torch.allclose(dx, expected_dx, atol=1e-12)
+    assert torch.allclose(dw, expected_dw, atol=1e-12)
+
+
+def test_weight_gradient_sums_every_split_of_the_pixels(monkeypatch):
+    """More pixels than one split holds: the partial sums over splits must add up to the whole."""
+    monkeypatch.setattr(triton_conv, "WEIGHT_GRAD_PROGRAMS", 3)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 12, 12, dtype=torch.float64, generator=generator)
+    dy = torch.randn(3, 16, 12, 12, dtype=torch.float64, generator=generator)
+    dw = triton_conv.conv2d_weight_grad(dy, x, [16, 4, 3, 3], 1, 1)
+    expected = torch.ops.aten.convolution_backward(
+        dy, x, torch.empty(16, 4, 3, 3, dtype=torch.float64), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False]
+    )[1]
+    assert torch.allclose(dw, expected, atol=1e-12)
+
+
+def test_online_ttt_with_triton_convolutions_equals_torch_convolutions():
+    """Online steps of a tiny ResNet (updates, momentum, predictions) agree in float64, through torch.compile
+    (which must keep the custom op as one call; aot_eager traces the backward as inductor would)."""
+    torch.manual_seed(0)
+    task = build_task(TaskConfig(name="rotation"))
+    model = build_model(ModelConfig(depth=8, groups=4, img_size=8), task).to(torch.float64)
+    images = torch.rand(2, 1, 3, 8, 8, dtype=torch.float64)
+    runs = []
+    for kernels in ("torch", "triton"):
+        config = OnlineConfig(copies=2, lr=0.05, momentum=0.9, amp=False, conv_kernels=kernels, compile=True, compile_backend="aot_eager")
+        method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(3))
+        swapped = sum(isinstance(m, triton_conv.TritonConv2d) for m in method.model.modules())
+        logits = torch.cat([method.adapt(image) for image in images])
+        runs.append((swapped, logits, torch.cat([p.detach().flatten() for p in method.model.encoder.parameters()])))
+    (none, logits, weights), (swapped, triton_logits, triton_weights) = runs
+    assert none == 0 and swapped == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert torch.allclose(triton_logits, logits, atol=1e-10)
+    assert torch.allclose(triton_weights, weights, atol=1e-12)

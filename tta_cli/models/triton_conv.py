@@ -1,0 +1,306 @@
+"""2-D convolution (forward, input gradient, weight gradient) as Triton implicit-GEMM kernels on NCHW tensors.
+
+Why: the online step of the reference ResNet-26 convolves 32 images of 16-64 channels at 8-32 px. cuDNN runs
+each such convolution in ~15 us (with NCHW<->NHWC transposes around its kernels), far above what its ~2 MB of
+data needs; 73% of the step's device time on an H200 (docs/speed-notes.md). An implicit GEMM reads the input
+where it lies (no im2col copy, no transposes): one program per tile of output pixels x output channels, the
+K = in_channels x kH x kW reduction gathered from the input with masks for padding and stride.
+
+`conv2d(x, weight, stride, padding)` is a torch custom op with its own backward, so torch.compile keeps it as one
+opaque call and CUDA graphs capture it. On the CPU it runs through Triton's interpreter when TRITON_INTERPRET=1
+is set before import (the tests do, to check the kernels in float64 against torch's convolution), else through
+`torch.nn.functional.conv2d` and its autograd.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # torch wheels without triton: the op falls back to torch's convolution
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernels can run for tensors on `device` (CUDA with triton, or the interpreter on the CPU)."""
+    return triton is not None and (device.type == "cuda" or INTERPRET)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _patch_offsets(pixels, taps, H, W, OH, OW, C, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, M, K):
+        """Offsets into x (B, C, H, W) and a validity mask of the (pixels, taps) tile of its im2col matrix:
+        pixel m = (b, oh, ow) of the output, tap k = (c, kh, kw) of the kernel."""
+        b = pixels // (OH * OW)
+        rest = pixels % (OH * OW)
+        ih = (rest // OW)[:, None] * STRIDE - PAD + ((taps % (KH * KW)) // KW)[None, :]
+        iw = (rest % OW)[:, None] * STRIDE - PAD + (taps % KW)[None, :]
+        c = taps // (KH * KW)
+        valid = (pixels < M)[:, None] & (taps < K)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        offsets = b[:, None] * (C * H * W) + c[None, :] * (H * W) + ih * W + iw
+        return offsets, valid
+
+    @triton.jit
+    def _forward_kernel(
+        x, w, out, H, W, OH, OW, C, N, M, K,
+        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    ):
+        """out[m, n] = sum_k patches[m, k] * w[n, k], stored at out (B, N, OH, OW)."""
+        pixels = tl.program_id(0) * BM + tl.arange(0, BM)
+        channels = tl.program_id(1) * BN + tl.arange(0, BN)
+        acc = tl.zeros((BM, BN), dtype=ACC)
+        for start in range(0, K, BK):
+            taps = start + tl.arange(0, BK)
+            offsets, valid = _patch_offsets(pixels, taps, H, W, OH, OW, C, KH, KW, STRIDE, PAD, M, K)
+            patches = tl.load(x + offsets, mask=valid, other=0.0)
+            weights = tl.load(w + channels[None, :] * K + taps[:, None], mask=(taps < K)[:, None] & (channels < N)[None, :], other=0.0)
+            acc = tl.dot(patches, weights, acc, input_precision=PRECISION, out_dtype=ACC)
+        b = pixels // (OH * OW)
+        rest = pixels % (OH * OW)
+        target = out + b[:, None] * (N * OH * OW) + channels[None, :] * (OH * OW) + rest[:, None]
+        tl.store(target, acc.to(out.dtype.element_ty), mask=(pixels < M)[:, None] & (channels < N)[None, :])
+
+    @triton.jit
+    def _input_grad_kernel(
+        dy, w, dx, H, W, OH, OW, C, N, M, K,
+        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    ):
+        """dx[b, c, ih, iw] = sum over (n, kh, kw) of dy[b, n, oh, ow] * w[n, c, kh, kw], where oh * STRIDE =
+        ih + PAD - kh (and the same for columns): pixel m = (b, ih, iw) of the input, tap k = (n, kh, kw),
+        channel = c. Taps whose output position is fractional or outside dy are masked out."""
+        pixels = tl.program_id(0) * BM + tl.arange(0, BM)
+        channels = tl.program_id(1) * BN + tl.arange(0, BN)
+        b = pixels // (H * W)
+        rest = pixels % (H * W)
+        acc = tl.zeros((BM, BN), dtype=ACC)
+        for start in range(0, K, BK):
+            taps = start + tl.arange(0, BK)
+            n = taps // (KH * KW)
+            kernel_h = (taps % (KH * KW)) // KW
+            kernel_w = taps % KW
+            th = (rest // W)[:, None] + PAD - kernel_h[None, :]
+            tw = (rest % W)[:, None] + PAD - kernel_w[None, :]
+            th_safe = tl.where(th >= 0, th, 0)  # integer division truncates: keep it on non-negative numbers
+            tw_safe = tl.where(tw >= 0, tw, 0)
+            oh = th_safe // STRIDE
+            ow = tw_safe // STRIDE
+            valid = (th >= 0) & (tw >= 0) & (th_safe % STRIDE == 0) & (tw_safe % STRIDE == 0) & (oh < OH) & (ow < OW)
+            valid = valid & (pixels < M)[:, None] & (taps < K)[None, :]
+            grads = tl.load(dy + b[:, None] * (N * OH * OW) + n[None, :] * (OH * OW) + oh * OW + ow, mask=valid, other=0.0)
+            weight_offsets = n[:, None] * (C * KH * KW) + channels[None, :] * (KH * KW) + (taps % (KH * KW))[:, None]
+            weights = tl.load(w + weight_offsets, mask=(taps < K)[:, None] & (channels < C)[None, :], other=0.0)
+            acc = tl.dot(grads, weights, acc, input_precision=PRECISION, out_dtype=ACC)
+        target = dx + b[:, None] * (C * H * W) + channels[None, :] * (H * W) + rest[:, None]
+        tl.store(target, acc.to(dx.dtype.element_ty), mask=(pixels < M)[:, None] & (channels < C)[None, :])
+
+    @triton.jit
+    def _weight_grad_kernel(
+        dy, x, partial, H, W, OH, OW, C, N, M, K, PIXELS_PER_SPLIT,
+        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    ):
+        """partial[s, n, k] = sum over the pixels m of split s of dy[m, n] * patches[m, k]; the splits are summed
+        afterwards (deterministic, unlike atomics)."""
+        channels = tl.program_id(0) * BN + tl.arange(0, BN)
+        taps = tl.program_id(1) * BK + tl.arange(0, BK)
+        split = tl.program_id(2)
+        acc = tl.zeros((BN, BK), dtype=ACC)
+        first = split * PIXELS_PER_SPLIT
+        for start in range(first, first + PIXELS_PER_SPLIT, BM):
+            pixels = start + tl.arange(0, BM)
+            offsets, valid = _patch_offsets(pixels, taps, H, W, OH, OW, C, KH, KW, STRIDE, PAD, M, K)
+            patches = tl.load(x + offsets, mask=valid, other=0.0)
+            b = pixels // (OH * OW)
+            rest = pixels % (OH * OW)
+            grads = tl.load(
+                dy + b[None, :] * (N * OH * OW) + channels[:, None] * (OH * OW) + rest[None, :],
+                mask=(pixels < M)[None, :] & (channels < N)[:, None], other=0.0,
+            )
+            acc = tl.dot(grads, patches, acc, input_precision=PRECISION, out_dtype=ACC)
+        target = partial + split * (N * K) + channels[:, None] * K + taps[None, :]
+        tl.store(target, acc, mask=(channels < N)[:, None] & (taps < K)[None, :])
+
+
+def _block(size: int, largest: int) -> int:
+    """A power-of-two tile side >= 16 (tl.dot's smallest) covering `size` up to `largest`."""
+    return max(16, min(largest, triton.next_power_of_2(size)))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs take TF32 when cuDNN would (torch's default for convolutions); float64 and 16-bit are exact."""
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRET:
+        return "tf32"
+    return "ieee"
+
+
+def _accumulator(dtype: torch.dtype):
+    """float64 accumulates in float64 (the parity tests); everything else in float32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, int]:
+    height, width = x_shape[2:]
+    kernel_h, kernel_w = w_shape[2:]
+    return (height + 2 * padding - kernel_h) // stride + 1, (width + 2 * padding - kernel_w) // stride + 1
+
+
+PIXEL_TILE = 64  # rows of the im2col matrix per program: small enough that a 32x32 image batch fills an H200
+
+
+def _conv_forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    batch, channels, height, width = x.shape
+    out_channels, _, kernel_h, kernel_w = w.shape
+    out_h, out_w = _geometry(x.shape, w.shape, stride, padding)
+    out = torch.empty(batch, out_channels, out_h, out_w, device=x.device, dtype=x.dtype)
+    pixels, taps = batch * out_h * out_w, channels * kernel_h * kernel_w
+    bn, bk = _block(out_channels, 64), _block(taps, 32)
+    grid = (triton.cdiv(pixels, PIXEL_TILE), triton.cdiv(out_channels, bn))
+    _forward_kernel[grid](
+        x, w, out, height, width, out_h, out_w, channels, out_channels, pixels, taps,
+        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=PIXEL_TILE, BN=bn, BK=bk, PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype),
+    )
+    return out
+
+
+def _conv_input_grad(dy: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int) -> torch.Tensor:
+    batch, channels, height, width = x_shape
+    out_channels, _, kernel_h, kernel_w = w.shape
+    out_h, out_w = dy.shape[2:]
+    dx = torch.empty(x_shape, device=dy.device, dtype=dy.dtype)
+    pixels, taps = batch * height * width, out_channels * kernel_h * kernel_w
+    bn, bk = _block(channels, 64), _block(taps, 32)
+    grid = (triton.cdiv(pixels, PIXEL_TILE), triton.cdiv(channels, bn))
+    _input_grad_kernel[grid](
+        dy, w, dx, height, width, out_h, out_w, channels, out_channels, pixels, taps,
+        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=PIXEL_TILE, BN=bn, BK=bk, PRECISION=_precision(dy.dtype), ACC=_accumulator(dy.dtype),
+    )
+    return dx
+
+
+WEIGHT_GRAD_PROGRAMS = 256  # programs the pixel sum is split over (with the tiles of the weight), to fill the GPU
+
+
+def _conv_weight_grad(dy: torch.Tensor, x: torch.Tensor, w_shape, stride: int, padding: int) -> torch.Tensor:
+    batch, channels, height, width = x.shape
+    out_channels, _, kernel_h, kernel_w = w_shape
+    out_h, out_w = dy.shape[2:]
+    pixels, taps = batch * out_h * out_w, channels * kernel_h * kernel_w
+    bn, bk, bm = _block(out_channels, 64), _block(taps, 64), PIXEL_TILE
+    tiles = triton.cdiv(out_channels, bn) * triton.cdiv(taps, bk)
+    splits = max(1, min(triton.cdiv(pixels, bm), WEIGHT_GRAD_PROGRAMS // tiles))
+    per_split = triton.cdiv(triton.cdiv(pixels, splits), bm) * bm
+    splits = triton.cdiv(pixels, per_split)
+    partial = torch.empty(splits, out_channels, taps, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    grid = (triton.cdiv(out_channels, bn), triton.cdiv(taps, bk), splits)
+    _weight_grad_kernel[grid](
+        dy, x, partial, height, width, out_h, out_w, channels, out_channels, pixels, taps, per_split,
+        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=bm, BN=bn, BK=bk, PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype),
+    )
+    return partial.sum(0).view(w_shape).to(x.dtype)
+
+
+@torch.library.custom_op("tta::conv2d", mutates_args=())
+def conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    """Convolution without bias, dilation or groups (what the CIFAR ResNets use)."""
+    if not available(x.device):
+        return F.conv2d(x, weight, None, stride, padding)
+    return _conv_forward(x.contiguous(), weight.contiguous(), stride, padding)
+
+
+@torch.library.custom_op("tta::conv2d_input_grad", mutates_args=())
+def conv2d_input_grad(dy: torch.Tensor, weight: torch.Tensor, x_shape: list[int], stride: int, padding: int) -> torch.Tensor:
+    if not available(dy.device):
+        return torch.ops.aten.convolution_backward(
+            dy, torch.empty(x_shape, device=dy.device, dtype=dy.dtype), weight, None, [stride] * 2, [padding] * 2, [1, 1], False,
+            [0, 0], 1, [True, False, False],
+        )[0]
+    return _conv_input_grad(dy.contiguous(), weight.contiguous(), x_shape, stride, padding)
+
+
+@torch.library.custom_op("tta::conv2d_weight_grad", mutates_args=())
+def conv2d_weight_grad(dy: torch.Tensor, x: torch.Tensor, w_shape: list[int], stride: int, padding: int) -> torch.Tensor:
+    if not available(dy.device):
+        return torch.ops.aten.convolution_backward(
+            dy, x, torch.empty(w_shape, device=x.device, dtype=x.dtype), None, [stride] * 2, [padding] * 2, [1, 1], False,
+            [0, 0], 1, [False, True, False],
+        )[1]
+    return _conv_weight_grad(dy.contiguous(), x.contiguous(), w_shape, stride, padding)
+
+
+@conv2d.register_fake
+def _(x, weight, stride, padding):
+    out_h, out_w = _geometry(x.shape, weight.shape, stride, padding)
+    return x.new_empty(x.shape[0], weight.shape[0], out_h, out_w)
+
+
+@conv2d_input_grad.register_fake
+def _(dy, weight, x_shape, stride, padding):
+    return dy.new_empty(x_shape)
+
+
+@conv2d_weight_grad.register_fake
+def _(dy, x, w_shape, stride, padding):
+    return x.new_empty(w_shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, stride, padding = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.stride, ctx.padding = stride, padding
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        dx = conv2d_input_grad(grad, weight, list(x.shape), ctx.stride, ctx.padding)
+    if ctx.needs_input_grad[1]:
+        dw = conv2d_weight_grad(grad, x, list(weight.shape), ctx.stride, ctx.padding)
+    return dx, dw, None, None
+
+
+conv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+class TritonConv2d(nn.Conv2d):
+    """An nn.Conv2d whose forward (and backward) run the kernels above; same parameters, same state dict."""
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+            x, weight = x.to(dtype), weight.to(dtype)
+        out = conv2d(x, weight, self.stride[0], self.padding[0])
+        return out if bias is None else out + bias.view(1, -1, 1, 1).to(out.dtype)
+
+
+def supported(conv: nn.Module) -> bool:
+    """Plain convolutions the kernels cover: square stride and padding, no dilation, groups or padding modes."""
+    return (
+        type(conv) is nn.Conv2d and conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple) and conv.padding[0] == conv.padding[1] and conv.stride[0] == conv.stride[1]
+    )
+
+
+def use_triton_convs(module: nn.Module) -> int:
+    """Swap every supported nn.Conv2d under `module` for a TritonConv2d sharing its parameters (in place);
+    returns how many were swapped."""
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if supported(child):
+                replacement = TritonConv2d.__new__(TritonConv2d)
+                replacement.__dict__.update(child.__dict__)  # the same Parameter objects, hooks and settings
+                setattr(parent, name, replacement)
+                swapped += 1
+    return swapped
