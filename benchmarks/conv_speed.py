@@ -5,9 +5,10 @@ tta_cli/models/triton_conv.py, forward, input gradient and weight gradient, each
 The shapes are the reference ResNet-26's (width 1, split after layer2) for a batch of 32 views: the stem,
 layer1 (16 ch, 32 px), layer2 (its strided first convolution and 32 ch at 16 px) and the ssl head's layer3
 (64 ch at 8 px). Each row also gives the largest difference to cuDNN's result, relative to its largest value.
-`--tiles` sweeps the kernels' pixel tile.
+Each row tries every Triton tile the automatic choice tries (triton_conv.CANDIDATES); the totals give cuDNN
+alone, the fastest of all per operation, and both gradients with the weight gradient overlapped on a side stream.
 
-    python benchmarks/conv_speed.py [--batch 32] [--reps 50] [--dtypes fp32,bf16] [--tiles 32,64,128]
+    python benchmarks/conv_speed.py [--batch 32] [--reps 50] [--dtypes fp32,bf16]
 """
 
 from __future__ import annotations
@@ -65,12 +66,30 @@ def cudnn_calls(x, w, dy, stride):
     }
 
 
-def triton_calls(x, w, dy, stride):
+def triton_calls(x, w, dy, stride, tile):
     return {
-        "forward": lambda: triton_conv._conv_forward(x, w, stride, 1),
-        "input grad": lambda: triton_conv._conv_input_grad(dy, w, x.shape, stride, 1),
-        "weight grad": lambda: triton_conv._conv_weight_grad(dy, x, w.shape, stride, 1),
+        "forward": lambda: triton_conv._conv_forward(x, w, stride, 1, *tile),
+        "input grad": lambda: triton_conv._conv_input_grad(dy, w, x.shape, stride, 1, *tile),
+        "weight grad": lambda: triton_conv._conv_weight_grad(dy, x, w.shape, stride, 1, *tile),
     }
+
+
+OPERATIONS = {"forward": "forward", "input grad": "input_grad", "weight grad": "weight_grad"}
+
+
+def overlapped(first, second):
+    """`first()` on the current stream and `second()` on a side stream at the same time, joined at the end."""
+    side = torch.cuda.Stream()
+
+    def call():
+        main = torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            second()
+        first()
+        main.wait_stream(side)
+
+    return call
 
 
 def main() -> None:
@@ -78,12 +97,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--dtypes", default="fp32,bf16")
-    parser.add_argument("--tiles", default=str(triton_conv.PIXEL_TILE), help="comma list of pixel tiles to sweep")
     args = parser.parse_args()
     device = torch.device("cuda")
     print(f"convolution speed on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, batch {args.batch}, "
           f"TF32 for fp32 convolutions: {torch.backends.cudnn.allow_tf32}")
-    print(f"{'shape':<22} {'dtype':<5} {'op':<12} {'cudnn us':>9} {'tile':>5} {'triton us':>10} {'speedup':>8} {'rel diff':>9}")
+    print(f"{'shape':<22} {'dtype':<5} {'op':<12} {'cudnn us':>9} {'tile':>7} {'triton us':>10} {'speedup':>8} {'rel diff':>9}")
     totals: dict[tuple, float] = {}
     for name, cin, cout, size, stride, count in SHAPES:
         for dtype_name in args.dtypes.split(","):
@@ -93,22 +111,32 @@ def main() -> None:
             w = torch.randn(cout, cin, 3, 3, device=device, dtype=dtype, generator=generator) * 0.1
             dy = torch.randn(args.batch, cout, size // stride, size // stride, device=device, dtype=dtype, generator=generator)
             reference = cudnn_calls(x, w, dy, stride)
+            best_of: dict[str, float] = {}
             for op, call in reference.items():
                 cudnn_us = graph_time_us(call, args.reps)
                 expected = call().float()
-                for tile in (int(t) for t in args.tiles.split(",")):
-                    triton_conv.PIXEL_TILE = tile
-                    fast = triton_calls(x, w, dy, stride)[op]
+                best = cudnn_us
+                for tile in triton_conv.CANDIDATES[OPERATIONS[op]][2]:
+                    fast = triton_calls(x, w, dy, stride, tile)[op]
                     triton_us = graph_time_us(fast, args.reps)
+                    best = min(best, triton_us)
                     difference = float((fast().float() - expected).abs().max() / expected.abs().max())
-                    totals[(dtype_name, "cudnn", tile)] = totals.get((dtype_name, "cudnn", tile), 0.0) + cudnn_us * count
-                    totals[(dtype_name, "triton", tile)] = totals.get((dtype_name, "triton", tile), 0.0) + triton_us * count
-                    print(f"{name:<22} {dtype_name:<5} {op:<12} {cudnn_us:>9.1f} {tile:>5} {triton_us:>10.1f} "
+                    print(f"{name:<22} {dtype_name:<5} {op:<12} {cudnn_us:>9.1f} {tile[0]:>3}x{tile[1]:<3} {triton_us:>10.1f} "
                           f"{cudnn_us / triton_us:>7.2f}x {difference:>9.1e}", flush=True)
-    print("\none step's convolutions (each shape x its count, forward + both gradients; the stem's input gradient "
-          "and the ssl head's weight gradient are not needed in the step but counted here):")
-    for (dtype_name, kind, tile), total in sorted(totals.items()):
-        print(f"  {dtype_name} {kind:<6} tile {tile:>4}: {total:8.1f} us")
+                best_of[op] = best
+                totals[(dtype_name, "cudnn")] = totals.get((dtype_name, "cudnn"), 0.0) + cudnn_us * count
+                totals[(dtype_name, "fastest")] = totals.get((dtype_name, "fastest"), 0.0) + best * count
+            # the two gradients one after the other against the weight gradient on a side stream (cuDNN's kernels)
+            serial = graph_time_us(lambda grads=reference: (grads["input grad"](), grads["weight grad"]()), args.reps)
+            parallel = graph_time_us(overlapped(reference["input grad"], reference["weight grad"]), args.reps)
+            print(f"{name:<22} {dtype_name:<5} both gradients, cuDNN: one stream {serial:.1f} us, weight gradient on a side "
+                  f"stream {parallel:.1f} us (fastest kernels, one stream: {best_of['input grad'] + best_of['weight grad']:.1f})")
+            totals[(dtype_name, "cudnn serial grads")] = totals.get((dtype_name, "cudnn serial grads"), 0.0) + serial * count
+            totals[(dtype_name, "cudnn overlapped grads")] = totals.get((dtype_name, "cudnn overlapped grads"), 0.0) + parallel * count
+    print("\none step's convolutions, each shape x its count (the stem's input gradient and the ssl head's weight "
+          "gradient are not needed in the step but counted here):")
+    for (dtype_name, kind), total in sorted(totals.items()):
+        print(f"  {dtype_name} {kind:<24}: {total:8.1f} us")
 
 
 if __name__ == "__main__":

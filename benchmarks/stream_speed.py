@@ -19,7 +19,7 @@ import dataclasses
 import torch
 
 from tta_cli.config import ModelConfig, TaskConfig
-from tta_cli.models import build_model
+from tta_cli.models import build_model, triton_conv
 from tta_cli.stream.loop import StreamSettings, run_stream
 from tta_cli.tasks import build_task
 
@@ -97,6 +97,9 @@ def main() -> None:
                 run += " triton" if settings.conv_kernels == "triton" else ""
                 rows.append((label, run, summary, goal if mode != "none" else None))
                 print(f"{label:<28} {run:<30} {summary['fps']:>10.1f} frames/s", flush=True)
+                if settings.conv_kernels == "triton":
+                    for key, choice in triton_conv.choices().items():
+                        print(f"    chose {choice:<14} for {key}")
         del model, frames
         if device.type == "cuda":
             torch.cuda.empty_cache()

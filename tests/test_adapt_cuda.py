@@ -174,3 +174,18 @@ def test_online_step_with_triton_convolutions_in_its_cuda_graph_follows_cudnn(am
         assert (type(method.model.encoder.stem).__name__ == "TritonConv2d") == (kernels == "triton")
     tolerance = 0.1 if amp else 1e-3
     assert torch.allclose(runs[1], runs[0], atol=tolerance * float(runs[0].abs().max()))
+
+
+def test_triton_convolutions_choose_an_implementation_per_shape_and_reuse_it():
+    from tta_cli.models import triton_conv
+
+    x = torch.randn(8, 16, 16, 16, device="cuda", requires_grad=True)
+    w = torch.randn(16, 16, 3, 3, device="cuda", requires_grad=True)
+    before = len(triton_conv.choices())
+    out = triton_conv.conv2d(x, w, 1, 1)
+    torch.autograd.grad(out.square().sum(), (x, w))
+    chosen = triton_conv.choices()
+    assert len(chosen) == before + 3  # forward, input and weight gradient: timed once each
+    assert all(value == "torch" or value.startswith("triton ") for value in chosen.values())
+    triton_conv.conv2d(x, w, 1, 1)
+    assert len(triton_conv.choices()) == before + 3

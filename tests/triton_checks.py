@@ -80,3 +80,17 @@ def test_online_ttt_with_triton_convolutions_equals_torch_convolutions():
     assert none == 0 and swapped == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     assert torch.allclose(triton_logits, logits, atol=1e-10)
     assert torch.allclose(triton_weights, weights, atol=1e-12)
+
+
+@pytest.mark.parametrize("operation", sorted(triton_conv.CANDIDATES))
+def test_every_candidate_tile_gives_the_same_result(operation):
+    """The automatic choice may pick any of these tiles on a GPU: each must compute the same thing."""
+    torch_call, triton_call, tiles = triton_conv.CANDIDATES[operation]
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64, generator=generator)
+    w = torch.randn(20, 6, 3, 3, dtype=torch.float64, generator=generator)
+    dy = torch.randn(2, 20, 5, 5, dtype=torch.float64, generator=generator)
+    args = {"forward": (x, w, 2, 1), "input_grad": (dy, w, list(x.shape), 2, 1), "weight_grad": (dy, x, list(w.shape), 2, 1)}[operation]
+    expected = torch_call(*args)
+    for tile in tiles:
+        assert torch.allclose(triton_call(*args, *tile), expected, atol=1e-12), tile

@@ -155,35 +155,33 @@ def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, int]:
     return (height + 2 * padding - kernel_h) // stride + 1, (width + 2 * padding - kernel_w) // stride + 1
 
 
-PIXEL_TILE = 64  # rows of the im2col matrix per program: small enough that a 32x32 image batch fills an H200
-
-
-def _conv_forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+def _conv_forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, tile: int = 64, depth: int = 32) -> torch.Tensor:
+    """`tile` output pixels x all output channels (up to 64) per program, `depth` taps per step of the sum."""
     batch, channels, height, width = x.shape
     out_channels, _, kernel_h, kernel_w = w.shape
     out_h, out_w = _geometry(x.shape, w.shape, stride, padding)
     out = torch.empty(batch, out_channels, out_h, out_w, device=x.device, dtype=x.dtype)
     pixels, taps = batch * out_h * out_w, channels * kernel_h * kernel_w
-    bn, bk = _block(out_channels, 64), _block(taps, 32)
-    grid = (triton.cdiv(pixels, PIXEL_TILE), triton.cdiv(out_channels, bn))
+    bn, bk = _block(out_channels, 64), _block(taps, depth)
+    grid = (triton.cdiv(pixels, tile), triton.cdiv(out_channels, bn))
     _forward_kernel[grid](
         x, w, out, height, width, out_h, out_w, channels, out_channels, pixels, taps,
-        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=PIXEL_TILE, BN=bn, BK=bk, PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype),
+        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype),
     )
     return out
 
 
-def _conv_input_grad(dy: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int) -> torch.Tensor:
+def _conv_input_grad(dy: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, tile: int = 64, depth: int = 32) -> torch.Tensor:
     batch, channels, height, width = x_shape
     out_channels, _, kernel_h, kernel_w = w.shape
     out_h, out_w = dy.shape[2:]
     dx = torch.empty(x_shape, device=dy.device, dtype=dy.dtype)
     pixels, taps = batch * height * width, out_channels * kernel_h * kernel_w
-    bn, bk = _block(channels, 64), _block(taps, 32)
-    grid = (triton.cdiv(pixels, PIXEL_TILE), triton.cdiv(channels, bn))
+    bn, bk = _block(channels, 64), _block(taps, depth)
+    grid = (triton.cdiv(pixels, tile), triton.cdiv(channels, bn))
     _input_grad_kernel[grid](
         dy, w, dx, height, width, out_h, out_w, channels, out_channels, pixels, taps,
-        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=PIXEL_TILE, BN=bn, BK=bk, PRECISION=_precision(dy.dtype), ACC=_accumulator(dy.dtype),
+        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, PRECISION=_precision(dy.dtype), ACC=_accumulator(dy.dtype),
     )
     return dx
 
@@ -191,51 +189,116 @@ def _conv_input_grad(dy: torch.Tensor, w: torch.Tensor, x_shape, stride: int, pa
 WEIGHT_GRAD_PROGRAMS = 256  # programs the pixel sum is split over (with the tiles of the weight), to fill the GPU
 
 
-def _conv_weight_grad(dy: torch.Tensor, x: torch.Tensor, w_shape, stride: int, padding: int) -> torch.Tensor:
+def _conv_weight_grad(dy: torch.Tensor, x: torch.Tensor, w_shape, stride: int, padding: int, tile: int = 64, depth: int = 64) -> torch.Tensor:
     batch, channels, height, width = x.shape
     out_channels, _, kernel_h, kernel_w = w_shape
     out_h, out_w = dy.shape[2:]
     pixels, taps = batch * out_h * out_w, channels * kernel_h * kernel_w
-    bn, bk, bm = _block(out_channels, 64), _block(taps, 64), PIXEL_TILE
+    bn, bk = _block(out_channels, 64), _block(taps, depth)
     tiles = triton.cdiv(out_channels, bn) * triton.cdiv(taps, bk)
-    splits = max(1, min(triton.cdiv(pixels, bm), WEIGHT_GRAD_PROGRAMS // tiles))
-    per_split = triton.cdiv(triton.cdiv(pixels, splits), bm) * bm
+    splits = max(1, min(triton.cdiv(pixels, tile), WEIGHT_GRAD_PROGRAMS // tiles))
+    per_split = triton.cdiv(triton.cdiv(pixels, splits), tile) * tile
     splits = triton.cdiv(pixels, per_split)
     partial = torch.empty(splits, out_channels, taps, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
     grid = (triton.cdiv(out_channels, bn), triton.cdiv(taps, bk), splits)
     _weight_grad_kernel[grid](
         dy, x, partial, height, width, out_h, out_w, channels, out_channels, pixels, taps, per_split,
-        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=bm, BN=bn, BK=bk, PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype),
+        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype),
     )
     return partial.sum(0).view(w_shape).to(x.dtype)
+
+
+def _torch_forward(x, w, stride, padding):
+    return F.conv2d(x, w, None, stride, padding)
+
+
+def _torch_input_grad(dy, w, x_shape, stride, padding):
+    x = torch.empty(x_shape, device=dy.device, dtype=dy.dtype)  # only its shape is read
+    return torch.ops.aten.convolution_backward(dy, x, w, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1, [True, False, False])[0]
+
+
+def _torch_weight_grad(dy, x, w_shape, stride, padding):
+    w = torch.empty(w_shape, device=x.device, dtype=x.dtype)  # only its shape is read
+    return torch.ops.aten.convolution_backward(dy, x, w, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1, [False, True, False])[1]
+
+
+# Per operation: torch's kernel (cuDNN) and the Triton tile shapes (pixels per program, taps per step) tried.
+# No one wins everywhere: on an H200 at the ResNet-26's shapes (benchmarks/conv_speed.py) Triton's weight
+# gradients ran 1.7-3.4x cuDNN's, its forward up to 2.7x, but cuDNN won most input gradients and the 64-channel
+# 8 px layers, and the best tile differed by layer.
+CANDIDATES = {
+    "forward": (_torch_forward, _conv_forward, ((32, 32), (64, 32), (128, 32), (32, 64))),
+    "input_grad": (_torch_input_grad, _conv_input_grad, ((32, 32), (64, 32), (128, 32), (32, 64))),
+    "weight_grad": (_torch_weight_grad, _conv_weight_grad, ((32, 64), (64, 64), (128, 64), (64, 32))),
+}
+_CHOSEN: dict[tuple, tuple[int, int] | None] = {}  # (operation, shapes, dtype, stride, padding, TF32) -> tile or None (torch)
+FIXED_TILE: tuple[int, int] | None = None  # set (tests, benchmarks) to skip the timing and always use this Triton tile
+
+
+def _graph_time(call, reps: int = 10) -> float:
+    """Seconds per call of `call()`, replayed as a CUDA graph (the way the step runs it), best of three."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(3):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1000 / reps)
+    return best
+
+
+def _run(operation: str, *args):
+    """`operation` by its fastest implementation for these shapes: timed once per shape on first use (outside a
+    CUDA graph capture; a shape first seen during a capture runs torch's kernel, uncached)."""
+    torch_call, triton_call, tiles = CANDIDATES[operation]
+    if not available(args[0].device):
+        return torch_call(*args)
+    if FIXED_TILE is not None:
+        return triton_call(*args, *FIXED_TILE)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    key = (operation, *(tuple(t.shape) for t in tensors), tensors[0].dtype, *(a for a in args if not isinstance(a, torch.Tensor)),
+           torch.backends.cudnn.allow_tf32)
+    key = tuple(tuple(k) if isinstance(k, list) else k for k in key)
+    if key not in _CHOSEN:
+        if INTERPRET or torch.cuda.is_current_stream_capturing():
+            return triton_call(*args) if INTERPRET else torch_call(*args)
+        times = {None: _graph_time(lambda: torch_call(*args))}
+        for tile in tiles:
+            times[tile] = _graph_time(lambda tile=tile: triton_call(*args, *tile))
+        _CHOSEN[key] = min(times, key=times.get)
+    tile = _CHOSEN[key]
+    return torch_call(*args) if tile is None else triton_call(*args, *tile)
+
+
+def choices() -> dict[tuple, str]:
+    """What `_run` chose so far, readable: key -> "torch" or "triton BMxBK"."""
+    return {key: "torch" if tile is None else f"triton {tile[0]}x{tile[1]}" for key, tile in _CHOSEN.items()}
 
 
 @torch.library.custom_op("tta::conv2d", mutates_args=())
 def conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
     """Convolution without bias, dilation or groups (what the CIFAR ResNets use)."""
-    if not available(x.device):
-        return F.conv2d(x, weight, None, stride, padding)
-    return _conv_forward(x.contiguous(), weight.contiguous(), stride, padding)
+    return _run("forward", x.contiguous(), weight.contiguous(), stride, padding)
 
 
 @torch.library.custom_op("tta::conv2d_input_grad", mutates_args=())
 def conv2d_input_grad(dy: torch.Tensor, weight: torch.Tensor, x_shape: list[int], stride: int, padding: int) -> torch.Tensor:
-    if not available(dy.device):
-        return torch.ops.aten.convolution_backward(
-            dy, torch.empty(x_shape, device=dy.device, dtype=dy.dtype), weight, None, [stride] * 2, [padding] * 2, [1, 1], False,
-            [0, 0], 1, [True, False, False],
-        )[0]
-    return _conv_input_grad(dy.contiguous(), weight.contiguous(), x_shape, stride, padding)
+    return _run("input_grad", dy.contiguous(), weight.contiguous(), x_shape, stride, padding)
 
 
 @torch.library.custom_op("tta::conv2d_weight_grad", mutates_args=())
 def conv2d_weight_grad(dy: torch.Tensor, x: torch.Tensor, w_shape: list[int], stride: int, padding: int) -> torch.Tensor:
-    if not available(dy.device):
-        return torch.ops.aten.convolution_backward(
-            dy, x, torch.empty(w_shape, device=x.device, dtype=x.dtype), None, [stride] * 2, [padding] * 2, [1, 1], False,
-            [0, 0], 1, [False, True, False],
-        )[1]
-    return _conv_weight_grad(dy.contiguous(), x.contiguous(), w_shape, stride, padding)
+    return _run("weight_grad", dy.contiguous(), x.contiguous(), w_shape, stride, padding)
 
 
 @conv2d.register_fake
