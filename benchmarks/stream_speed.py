@@ -65,8 +65,8 @@ def main() -> None:
     parser.add_argument("--pre-update", action="store_true", help="predict before each frame's update (lower latency)")
     parser.add_argument("--eager", action="store_true", help="no CUDA graph (to see what the graph saves)")
     parser.add_argument("--variants", default="bf16:compile,fp32:compile,fp32:compile:cl",
-                        help="comma list of precision:compile|eager[:cl][:triton] (bf16/fp32 autocast, torch.compile, channels_last, "
-                        "Triton convolutions)")
+                        help="comma list of precision:compile|eager[:cl][:triton][:serial] (bf16/fp32 autocast, torch.compile, "
+                        "channels_last, Triton convolutions, a convolution's two gradients one after the other)")
     args = parser.parse_args()
     device = torch.device(args.device)
     warmup = args.warmup if args.warmup is not None else max(1, min(32, args.frames // 4))
@@ -92,9 +92,11 @@ def main() -> None:
                     channels_last="cl" in layout,
                     conv_kernels="triton" if "triton" in layout else "torch",
                 )
+                triton_conv.OVERLAP_GRADIENTS = "serial" not in layout  # ":serial": a convolution's two gradients in turn
                 summary = measure(model, task, frames, settings, min(warmup, args.frames), device)
                 run = f"{settings.name} {precision} {compiled}{' cl' if settings.channels_last else ''}"
                 run += " triton" if settings.conv_kernels == "triton" else ""
+                run += " serial" if "serial" in layout else ""
                 rows.append((label, run, summary, goal if mode != "none" else None))
                 print(f"{label:<28} {run:<30} {summary['fps']:>10.1f} frames/s", flush=True)
                 if settings.conv_kernels == "triton":
