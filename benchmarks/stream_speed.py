@@ -18,6 +18,7 @@ import dataclasses
 
 import torch
 
+from tta_cli.adapt.online import uses_triton_convs
 from tta_cli.config import ModelConfig, TaskConfig
 from tta_cli.models import build_model, triton_conv
 from tta_cli.stream.loop import StreamSettings, run_stream
@@ -64,9 +65,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--pre-update", action="store_true", help="predict before each frame's update (lower latency)")
     parser.add_argument("--eager", action="store_true", help="no CUDA graph (to see what the graph saves)")
-    parser.add_argument("--variants", default="bf16:compile,fp32:compile,fp32:compile:cl",
-                        help="comma list of precision:compile|eager[:cl][:triton][:serial] (bf16/fp32 autocast, torch.compile, "
-                        "channels_last, Triton convolutions, a convolution's two gradients one after the other)")
+    parser.add_argument("--variants", default="fp32:compile,fp32:compile:torch,bf16:compile",
+                        help="comma list of precision:compile|eager[:cl][:triton|:torch] (bf16/fp32 autocast, torch.compile, "
+                        "channels_last, the convolutions' kernels: Triton where faster, or torch's only; default: the stream's default)")
     args = parser.parse_args()
     device = torch.device(args.device)
     warmup = args.warmup if args.warmup is not None else max(1, min(32, args.frames // 4))
@@ -90,16 +91,16 @@ def main() -> None:
                     amp=precision == "bf16",
                     compile=compiled == "compile",
                     channels_last="cl" in layout,
-                    conv_kernels="triton" if "triton" in layout else "torch",
                 )
-                triton_conv.OVERLAP_GRADIENTS = "serial" not in layout  # ":serial": a convolution's two gradients in turn
+                if "triton" in layout or "torch" in layout:
+                    settings.conv_kernels = "triton" if "triton" in layout else "torch"
                 summary = measure(model, task, frames, settings, min(warmup, args.frames), device)
                 run = f"{settings.name} {precision} {compiled}{' cl' if settings.channels_last else ''}"
-                run += " triton" if settings.conv_kernels == "triton" else ""
-                run += " serial" if "serial" in layout else ""
+                triton = uses_triton_convs(settings.conv_kernels, device)
+                run += " triton" if triton else ""
                 rows.append((label, run, summary, goal if mode != "none" else None))
                 print(f"{label:<28} {run:<30} {summary['fps']:>10.1f} frames/s", flush=True)
-                if settings.conv_kernels == "triton":
+                if triton:
                     for key, choice in triton_conv.choices().items():
                         print(f"    chose {choice:<14} for {key}")
         del model, frames

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,3 +259,24 @@ def test_cuda_stream_logs_every_frame_with_device_timing(tiny, cuda_graph):
     assert (none.columns["predicted"] == still.columns["predicted"]).all()
     paced = run_stream(model, task, frames[:20], settings(**changes), CLASSES, device, pacer=Pacer(200.0, clock=time.perf_counter))
     assert len(paced) == 20 and paced.summary["seconds"] >= 19 / 200
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_stream_with_triton_convolutions_follows_torch_convolutions(tiny):
+    """conv_kernels auto (Triton's kernels where they timed faster) against torch's only, TF32 off: the same
+    predictions and ssl losses over a short adapted stream, on a model whose convolutions really were swapped."""
+    from tta_cli.stream.loop import build_stream_method
+
+    model, task = tiny
+    device = torch.device("cuda")
+    frames = random_frames(40)
+    previous, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    try:
+        runs = [run_stream(model, task, frames, settings(conv_kernels=kernels), CLASSES, device) for kernels in ("torch", "auto")]
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+    method, _ = build_stream_method(model, task, settings(), CLASSES, device, (3, 32, 32))
+    assert type(method.model.encoder.stem).__name__ == "TritonConv2d"
+    assert (runs[0].columns["predicted"] == runs[1].columns["predicted"]).mean() >= 0.95
+    losses = [run.columns["ssl_loss"] for run in runs]
+    assert np.isfinite(losses[0]).all() and np.abs(losses[0] - losses[1]).max() < 1e-3

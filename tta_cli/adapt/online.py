@@ -54,19 +54,26 @@ class OnlineConfig(UpdateConfig):
     # ones), saving the separate prediction pass; exactly the sequential result. 570 vs 534 samples/s on the
     # H200; `tta adapt` turns it on (AdaptSettings.pipeline), the object's own default stays the plain loop.
     pipeline: bool = False
-    # Who runs the one-stream step's convolutions: "torch" (cuDNN on CUDA) or "triton" (models/triton_conv.py:
-    # implicit-GEMM kernels without cuDNN's layout transposes, on CUDA only; the CPU always uses torch's). The
-    # parallel streams keep torch's, which vmap needs.
+    # Who runs the one-stream step's convolutions: "torch" (cuDNN on CUDA), "triton" (models/triton_conv.py: per
+    # operation and shape, whichever of cuDNN and its Triton implicit-GEMM kernels timed fastest) or "auto" (triton
+    # on CUDA, torch elsewhere). The parallel streams keep torch's, which vmap needs.
     conv_kernels: str = "torch"
 
 
-CONV_KERNELS = ("torch", "triton")
+CONV_KERNELS = ("auto", "torch", "triton")
 
 
 def check_conv_kernels(value: str) -> None:
     """A one-line user error for an unknown `conv_kernels`, raised before any work."""
     if value not in CONV_KERNELS:
         raise TTAError(f"unknown conv_kernels {value!r}; choose one of: {', '.join(CONV_KERNELS)}")
+
+
+def uses_triton_convs(conv_kernels: str, device: torch.device) -> bool:
+    """Whether `conv_kernels` means the Triton convolutions on `device`: "auto" on CUDA only (the CPU would run
+    them through Triton's interpreter, which only the tests want), "triton" wherever they can run."""
+    wanted = conv_kernels == "triton" or (conv_kernels == "auto" and device.type == "cuda")
+    return wanted and triton_conv.available(device)
 
 
 class FlatParameters:
@@ -166,7 +173,7 @@ class OnlineTTT:
         if streams > 1 and train_source is None and supports_parallel(config):
             amp = config.amp if config.parallel_amp is None else config.parallel_amp
             self.parallel = ParallelOnlineTTT(model, task, dataclasses.replace(config, amp=amp), generator, max_streams=streams)
-        if config.conv_kernels == "triton" and self.parallel is None and triton_conv.available(self.device):
+        if self.parallel is None and uses_triton_convs(config.conv_kernels, self.device):
             triton_conv.use_triton_convs(model)
         self._memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self._ssl_forward = self._forward("ssl")

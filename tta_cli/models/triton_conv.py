@@ -303,35 +303,6 @@ def conv2d_weight_grad(dy: torch.Tensor, x: torch.Tensor, w_shape: list[int], st
     return _run("weight_grad", dy.contiguous(), x.contiguous(), w_shape, stride, padding)
 
 
-OVERLAP_GRADIENTS = True  # both gradients of a convolution at once, the weight's on a side stream (see conv2d_grads)
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-@torch.library.custom_op("tta::conv2d_grads", mutates_args=())
-def conv2d_grads(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both gradients of a convolution, the weight gradient on a side stream while the input gradient runs on the
-    current one: each kernel alone leaves most of the GPU idle at these sizes (on an H200, the ResNet-26 step's
-    gradients took 690 us overlapped against 905 us one after the other; benchmarks/conv_speed.py). The side
-    stream is joined before returning, so callers (and inductor's buffer reuse) see ordinary results."""
-    dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
-    if not (OVERLAP_GRADIENTS and dy.is_cuda and available(dy.device)):
-        return _run("input_grad", dy, weight, list(x.shape), stride, padding), _run("weight_grad", dy, x, list(weight.shape), stride, padding)
-    main = torch.cuda.current_stream(dy.device)
-    side = _SIDE_STREAMS.setdefault(dy.device, torch.cuda.Stream(dy.device))
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        dw = _run("weight_grad", dy, x, list(weight.shape), stride, padding)
-    dx = _run("input_grad", dy, weight, list(x.shape), stride, padding)
-    main.wait_stream(side)
-    dw.record_stream(main)  # made on the side stream, used and freed on this one
-    return dx, dw
-
-
-@conv2d_grads.register_fake
-def _(dy, x, weight, stride, padding):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape)
-
-
 @conv2d.register_fake
 def _(x, weight, stride, padding):
     out_h, out_w = _geometry(x.shape, weight.shape, stride, padding)
@@ -357,9 +328,6 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     dx = dw = None
-    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
-        dx, dw = conv2d_grads(grad, x, weight, ctx.stride, ctx.padding)
-        return dx, dw, None, None
     if ctx.needs_input_grad[0]:
         dx = conv2d_input_grad(grad, weight, list(x.shape), ctx.stride, ctx.padding)
     if ctx.needs_input_grad[1]:

@@ -69,7 +69,9 @@ class StreamSettings:
     # 498 frames/s against bf16's 481 and fp32's 515 (stream_speed.py)
     channels_last: bool = False
     cudnn_benchmark: bool = False
-    conv_kernels: str = "torch"  # torch | triton: who runs the step's convolutions on CUDA (OnlineConfig)
+    # auto | torch | triton: who runs the step's convolutions (OnlineConfig). auto = Triton's where they timed faster
+    # than cuDNN's, on CUDA: 623 vs 515 frames/s for the reference ResNet-26 on the H200 (benchmarks/stream_speed.py)
+    conv_kernels: str = "auto"
     block: int = 64  # frames per device-to-host copy of the per-frame log
     view_every: float = 0.5  # seconds between progress reports at most
     max_inflight: int = 2  # paced CUDA runs: frames queued on the GPU before the loop waits
