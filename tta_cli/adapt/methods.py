@@ -67,7 +67,10 @@ class AdaptSettings:
     # cudnn_benchmark 535 (no change). So both stay off.
     channels_last: bool = False
     cudnn_benchmark: bool = False
-    conv_kernels: str = "torch"  # ttt-online, one stream: torch | triton convolutions on CUDA (OnlineConfig)
+    # ttt-online, one stream: auto | torch | triton, who runs the convolutions (OnlineConfig). auto = per operation
+    # and shape the faster of cuDNN and the Triton kernels, on CUDA: 704 vs 567 samples/s for the pipelined fp32
+    # step on the H200 (benchmarks/adapt_speed.py). Streams side by side keep torch's (vmap).
+    conv_kernels: str = "auto"
     # ttt-online, one stream: predict each sample inside the next sample's first forward pass (exactly the same
     # result, one forward pass fewer per sample): 570 vs 534 samples/s on the H200, so on. It applies only where
     # nothing acts between a prediction and the next update (no rollback, --pre-update or reset every:N).

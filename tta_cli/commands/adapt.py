@@ -38,6 +38,8 @@ Methods (--method, comma-separated; each gets a fresh copy of the checkpoint):
 Speed (CUDA): ttt and ttt-online run through torch.compile, so the first call compiles for tens of
 seconds (--set compile=false for short runs); bf16 for ttt and for ttt-online streams side by side,
 fp32 for one ttt-online stream and the rest (--set amp=true|false for all; results.json says which ran).
+One ttt-online stream runs each convolution on the faster of cuDNN and tta's Triton kernels, timed once
+per shape (--set conv_kernels=torch for cuDNN only).
 
 Examples:
 

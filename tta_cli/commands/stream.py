@@ -207,7 +207,9 @@ def run_command(
 
     --out writes frames.csv and frames.jsonl (one row per frame: time, class, confidence, adapted, rolled back,
     ssl loss, latency) and summary.json (accuracy, latency p50/p95/max, fps, counts). --set takes any
-    StreamSettings key (e.g. --set momentum=0.9 --set amp=false). Ctrl-C stops early and still writes the results.
+    StreamSettings key (e.g. --set momentum=0.9 --set amp=false). On CUDA each convolution runs on the faster of
+    cuDNN and tta's Triton kernels, timed once per shape (--set conv_kernels=torch for cuDNN only). Ctrl-C stops
+    early and still writes the results.
     """
     from tta_cli.device import resolve_device
     from tta_cli.stream.loop import comparison_settings
