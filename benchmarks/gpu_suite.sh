@@ -40,7 +40,7 @@ run_stage() {
       nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm --format=csv
       python3 -c "import torch, timm, typer, rich, safetensors; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())" ;;
     smoke)
-      timeout "$(cap ${SMOKE_TIMEOUT:-240})" python3 -m pytest -q -x -p no:cacheprovider tests/test_augment.py tests/test_corrupt.py tests/test_adapt_episodic.py \
+      timeout "$(cap ${SMOKE_TIMEOUT:-400})" python3 -m pytest -q -x -p no:cacheprovider tests/test_augment.py tests/test_corrupt.py tests/test_adapt_episodic.py \
         tests/test_adapt_online.py tests/test_adapt_online_parallel.py tests/test_adapt_cuda.py tests/test_stream_loop.py tests/test_triton_conv.py 2>&1 | tail -15 ;;
     train-fast)
       # The fast recipe on the full archive; if it fails for another reason than the time limit, once more eagerly.
