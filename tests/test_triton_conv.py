@@ -78,3 +78,42 @@ def test_adapt_refuses_an_unknown_conv_kernels_value_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["adapt", "--ckpt", str(tmp_path / "none"), "--set", "conv_kernels=cutlass"])
     assert result.exit_code == 2
     assert "conv_kernels" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(triton_conv.INTERPRET, reason="under the interpreter every shape runs the Triton kernels, untimed")
+def test_each_shape_runs_on_the_implementation_that_timed_fastest_and_is_timed_once(monkeypatch):
+    """The choice logic of `_run` with stand-in implementations and timings (the real ones need a GPU)."""
+    calls, timed = [], []
+    speeds = {None: 3.0, (32, 32): 2.0, (64, 32): 1.0}  # seconds per call by candidate: the 64x32 tile wins
+
+    def torch_call(x, w, stride, padding):
+        calls.append("torch")
+        return x
+
+    def triton_call(x, w, stride, padding, tile=64, depth=32):
+        calls.append((tile, depth))
+        return x
+
+    def fake_time(call):
+        calls.clear()
+        call()
+        timed.append(calls[0])
+        return speeds[None if calls[0] == "torch" else calls[0]]
+
+    monkeypatch.setattr(triton_conv, "CANDIDATES", {"forward": (torch_call, triton_call, ((32, 32), (64, 32)))})
+    monkeypatch.setattr(triton_conv, "_CHOSEN", {})
+    monkeypatch.setattr(triton_conv, "available", lambda device: True)
+    monkeypatch.setattr(triton_conv, "_graph_time", fake_time)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    x, w = torch.zeros(2, 3, 8, 8), torch.zeros(4, 3, 3, 3)
+    calls.clear()
+    triton_conv._run("forward", x, w, 1, 1)
+    assert timed == ["torch", (32, 32), (64, 32)] and calls[-1] == (64, 32)
+    triton_conv._run("forward", x, w, 1, 1)
+    assert len(timed) == 3 and calls[-1] == (64, 32)  # the same shapes: no second timing
+    assert list(triton_conv.choices().values()) == ["triton 64x32"]
+    triton_conv._run("forward", torch.zeros(1, 3, 8, 8), w, 1, 1)
+    assert len(timed) == 6 and len(triton_conv.choices()) == 2  # a new batch size is a new shape
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    triton_conv._run("forward", x, w, 2, 1)  # first seen inside a graph capture: torch's kernel, nothing cached
+    assert calls[-1] == "torch" and len(timed) == 6 and len(triton_conv.choices()) == 2

@@ -4,7 +4,9 @@ Why: the online step of the reference ResNet-26 convolves 32 images of 16-64 cha
 each such convolution in ~15 us (with NCHW<->NHWC transposes around its kernels), far above what its ~2 MB of
 data needs; 73% of the step's device time on an H200 (docs/speed-notes.md). An implicit GEMM reads the input
 where it lies (no im2col copy, no transposes): one program per tile of output pixels x output channels, the
-K = in_channels x kH x kW reduction gathered from the input with masks for padding and stride.
+K = in_channels x kH x kW reduction gathered from the input with masks for padding and stride. Neither these
+kernels nor cuDNN's win at every shape, so each operation runs on whichever measured faster for its shapes
+(`_run`, timed once per shape at first use).
 
 `conv2d(x, weight, stride, padding)` is a torch custom op with its own backward, so torch.compile keeps it as one
 opaque call and CUDA graphs capture it. On the CPU it runs through Triton's interpreter when TRITON_INTERPRET=1
@@ -225,16 +227,15 @@ def _torch_weight_grad(dy, x, w_shape, stride, padding):
 
 
 # Per operation: torch's kernel (cuDNN) and the Triton tile shapes (pixels per program, taps per step) tried.
-# No one wins everywhere: on an H200 at the ResNet-26's shapes (benchmarks/conv_speed.py) Triton's weight
-# gradients ran 1.7-3.4x cuDNN's, its forward up to 2.7x, but cuDNN won most input gradients and the 64-channel
-# 8 px layers, and the best tile differed by layer.
+# No one wins everywhere: on an H200 at the ResNet-26's shapes (benchmarks/conv_speed.py, fp32 and bf16) Triton's
+# weight gradients ran up to 3.4x cuDNN's and its forward up to 2.7x, but cuDNN won most input gradients and the
+# 64-channel 8 px layers, and the best tile differed by layer.
 CANDIDATES = {
     "forward": (_torch_forward, _conv_forward, ((32, 32), (64, 32), (128, 32), (32, 64))),
     "input_grad": (_torch_input_grad, _conv_input_grad, ((32, 32), (64, 32), (128, 32), (32, 64))),
     "weight_grad": (_torch_weight_grad, _conv_weight_grad, ((32, 64), (64, 64), (128, 64), (64, 32))),
 }
 _CHOSEN: dict[tuple, tuple[int, int] | None] = {}  # (operation, shapes, dtype, stride, padding, TF32) -> tile or None (torch)
-FIXED_TILE: tuple[int, int] | None = None  # set (tests, benchmarks) to skip the timing and always use this Triton tile
 
 
 def _graph_time(call, reps: int = 10) -> float:
@@ -265,12 +266,8 @@ def _run(operation: str, *args):
     torch_call, triton_call, tiles = CANDIDATES[operation]
     if not available(args[0].device):
         return torch_call(*args)
-    if FIXED_TILE is not None:
-        return triton_call(*args, *FIXED_TILE)
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    key = (operation, *(tuple(t.shape) for t in tensors), tensors[0].dtype, *(a for a in args if not isinstance(a, torch.Tensor)),
-           torch.backends.cudnn.allow_tf32)
-    key = tuple(tuple(k) if isinstance(k, list) else k for k in key)
+    shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else tuple(a) if isinstance(a, list) else a for a in args]
+    key = (operation, *shapes, args[0].dtype, torch.backends.cudnn.allow_tf32)
     if key not in _CHOSEN:
         if INTERPRET or torch.cuda.is_current_stream_capturing():
             return triton_call(*args) if INTERPRET else torch_call(*args)
