@@ -117,3 +117,22 @@ def test_each_shape_runs_on_the_implementation_that_timed_fastest_and_is_timed_o
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     triton_conv._run("forward", x, w, 2, 1)  # first seen inside a graph capture: torch's kernel, nothing cached
     assert calls[-1] == "torch" and len(timed) == 6 and len(triton_conv.choices()) == 2
+
+
+@pytest.mark.skipif(triton_conv.INTERPRET, reason="under the interpreter every shape runs the Triton kernels, untimed")
+def test_a_tile_that_fails_to_compile_is_skipped_with_a_warning(monkeypatch):
+    def broken(x, w, stride, padding, tile=64, depth=32):
+        raise RuntimeError("no such tile")
+
+    monkeypatch.setattr(triton_conv, "CANDIDATES", {"forward": (lambda x, w, stride, padding: x, broken, ((32, 32),))})
+    monkeypatch.setattr(triton_conv, "_CHOSEN", {})
+    monkeypatch.setattr(triton_conv, "available", lambda device: True)
+    def fake_time(call):
+        call()  # the broken tile raises here, as a failed compile would
+        return 1.0
+
+    monkeypatch.setattr(triton_conv, "_graph_time", fake_time)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    with pytest.warns(RuntimeWarning, match="tile"):
+        triton_conv._run("forward", torch.zeros(1, 3, 4, 4), torch.zeros(2, 3, 3, 3), 1, 1)
+    assert list(triton_conv.choices().values()) == ["torch"]
