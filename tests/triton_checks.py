@@ -16,7 +16,7 @@ from tta_cli.models import build_model, triton_conv
 from tta_cli.tasks import build_task
 
 # (batch, in channels, out channels, size, kernel, stride, padding): the ResNet's 3x3 convolutions, strided
-# and not, a 1x1 strided one, no padding, odd sizes and channel counts below the 16-wide tiles, stride 3
+# and not, a 1x1 strided one, no padding, odd sizes and channel counts below the 16-wide tiles, stride 3, 7x7
 SHAPES = [
     (2, 3, 16, 8, 3, 1, 1),
     (2, 16, 32, 8, 3, 2, 1),
@@ -25,6 +25,7 @@ SHAPES = [
     (1, 20, 18, 6, 3, 1, 0),
     (2, 8, 4, 5, 3, 3, 1),
     (1, 70, 3, 4, 3, 1, 1),
+    (1, 3, 8, 11, 7, 2, 3),  # a ResNet-50 stem
 ]
 
 
