@@ -32,6 +32,7 @@ def test_adapt_writes_results_json_csv_and_a_plot(tiny_checkpoint, tmp_path):
     for method in ("source", "ttt", "ttt-online"):
         assert results["methods"][method]["samples"] == 40 and results["methods"][method]["seconds"] > 0
         assert results["methods"][method]["precision"] == "float32"  # bf16 autocast happens on CUDA only
+        assert results["methods"][method]["convolutions"] == "torch"  # Triton's only on CUDA
         assert 0.0 <= results["table"]["mean"][method] <= 100.0
     assert results["methods"]["ttt-online"]["counters"]["updates"] == 40
     assert results["methods"]["ttt"]["counters"] == {"skipped_steps": 0}

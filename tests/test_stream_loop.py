@@ -227,6 +227,7 @@ def test_max_frames_and_labels_score_the_run(tiny):
     assert len(scored) == 12 and scored.summary["labelled_frames"] == 12
     assert scored.summary["accuracy"] == pytest.approx(9 / 12)
     assert scored.summary["latency_ms"]["p50"] <= scored.summary["latency_ms"]["p95"] <= scored.summary["latency_ms"]["max"]
+    assert scored.summary["convolutions"] == "torch"  # conv_kernels auto takes Triton's on CUDA only
 
 
 def test_comparison_covers_every_mode_with_rollback_off_and_on():
@@ -277,6 +278,7 @@ def test_cuda_stream_with_triton_convolutions_follows_torch_convolutions(tiny):
         torch.backends.cudnn.allow_tf32 = previous
     method, _ = build_stream_method(model, task, settings(), CLASSES, device, (3, 32, 32))
     assert type(method.model.encoder.stem).__name__ == "TritonConv2d"
+    assert [run.summary["convolutions"] for run in runs] == ["torch", "triton where faster"]
     assert (runs[0].columns["predicted"] == runs[1].columns["predicted"]).mean() >= 0.95
     losses = [run.columns["ssl_loss"] for run in runs]
     assert np.isfinite(losses[0]).all() and np.abs(losses[0] - losses[1]).max() < 1e-3

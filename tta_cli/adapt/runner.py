@@ -17,6 +17,7 @@ from tta_cli import distributed
 from tta_cli.adapt.orders import Segment, set_offsets
 from tta_cli.data.imageset import ImageSet, to_float_nchw
 from tta_cli.errors import TTAError
+from tta_cli.models import triton_conv
 
 
 @dataclass
@@ -30,6 +31,7 @@ class RunResult:
     samples: int
     counters: dict
     precision: str  # what the path taken computed in: "bf16 autocast" or the model's dtype
+    convolutions: str = "torch"  # who ran them: "torch" or "triton where faster" (models/triton_conv.py)
 
 
 def run_method(
@@ -79,7 +81,8 @@ def run_method(
         part = slice(offset, offset + len(image_set))
         seen = visited[part].sum().clamp_min(1)
         errors.append(float(100.0 * (wrong[part] * visited[part]).sum() / seen))
-    return RunResult(method.name, errors, predictions.cpu(), seconds, done, counters, precision(parallel if side_by_side else method, device))
+    path = parallel if side_by_side else method
+    return RunResult(method.name, errors, predictions.cpu(), seconds, done, counters, precision(path, device), triton_conv.kernels_in(path.model))
 
 
 def precision(path, device: torch.device) -> str:

@@ -292,7 +292,7 @@ def write_outputs(out: Path, results, sets, settings, ckpt, data, selection: dic
         "methods": {
             r.method: {
                 "seconds": r.seconds, "samples": r.samples, "samples_per_s": r.samples / max(r.seconds, 1e-9), "counters": r.counters,
-                "precision": r.precision,
+                "precision": r.precision, "convolutions": r.convolutions,
             }
             for r in results
         },

@@ -370,3 +370,9 @@ def use_triton_convs(module: nn.Module) -> int:
                 setattr(parent, name, replacement)
                 swapped += 1
     return swapped
+
+
+def kernels_in(model: nn.Module) -> str:
+    """Who runs `model`'s convolutions, for results files: "triton where faster" once use_triton_convs swapped
+    them (each operation on the faster of cuDNN and Triton), else "torch"."""
+    return "triton where faster" if any(isinstance(m, TritonConv2d) for m in model.modules()) else "torch"

@@ -30,6 +30,7 @@ from tta_cli.adapt.online import OnlineConfig, OnlineTTT, check_conv_kernels
 from tta_cli.adapt.policies import ResetPolicy, RollbackPolicy
 from tta_cli.config import check_range
 from tta_cli.errors import TTAError
+from tta_cli.models import triton_conv
 from tta_cli.stream.sources import Pacer
 
 MODES = ("none", "episodic", "implicit", "explicit")
@@ -191,6 +192,7 @@ class StreamResult:
     counters: dict
     interrupted: bool = False
     summary: dict = field(default_factory=dict)
+    convolutions: str = "torch"  # who ran them: "torch" or "triton where faster" (models/triton_conv.py)
 
     def __len__(self) -> int:
         return len(self.columns["frame"])
@@ -402,6 +404,8 @@ def run_stream(
     seconds = clock() - started
     counters = method.counters() if method is not None else {}
     result = StreamResult(settings.name, settings, log.columns(), seconds, counters, interrupted)
+    if method is not None:
+        result.convolutions = triton_conv.kernels_in(method.model)
     result.summary = summarize(result)
     return result
 
@@ -435,4 +439,5 @@ def summarize(result: StreamResult) -> dict:
         "nonfinite_frames": int((~np.isfinite(columns["confidence"])).sum()),  # NaN logits: diverged updates
         "counters": result.counters,
         "interrupted": result.interrupted,
+        "convolutions": result.convolutions,
     }
