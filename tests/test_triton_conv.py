@@ -5,6 +5,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -127,12 +128,17 @@ def test_a_tile_that_fails_to_compile_is_skipped_with_a_warning(monkeypatch):
     monkeypatch.setattr(triton_conv, "CANDIDATES", {"forward": (lambda x, w, stride, padding: x, broken, ((32, 32),))})
     monkeypatch.setattr(triton_conv, "_CHOSEN", {})
     monkeypatch.setattr(triton_conv, "available", lambda device: True)
+
     def fake_time(call):
         call()  # the broken tile raises here, as a failed compile would
         return 1.0
 
     monkeypatch.setattr(triton_conv, "_graph_time", fake_time)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(triton_conv, "_WARNED", set())
     with pytest.warns(RuntimeWarning, match="tile"):
         triton_conv._run("forward", torch.zeros(1, 3, 4, 4), torch.zeros(2, 3, 3, 3), 1, 1)
-    assert list(triton_conv.choices().values()) == ["torch"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same failure at another shape: no second warning
+        triton_conv._run("forward", torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 3, 3), 1, 1)
+    assert list(triton_conv.choices().values()) == ["torch", "torch"]

@@ -277,10 +277,22 @@ def _run(operation: str, *args):
             try:
                 times[tile] = _graph_time(lambda tile=tile: triton_call(*args, *tile))
             except Exception as error:  # a tile this GPU or triton version cannot compile: the others remain
-                warnings.warn(f"Triton convolution tile {tile} failed for {key}: {type(error).__name__}; skipped", RuntimeWarning, stacklevel=2)
+                _warn_once(error, tile, key)
         _CHOSEN[key] = min(times, key=times.get)
     tile = _CHOSEN[key]
     return torch_call(*args) if tile is None else triton_call(*args, *tile)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(error: Exception, tile: tuple[int, int], key: tuple) -> None:
+    """One warning per kind of failure (a missing compiler would otherwise fail every tile of every shape)."""
+    kind = type(error).__name__
+    if kind not in _WARNED:
+        _WARNED.add(kind)
+        message = f"a Triton convolution tile failed ({kind}: {str(error).splitlines()[0] if str(error) else ''}; tile {tile}, {key})"
+        warnings.warn(f"{message}; such tiles are skipped, cuDNN and the other tiles remain", RuntimeWarning, stacklevel=3)
 
 
 def choices() -> dict[tuple, str]:
