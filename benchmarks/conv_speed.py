@@ -33,27 +33,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def graph_time_us(call, reps: int) -> float:
-    """Microseconds per call of `call()`, replayed as one CUDA graph of `reps` calls (after a warm-up)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            call()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / reps)
-    return sorted(times)[len(times) // 2]
+    """Microseconds per call of `call()`, replayed as one CUDA graph of `reps` calls: the timing the automatic
+    choice itself uses (triton_conv.graph_seconds)."""
+    return triton_conv.graph_seconds(call, reps) * 1e6
 
 
 def cudnn_calls(x, w, dy, stride):

@@ -104,7 +104,7 @@ def test_each_shape_runs_on_the_implementation_that_timed_fastest_and_is_timed_o
     monkeypatch.setattr(triton_conv, "CANDIDATES", {"forward": (torch_call, triton_call, ((32, 32), (64, 32)))})
     monkeypatch.setattr(triton_conv, "_CHOSEN", {})
     monkeypatch.setattr(triton_conv, "available", lambda device: True)
-    monkeypatch.setattr(triton_conv, "_graph_time", fake_time)
+    monkeypatch.setattr(triton_conv, "graph_seconds", fake_time)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     x, w = torch.zeros(2, 3, 8, 8), torch.zeros(4, 3, 3, 3)
     calls.clear()
@@ -133,7 +133,7 @@ def test_a_tile_that_fails_to_compile_is_skipped_with_a_warning(monkeypatch):
         call()  # the broken tile raises here, as a failed compile would
         return 1.0
 
-    monkeypatch.setattr(triton_conv, "_graph_time", fake_time)
+    monkeypatch.setattr(triton_conv, "graph_seconds", fake_time)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(triton_conv, "_WARNED", set())
     with pytest.warns(RuntimeWarning, match="tile"):

@@ -239,7 +239,7 @@ CANDIDATES = {
 _CHOSEN: dict[tuple, tuple[int, int] | None] = {}  # (operation, shapes, dtype, stride, padding, TF32) -> tile or None (torch)
 
 
-def _graph_time(call, reps: int = 10) -> float:
+def graph_seconds(call, reps: int = 10) -> float:
     """Seconds per call of `call()`, replayed as a CUDA graph (the way the step runs it), best of three."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -272,10 +272,10 @@ def _run(operation: str, *args):
     if key not in _CHOSEN:
         if INTERPRET or torch.cuda.is_current_stream_capturing():
             return triton_call(*args) if INTERPRET else torch_call(*args)
-        times = {None: _graph_time(lambda: torch_call(*args))}
+        times = {None: graph_seconds(lambda: torch_call(*args))}
         for tile in tiles:
             try:
-                times[tile] = _graph_time(lambda tile=tile: triton_call(*args, *tile))
+                times[tile] = graph_seconds(lambda tile=tile: triton_call(*args, *tile))
             except Exception as error:  # a tile this GPU or triton version cannot compile: the others remain
                 _warn_once(error, tile, key)
         _CHOSEN[key] = min(times, key=times.get)
