@@ -142,3 +142,14 @@ def test_a_tile_that_fails_to_compile_is_skipped_with_a_warning(monkeypatch):
         warnings.simplefilter("error")  # the same failure at another shape: no second warning
         triton_conv._run("forward", torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 3, 3), 1, 1)
     assert list(triton_conv.choices().values()) == ["torch", "torch"]
+
+
+@pytest.mark.skipif(triton_conv.INTERPRET, reason="under the interpreter every shape runs the Triton kernels, untimed")
+def test_tensors_too_large_for_32_bit_indexing_keep_torch_convolutions(monkeypatch):
+    used = []
+    monkeypatch.setattr(triton_conv, "CANDIDATES", {"input_grad": (lambda *a: used.append("torch"), lambda *a: used.append("triton"), ((32, 32),))})
+    monkeypatch.setattr(triton_conv, "available", lambda device: True)
+    monkeypatch.setattr(triton_conv, "_CHOSEN", {})
+    dy, w = torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)
+    triton_conv._run("input_grad", dy, w, [2**16, 1, 2**8, 2**7], 1, 0)  # an input of 2^31 elements, by its shape
+    assert used == ["torch"] and not triton_conv.choices()

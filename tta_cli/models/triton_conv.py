@@ -16,6 +16,7 @@ is set before import (the tests do, to check the kernels in float64 against torc
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -265,7 +266,8 @@ def _run(operation: str, *args):
     """`operation` by its fastest implementation for these shapes: timed once per shape on first use (outside a
     CUDA graph capture; a shape first seen during a capture runs torch's kernel, uncached)."""
     torch_call, triton_call, tiles = CANDIDATES[operation]
-    if not available(args[0].device):
+    largest = max(a.numel() if isinstance(a, torch.Tensor) else math.prod(a) if isinstance(a, list) else 0 for a in args)
+    if not available(args[0].device) or largest >= 2**31:  # the kernels index with 32-bit integers
         return torch_call(*args)
     shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else tuple(a) if isinstance(a, list) else a for a in args]
     key = (operation, *shapes, args[0].dtype, torch.backends.cudnn.allow_tf32)
