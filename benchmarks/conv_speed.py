@@ -83,7 +83,7 @@ def main() -> None:
     device = torch.device("cuda")
     print(f"convolution speed on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, batch {args.batch}, "
           f"TF32 for fp32 convolutions: {torch.backends.cudnn.allow_tf32}")
-    print(f"{'shape':<22} {'dtype':<5} {'op':<12} {'cudnn us':>9} {'tile':>7} {'triton us':>10} {'speedup':>8} {'rel diff':>9}")
+    print(f"{'shape':<22} {'dtype':<5} {'op':<12} {'cudnn us':>9} {'tile':>9} {'triton us':>10} {'speedup':>8} {'rel diff':>9}")
     totals: dict[tuple, float] = {}
     for name, cin, cout, size, stride, count in SHAPES:
         for dtype_name in args.dtypes.split(","):
@@ -103,7 +103,7 @@ def main() -> None:
                     triton_us = graph_time_us(fast, args.reps)
                     best = min(best, triton_us)
                     difference = float((fast().float() - expected).abs().max() / expected.abs().max())
-                    print(f"{name:<22} {dtype_name:<5} {op:<12} {cudnn_us:>9.1f} {tile[0]:>3}x{tile[1]:<3} {triton_us:>10.1f} "
+                    print(f"{name:<22} {dtype_name:<5} {op:<12} {cudnn_us:>9.1f} {'x'.join(map(str, tile)):>9} {triton_us:>10.1f} "
                           f"{cudnn_us / triton_us:>7.2f}x {difference:>9.1e}", flush=True)
                 best_of[op] = best
                 totals[(dtype_name, "cudnn")] = totals.get((dtype_name, "cudnn"), 0.0) + cudnn_us * count

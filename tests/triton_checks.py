@@ -95,3 +95,15 @@ def test_every_candidate_tile_gives_the_same_result(operation):
     expected = torch_call(*args)
     for tile in tiles:
         assert torch.allclose(triton_call(*args, *tile), expected, atol=1e-12), tile
+
+
+def test_taps_split_unevenly_over_programs_still_sum_to_the_whole():
+    """A 64-channel 8 px layer (18 steps of 32 taps) over 4 splits of 5 steps: the last split runs past the taps."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 64, 8, 8, dtype=torch.float64, generator=generator)
+    w = torch.randn(64, 64, 3, 3, dtype=torch.float64, generator=generator)
+    dy = torch.randn(1, 64, 8, 8, dtype=torch.float64, generator=generator)
+    assert triton_conv._split_steps(64 * 9, 32, 4) == (5, 4)
+    assert torch.allclose(triton_conv._conv_forward(x, w, 1, 1, 32, 32, 4), F.conv2d(x, w, None, 1, 1), atol=1e-12)
+    expected = triton_conv._torch_input_grad(dy, w, list(x.shape), 1, 1)
+    assert torch.allclose(triton_conv._conv_input_grad(dy, w, list(x.shape), 1, 1, 32, 32, 4), expected, atol=1e-12)

@@ -59,19 +59,21 @@ if triton is not None:
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
-        """out[m, n] = sum_k patches[m, k] * w[n, k], stored at out (B, N, OH, OW)."""
+        """out[m, n] = sum_k patches[m, k] * w[n, k], stored at out (B, N, OH, OW); split s of the taps (program
+        axis 2, STEPS steps of BK each) stores its partial sum at out[s]."""
         pixels = tl.program_id(0) * BM + tl.arange(0, BM)
         channels = tl.program_id(1) * BN + tl.arange(0, BN)
+        split = tl.program_id(2)
         acc = tl.zeros((BM, BN), dtype=ACC)
         for step in range(STEPS):  # a compile-time trip count (older interpreters cannot loop to a runtime bound)
-            taps = step * BK + tl.arange(0, BK)
+            taps = (split * STEPS + step) * BK + tl.arange(0, BK)
             offsets, valid = _patch_offsets(pixels, taps, H, W, OH, OW, C, KH, KW, STRIDE, PAD, M, K)
             patches = tl.load(x + offsets, mask=valid, other=0.0)
             weights = tl.load(w + channels[None, :] * K + taps[:, None], mask=(taps < K)[:, None] & (channels < N)[None, :], other=0.0)
             acc = tl.dot(patches, weights, acc, input_precision=PRECISION, out_dtype=ACC)
         b = pixels // (OH * OW)
         rest = pixels % (OH * OW)
-        target = out + b[:, None] * (N * OH * OW) + channels[None, :] * (OH * OW) + rest[:, None]
+        target = out + split * (M * N) + b[:, None] * (N * OH * OW) + channels[None, :] * (OH * OW) + rest[:, None]
         tl.store(target, acc.to(out.dtype.element_ty), mask=(pixels < M)[:, None] & (channels < N)[None, :])
 
     @triton.jit
@@ -82,14 +84,16 @@ if triton is not None:
     ):
         """dx[b, c, ih, iw] = sum over (n, kh, kw) of dy[b, n, oh, ow] * w[n, c, kh, kw], where oh * STRIDE =
         ih + PAD - kh (and the same for columns): pixel m = (b, ih, iw) of the input, tap k = (n, kh, kw),
-        channel = c. Taps whose output position is fractional or outside dy are masked out."""
+        channel = c. Taps whose output position is fractional or outside dy are masked out. Split s of the taps
+        (program axis 2) stores its partial sum at dx[s]."""
         pixels = tl.program_id(0) * BM + tl.arange(0, BM)
         channels = tl.program_id(1) * BN + tl.arange(0, BN)
+        split = tl.program_id(2)
         b = pixels // (H * W)
         rest = pixels % (H * W)
         acc = tl.zeros((BM, BN), dtype=ACC)
         for step in range(STEPS):  # a compile-time trip count (older interpreters cannot loop to a runtime bound)
-            taps = step * BK + tl.arange(0, BK)
+            taps = (split * STEPS + step) * BK + tl.arange(0, BK)
             n = taps // (KH * KW)
             kernel_h = (taps % (KH * KW)) // KW
             kernel_w = taps % KW
@@ -105,7 +109,7 @@ if triton is not None:
             weight_offsets = n[:, None] * (C * KH * KW) + channels[None, :] * (KH * KW) + (taps % (KH * KW))[:, None]
             weights = tl.load(w + weight_offsets, mask=(taps < K)[:, None] & (channels < C)[None, :], other=0.0)
             acc = tl.dot(grads, weights, acc, input_precision=PRECISION, out_dtype=ACC)
-        target = dx + b[:, None] * (C * H * W) + channels[None, :] * (H * W) + rest[:, None]
+        target = dx + split * (M * C) + b[:, None] * (C * H * W) + channels[None, :] * (H * W) + rest[:, None]
         tl.store(target, acc.to(dx.dtype.element_ty), mask=(pixels < M)[:, None] & (channels < C)[None, :])
 
     @triton.jit
@@ -158,37 +162,55 @@ def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, int]:
     return (height + 2 * padding - kernel_h) // stride + 1, (width + 2 * padding - kernel_w) // stride + 1
 
 
-def _conv_forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, tile: int = 64, depth: int = 32) -> torch.Tensor:
-    """`tile` output pixels x all output channels (up to 64) per program, `depth` taps per step of the sum."""
+def _conv_forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, tile: int = 64, depth: int = 32, splits: int = 1) -> torch.Tensor:
+    """`tile` output pixels x up to 64 output channels per program, `depth` taps per step of the sum, the taps
+    split over `splits` programs (for grids too small to fill the GPU), whose partial sums are added after."""
     batch, channels, height, width = x.shape
     out_channels, _, kernel_h, kernel_w = w.shape
     out_h, out_w = _geometry(x.shape, w.shape, stride, padding)
-    out = torch.empty(batch, out_channels, out_h, out_w, device=x.device, dtype=x.dtype)
     pixels, taps = batch * out_h * out_w, channels * kernel_h * kernel_w
     bn, bk = _block(out_channels, 64), _block(taps, depth)
-    grid = (triton.cdiv(pixels, tile), triton.cdiv(out_channels, bn))
+    steps, splits = _split_steps(taps, bk, splits)
+    out = _partial_buffer(splits, (batch, out_channels, out_h, out_w), x)
+    grid = (triton.cdiv(pixels, tile), triton.cdiv(out_channels, bn), splits)
     _forward_kernel[grid](
         x, w, out, height, width, out_h, out_w, channels, out_channels, pixels, taps,
-        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, STEPS=triton.cdiv(taps, bk),
+        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, STEPS=steps,
         PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype),
     )
-    return out
+    return out if splits == 1 else out.sum(0).to(x.dtype)
 
 
-def _conv_input_grad(dy: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, tile: int = 64, depth: int = 32) -> torch.Tensor:
+def _split_steps(taps: int, depth: int, splits: int) -> tuple[int, int]:
+    """(steps per split, splits) covering cdiv(taps, depth) steps, no split left empty."""
+    steps = triton.cdiv(triton.cdiv(taps, depth), splits)
+    return steps, triton.cdiv(triton.cdiv(taps, depth), steps)
+
+
+def _partial_buffer(splits: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """The output itself for one split; otherwise one fp32 (or float64) slab per split, summed afterwards."""
+    if splits == 1:
+        return torch.empty(shape, device=like.device, dtype=like.dtype)
+    return torch.empty(splits, *shape, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
+
+
+def _conv_input_grad(
+    dy: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, tile: int = 64, depth: int = 32, splits: int = 1
+) -> torch.Tensor:
     batch, channels, height, width = x_shape
     out_channels, _, kernel_h, kernel_w = w.shape
     out_h, out_w = dy.shape[2:]
-    dx = torch.empty(x_shape, device=dy.device, dtype=dy.dtype)
     pixels, taps = batch * height * width, out_channels * kernel_h * kernel_w
     bn, bk = _block(channels, 64), _block(taps, depth)
-    grid = (triton.cdiv(pixels, tile), triton.cdiv(channels, bn))
+    steps, splits = _split_steps(taps, bk, splits)
+    dx = _partial_buffer(splits, tuple(x_shape), dy)
+    grid = (triton.cdiv(pixels, tile), triton.cdiv(channels, bn), splits)
     _input_grad_kernel[grid](
         dy, w, dx, height, width, out_h, out_w, channels, out_channels, pixels, taps,
-        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, STEPS=triton.cdiv(taps, bk),
+        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, STEPS=steps,
         PRECISION=_precision(dy.dtype), ACC=_accumulator(dy.dtype),
     )
-    return dx
+    return dx if splits == 1 else dx.sum(0).to(dy.dtype)
 
 
 WEIGHT_GRAD_PROGRAMS = 256  # programs the pixel sum is split over (with the tiles of the weight), to fill the GPU
@@ -228,16 +250,18 @@ def _torch_weight_grad(dy, x, w_shape, stride, padding):
     return torch.ops.aten.convolution_backward(dy, x, w, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1, [False, True, False])[1]
 
 
-# Per operation: torch's kernel (cuDNN) and the Triton tile shapes (pixels per program, taps per step) tried.
-# No one wins everywhere: on an H200 at the ResNet-26's shapes (benchmarks/conv_speed.py, fp32 and bf16) Triton's
-# weight gradients ran up to 3.4x cuDNN's and its forward up to 2.7x, but cuDNN won most input gradients and the
-# 64-channel 8 px layers, and the best tile differed by layer.
+# Per operation: torch's kernel (cuDNN) and the Triton tiles tried: (pixels per program, taps per step[, programs
+# the taps are split over]). No one wins everywhere: on an H200 at the ResNet-26's shapes (benchmarks/conv_speed.py,
+# fp32 and bf16) Triton's weight gradients ran up to 3.4x cuDNN's and its forward up to 2.7x, but cuDNN won most
+# input gradients and the 64-channel 8 px layers, and the best tile differed by layer. The split tiles are for those
+# 8 px layers, whose grid of 64 programs leaves most of the GPU idle through 18 steps (added after the last
+# measurement: they run only where they time faster).
 CANDIDATES = {
-    "forward": (_torch_forward, _conv_forward, ((32, 32), (64, 32), (128, 32), (32, 64))),
-    "input_grad": (_torch_input_grad, _conv_input_grad, ((32, 32), (64, 32), (128, 32), (32, 64))),
+    "forward": (_torch_forward, _conv_forward, ((32, 32, 1), (64, 32, 1), (128, 32, 1), (32, 64, 1), (32, 32, 4))),
+    "input_grad": (_torch_input_grad, _conv_input_grad, ((32, 32, 1), (64, 32, 1), (128, 32, 1), (32, 64, 1), (32, 32, 4))),
     "weight_grad": (_torch_weight_grad, _conv_weight_grad, ((32, 64), (64, 64), (128, 64), (64, 32))),
 }
-_CHOSEN: dict[tuple, tuple[int, int] | None] = {}  # (operation, shapes, dtype, stride, padding, TF32) -> tile or None (torch)
+_CHOSEN: dict[tuple, tuple[int, ...] | None] = {}  # (operation, shapes, dtype, stride, padding, TF32) -> tile or None (torch)
 
 
 def graph_seconds(call, reps: int = 10) -> float:
@@ -288,7 +312,7 @@ def _run(operation: str, *args):
 _WARNED: set[str] = set()
 
 
-def _warn_once(error: Exception, tile: tuple[int, int], key: tuple) -> None:
+def _warn_once(error: Exception, tile: tuple[int, ...], key: tuple) -> None:
     """One warning per kind of failure (a missing compiler would otherwise fail every tile of every shape)."""
     kind = type(error).__name__
     if kind not in _WARNED:
@@ -298,8 +322,8 @@ def _warn_once(error: Exception, tile: tuple[int, int], key: tuple) -> None:
 
 
 def choices() -> dict[tuple, str]:
-    """What `_run` chose so far, readable: key -> "torch" or "triton BMxBK"."""
-    return {key: "torch" if tile is None else f"triton {tile[0]}x{tile[1]}" for key, tile in _CHOSEN.items()}
+    """What `_run` chose so far, readable: key -> "torch" or "triton BMxBK[xSPLITS]"."""
+    return {key: "torch" if tile is None else "triton " + "x".join(map(str, tile)) for key, tile in _CHOSEN.items()}
 
 
 @torch.library.custom_op("tta::conv2d", mutates_args=())
