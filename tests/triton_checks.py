@@ -104,6 +104,7 @@ def test_taps_split_unevenly_over_programs_still_sum_to_the_whole():
     w = torch.randn(64, 64, 3, 3, dtype=torch.float64, generator=generator)
     dy = torch.randn(1, 64, 8, 8, dtype=torch.float64, generator=generator)
     assert triton_conv._split_steps(64 * 9, 32, 4) == (5, 4)
+    assert triton_conv._split_steps(64 * 9, 32, 4, numel=2**29) == (18, 1)  # 4 slabs would outgrow 32-bit offsets
     assert torch.allclose(triton_conv._conv_forward(x, w, 1, 1, 32, 32, 4), F.conv2d(x, w, None, 1, 1), atol=1e-12)
     expected = triton_conv._torch_input_grad(dy, w, list(x.shape), 1, 1)
     assert torch.allclose(triton_conv._conv_input_grad(dy, w, list(x.shape), 1, 1, 32, 32, 4), expected, atol=1e-12)

@@ -170,7 +170,7 @@ def _conv_forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, t
     out_h, out_w = _geometry(x.shape, w.shape, stride, padding)
     pixels, taps = batch * out_h * out_w, channels * kernel_h * kernel_w
     bn, bk = _block(out_channels, 64), _block(taps, depth)
-    steps, splits = _split_steps(taps, bk, splits)
+    steps, splits = _split_steps(taps, bk, splits, pixels * out_channels)
     out = _partial_buffer(splits, (batch, out_channels, out_h, out_w), x)
     grid = (triton.cdiv(pixels, tile), triton.cdiv(out_channels, bn), splits)
     _forward_kernel[grid](
@@ -181,8 +181,11 @@ def _conv_forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, t
     return out if splits == 1 else out.sum(0).to(x.dtype)
 
 
-def _split_steps(taps: int, depth: int, splits: int) -> tuple[int, int]:
-    """(steps per split, splits) covering cdiv(taps, depth) steps, no split left empty."""
+def _split_steps(taps: int, depth: int, splits: int, numel: int = 0) -> tuple[int, int]:
+    """(steps per split, splits) covering cdiv(taps, depth) steps, no split left empty; one split where the partial
+    sums of an output of `numel` elements would outgrow 32-bit indexing."""
+    if splits * numel >= 2**31:
+        splits = 1
     steps = triton.cdiv(triton.cdiv(taps, depth), splits)
     return steps, triton.cdiv(triton.cdiv(taps, depth), steps)
 
@@ -202,7 +205,7 @@ def _conv_input_grad(
     out_h, out_w = dy.shape[2:]
     pixels, taps = batch * height * width, out_channels * kernel_h * kernel_w
     bn, bk = _block(channels, 64), _block(taps, depth)
-    steps, splits = _split_steps(taps, bk, splits)
+    steps, splits = _split_steps(taps, bk, splits, pixels * channels)
     dx = _partial_buffer(splits, tuple(x_shape), dy)
     grid = (triton.cdiv(pixels, tile), triton.cdiv(channels, bn), splits)
     _input_grad_kernel[grid](
