@@ -133,14 +133,11 @@ class GroupedPerSampleModel(PerSampleModel):
         """The folded twin of PerSampleModel._build; the loss and confidence are RotationTask's, per sample."""
         channels_last = self.channels_last
 
-        def normalized(images: torch.Tensor) -> torch.Tensor:  # (S, views, C, H, W), as TTTModel.normalize
-            return (images - model.mean.to(images.dtype).unsqueeze(0)) / model.std.to(images.dtype).unsqueeze(0)
-
         def ssl_losses(params: dict[str, torch.Tensor], shared: dict[str, torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor):
             """Per-sample ssl loss (S,) and, with the gate, per-sample mean probability of the true rotation (S,)."""
             samples, views = targets.shape
             folded = FoldedNetwork(params, shared, samples)
-            features = folded.run(model.encoder, fold(normalized(inputs), channels_last), "encoder.")
+            features = folded.run(model.encoder, fold(model.normalize(inputs), channels_last), "encoder.")
             outputs = folded.run(model.ssl_head, features, "ssl_head.").float()  # (views, S, 4), as task.loss casts
             flat_outputs = outputs.transpose(0, 1).reshape(samples * views, -1)
             losses = functional.cross_entropy(flat_outputs, targets.reshape(-1), reduction="none").view(samples, views).mean(1)
@@ -160,7 +157,7 @@ class GroupedPerSampleModel(PerSampleModel):
 
         def predict(params: dict[str, torch.Tensor], shared: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
             folded = FoldedNetwork(params, shared, images.shape[0])
-            features = folded.run(model.encoder, fold(normalized(images.unsqueeze(1)), channels_last), "encoder.")
+            features = folded.run(model.encoder, fold(model.normalize(images.unsqueeze(1)), channels_last), "encoder.")
             return folded.run(model.main_head, features, "main_head.").squeeze(0)  # (S, classes)
 
         compiled_predict = maybe_compile(predict, compile)
