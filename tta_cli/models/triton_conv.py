@@ -165,20 +165,35 @@ def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, int]:
 def _conv_forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, tile: int = 64, depth: int = 32, splits: int = 1) -> torch.Tensor:
     """`tile` output pixels x up to 64 output channels per program, `depth` taps per step of the sum, the taps
     split over `splits` programs (for grids too small to fill the GPU), whose partial sums are added after."""
-    batch, channels, height, width = x.shape
+    out_shape = (x.shape[0], w.shape[0], *_geometry(x.shape, w.shape, stride, padding))
+    return _launch_gathered(_forward_kernel, x, w, tuple(x.shape), out_shape, out_shape, stride, padding, tile, depth, splits)
+
+
+def _conv_input_grad(
+    dy: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, tile: int = 64, depth: int = 32, splits: int = 1
+) -> torch.Tensor:
+    """The same tiling over the input's pixels and channels, the taps gathered from dy."""
+    return _launch_gathered(_input_grad_kernel, dy, w, tuple(x_shape), tuple(dy.shape), tuple(x_shape), stride, padding, tile, depth, splits)
+
+
+def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, padding, tile, depth, splits) -> torch.Tensor:
+    """Either gathered GEMM (forward: x -> y, input gradient: dy -> dx) over `result_shape` (B, columns, H', W'):
+    its pixels are the GEMM's rows, its channels the columns, and `source`'s channels x kH x kW the taps."""
+    batch, channels, height, width = x_shape
     out_channels, _, kernel_h, kernel_w = w.shape
-    out_h, out_w = _geometry(x.shape, w.shape, stride, padding)
-    pixels, taps = batch * out_h * out_w, channels * kernel_h * kernel_w
-    bn, bk = _block(out_channels, 64), _block(taps, depth)
-    steps, splits = _split_steps(taps, bk, splits, pixels * out_channels)
-    out = _partial_buffer(splits, (batch, out_channels, out_h, out_w), x)
-    grid = (triton.cdiv(pixels, tile), triton.cdiv(out_channels, bn), splits)
-    _forward_kernel[grid](
-        x, w, out, height, width, out_h, out_w, channels, out_channels, pixels, taps,
+    columns = result_shape[1]
+    pixels = batch * result_shape[2] * result_shape[3]
+    taps = source.shape[1] * kernel_h * kernel_w  # the gathered tensor's channels x the kernel window
+    bn, bk = _block(columns, 64), _block(taps, depth)
+    steps, splits = _split_steps(taps, bk, splits, pixels * columns)
+    result = _partial_buffer(splits, result_shape, source)
+    grid = (triton.cdiv(pixels, tile), triton.cdiv(columns, bn), splits)
+    kernel[grid](
+        source, w, result, height, width, y_shape[2], y_shape[3], channels, out_channels, pixels, taps,
         KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, STEPS=steps,
-        PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype),
+        PRECISION=_precision(source.dtype), ACC=_accumulator(source.dtype),
     )
-    return out if splits == 1 else out.sum(0).to(x.dtype)
+    return result if splits == 1 else result.sum(0).to(source.dtype)
 
 
 def _split_steps(taps: int, depth: int, splits: int, numel: int = 0) -> tuple[int, int]:
@@ -195,25 +210,6 @@ def _partial_buffer(splits: int, shape: tuple[int, ...], like: torch.Tensor) -> 
     if splits == 1:
         return torch.empty(shape, device=like.device, dtype=like.dtype)
     return torch.empty(splits, *shape, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
-
-
-def _conv_input_grad(
-    dy: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, tile: int = 64, depth: int = 32, splits: int = 1
-) -> torch.Tensor:
-    batch, channels, height, width = x_shape
-    out_channels, _, kernel_h, kernel_w = w.shape
-    out_h, out_w = dy.shape[2:]
-    pixels, taps = batch * height * width, out_channels * kernel_h * kernel_w
-    bn, bk = _block(channels, 64), _block(taps, depth)
-    steps, splits = _split_steps(taps, bk, splits, pixels * channels)
-    dx = _partial_buffer(splits, tuple(x_shape), dy)
-    grid = (triton.cdiv(pixels, tile), triton.cdiv(channels, bn), splits)
-    _input_grad_kernel[grid](
-        dy, w, dx, height, width, out_h, out_w, channels, out_channels, pixels, taps,
-        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, STEPS=steps,
-        PRECISION=_precision(dy.dtype), ACC=_accumulator(dy.dtype),
-    )
-    return dx if splits == 1 else dx.sum(0).to(dy.dtype)
 
 
 WEIGHT_GRAD_PROGRAMS = 256  # programs the pixel sum is split over (with the tiles of the weight), to fill the GPU
