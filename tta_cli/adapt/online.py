@@ -71,7 +71,9 @@ def check_conv_kernels(value: str) -> None:
 
 def uses_triton_convs(conv_kernels: str, device: torch.device) -> bool:
     """Whether `conv_kernels` means the Triton convolutions on `device`: "auto" on CUDA only (the CPU would run
-    them through Triton's interpreter, which only the tests want), "triton" wherever they can run."""
+    them through Triton's interpreter, which only the tests want), "triton" wherever they can run. An unknown
+    value is a user error here, where it is read, not a silent "torch"."""
+    check_conv_kernels(conv_kernels)
     wanted = conv_kernels == "triton" or (conv_kernels == "auto" and device.type == "cuda")
     return wanted and triton_conv.available(device)
 
@@ -139,7 +141,6 @@ class OnlineTTT:
         self.model = model.eval()
         for param in model.parameters():
             param.requires_grad_(False)
-        check_conv_kernels(config.conv_kernels)
         self.task = task
         self.config = config
         self.generator = generator
@@ -173,7 +174,7 @@ class OnlineTTT:
         if streams > 1 and train_source is None and supports_parallel(config):
             amp = config.amp if config.parallel_amp is None else config.parallel_amp
             self.parallel = ParallelOnlineTTT(model, task, dataclasses.replace(config, amp=amp), generator, max_streams=streams)
-        if self.parallel is None and uses_triton_convs(config.conv_kernels, self.device):
+        if uses_triton_convs(config.conv_kernels, self.device) and self.parallel is None:
             triton_conv.use_triton_convs(model)
         self._memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self._ssl_forward = self._forward("ssl")
