@@ -126,8 +126,8 @@ def evaluate(model: TTTModel, task, test: ImageSet, device: torch.device, batch_
 def check_config(config: TrainConfig, resume: bool = False, force: bool = False) -> None:
     """Fail before any data is read or file written: unknown backbone/task/split/schedule, bad sizes,
     or an existing checkpoint in `config.out` (building the model on the CPU validates the architecture)."""
-    if config.optim.epochs < 1 or config.optim.batch_size < 1:
-        raise TTAError(f"optim.epochs and optim.batch_size must be at least 1, got {config.optim.epochs} and {config.optim.batch_size}")
+    for name in ("epochs", "batch_size"):
+        check_range(f"optim.{name}", getattr(config.optim, name), 1)
     for name in ("lr", "weight_decay", "ssl_weight", "warmup_epochs", "gamma"):
         check_range(f"optim.{name}", getattr(config.optim, name), 0)
     for name in ("momentum", "label_smoothing"):
