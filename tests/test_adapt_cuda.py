@@ -17,7 +17,7 @@ from tta_cli.adapt.online_parallel import ParallelOnlineTTT
 from tta_cli.adapt.per_sample import adapt_streams_reference
 from tta_cli.config import ModelConfig, TaskConfig
 from tta_cli.data.imageset import to_float_nchw
-from tta_cli.models import build_model
+from tta_cli.models import build_model, triton_conv
 from tta_cli.tasks import build_task
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -145,18 +145,20 @@ def exact_fp32():
 
 
 @pytest.mark.parametrize("shape", [(32, 16, 16, 32, 1), (32, 16, 32, 32, 2), (33, 32, 64, 16, 2), (32, 64, 64, 8, 1), (7, 3, 16, 32, 1)], ids=str)
-def test_triton_convolution_kernels_equal_cudnn_on_cuda(shape, exact_fp32):
-    from tta_cli.models import triton_conv
-
+def test_every_triton_tile_equals_cudnn_on_cuda(shape, exact_fp32):
+    """Each compiled kernel at each tile the automatic choice may pick, against cuDNN (not through the choice,
+    which could pick cuDNN itself and so compare it with itself)."""
     batch, cin, cout, size, stride = shape
     generator = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(batch, cin, size, size, device="cuda", generator=generator, requires_grad=True)
-    w = torch.randn(cout, cin, 3, 3, device="cuda", generator=generator, requires_grad=True)
-    out, expected = triton_conv.conv2d(x, w, stride, 1), torch.nn.functional.conv2d(x, w, None, stride, 1)
-    grad = torch.randn(expected.shape, device="cuda", generator=generator)
-    for fast, slow in zip(torch.autograd.grad(out, (x, w), grad), torch.autograd.grad(expected, (x, w), grad), strict=True):
-        assert torch.allclose(fast, slow, rtol=1e-4, atol=1e-4 * float(slow.abs().max()))
-    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    x = torch.randn(batch, cin, size, size, device="cuda", generator=generator)
+    w = torch.randn(cout, cin, 3, 3, device="cuda", generator=generator)
+    dy = torch.randn(batch, cout, (size - 1) // stride + 1, (size - 1) // stride + 1, device="cuda", generator=generator)
+    arguments = {"forward": (x, w, stride, 1), "input_grad": (dy, w, list(x.shape), stride, 1), "weight_grad": (dy, x, list(w.shape), stride, 1)}
+    for operation, (torch_call, triton_call, tiles) in triton_conv.CANDIDATES.items():
+        expected = torch_call(*arguments[operation])
+        for tile in tiles:
+            fast = triton_call(*arguments[operation], *tile)
+            assert torch.allclose(fast, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())), (operation, tile)
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
@@ -177,8 +179,6 @@ def test_online_step_with_triton_convolutions_in_its_cuda_graph_follows_cudnn(am
 
 
 def test_triton_convolutions_choose_an_implementation_per_shape_and_reuse_it():
-    from tta_cli.models import triton_conv
-
     x = torch.randn(8, 16, 16, 16, device="cuda", requires_grad=True)
     w = torch.randn(16, 16, 3, 3, device="cuda", requires_grad=True)
     before = len(triton_conv.choices())
