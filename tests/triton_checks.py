@@ -108,3 +108,18 @@ def test_taps_split_unevenly_over_programs_still_sum_to_the_whole():
     assert torch.allclose(triton_conv._conv_forward(x, w, 1, 1, 32, 32, 4), F.conv2d(x, w, None, 1, 1), atol=1e-12)
     expected = triton_conv._torch_input_grad(dy, w, list(x.shape), 1, 1)
     assert torch.allclose(triton_conv._conv_input_grad(dy, w, list(x.shape), 1, 1, 32, 32, 4), expected, atol=1e-12)
+
+
+def test_streams_side_by_side_keep_torch_convolutions_beside_a_triton_one_stream_path():
+    """With a parallel twin (vmap needs torch's convolutions), the one-stream path still takes the Triton ones: the
+    twin adapts its own copy of the model."""
+    torch.manual_seed(0)
+    task = build_task(TaskConfig(name="rotation"))
+    model = build_model(ModelConfig(depth=8, groups=4, img_size=8), task).to(torch.float64)
+    config = OnlineConfig(copies=2, lr=0.05, amp=False, conv_kernels="triton", per_sample="vmap")
+    method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(3), streams=2)
+    assert triton_conv.kernels_in(method.model) == "triton where faster"
+    assert triton_conv.kernels_in(method.parallel.model) == "torch"
+    images = (torch.rand(4, 8, 8, 3) * 255).to(torch.uint8)
+    logits = method.parallel.adapt_streams(images, [torch.tensor([0, 1]), torch.tensor([2, 3])])
+    assert [tuple(part.shape) for part in logits] == [(2, 10), (2, 10)] and all(part.isfinite().all() for part in logits)

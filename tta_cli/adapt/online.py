@@ -10,6 +10,7 @@ segments go to the `parallel` twin (online_parallel.py).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -169,12 +170,15 @@ class OnlineTTT:
         self.scheduled_resets = 0
         self._graphs: dict[str, CapturedCall] = {}
         # independent segments (each from the source weights) side by side, up to `streams` at once, when nothing
-        # in the config decides per sample; the runner hands it all segments at once (`adapt_streams`)
+        # in the config decides per sample; the runner hands it all segments at once (`adapt_streams`). The twin
+        # gets its own copy of the model: it keeps torch's convolutions (vmap needs them) while this one-stream path
+        # (one segment, as in the continual order) may take the Triton ones.
         self.parallel = None
         if streams > 1 and train_source is None and supports_parallel(config):
             amp = config.amp if config.parallel_amp is None else config.parallel_amp
-            self.parallel = ParallelOnlineTTT(model, task, dataclasses.replace(config, amp=amp), generator, max_streams=streams)
-        if uses_triton_convs(config.conv_kernels, self.device) and self.parallel is None:
+            twin_config = dataclasses.replace(config, amp=amp)
+            self.parallel = ParallelOnlineTTT(copy.deepcopy(model), task, twin_config, generator, max_streams=streams)
+        if uses_triton_convs(config.conv_kernels, self.device):
             triton_conv.use_triton_convs(model)
         self._memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self._ssl_forward = self._forward("ssl")
