@@ -192,7 +192,6 @@ class StreamResult:
     counters: dict
     interrupted: bool = False
     summary: dict = field(default_factory=dict)
-    convolutions: str = "torch"  # who ran them: "torch" or "triton where faster" (models/triton_conv.py)
 
     def __len__(self) -> int:
         return len(self.columns["frame"])
@@ -404,14 +403,13 @@ def run_stream(
     seconds = clock() - started
     counters = method.counters() if method is not None else {}
     result = StreamResult(settings.name, settings, log.columns(), seconds, counters, interrupted)
-    if method is not None:
-        result.convolutions = triton_conv.kernels_in(method.model)
-    result.summary = summarize(result)
+    result.summary = summarize(result, triton_conv.kernels_in(method.model) if method is not None else "torch")
     return result
 
 
-def summarize(result: StreamResult) -> dict:
-    """Accuracy, latency percentiles, throughput and event counts of one run."""
+def summarize(result: StreamResult, convolutions: str) -> dict:
+    """Accuracy, latency percentiles, throughput and event counts of one run, and who ran its convolutions
+    ("torch" or "triton where faster": models/triton_conv.py)."""
     columns = result.columns
     frames = len(result)
     known = columns["label"] >= 0
@@ -439,5 +437,5 @@ def summarize(result: StreamResult) -> dict:
         "nonfinite_frames": int((~np.isfinite(columns["confidence"])).sum()),  # NaN logits: diverged updates
         "counters": result.counters,
         "interrupted": result.interrupted,
-        "convolutions": result.convolutions,
+        "convolutions": convolutions,
     }
