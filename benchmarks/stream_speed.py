@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--pre-update", action="store_true", help="predict before each frame's update (lower latency)")
     parser.add_argument("--eager", action="store_true", help="no CUDA graph (to see what the graph saves)")
+    parser.add_argument("--profile", type=int, default=0, metavar="FRAMES",
+                        help="also print a kernel profile of FRAMES frames of each run: kernels and device time per frame, by kind")
     parser.add_argument("--variants", default="fp32:compile,fp32:compile:torch,bf16:compile",
                         help="comma list of precision:compile|eager[:cl][:triton|:torch] (bf16/fp32 autocast, torch.compile, "
                         "channels_last, the convolutions' kernels: Triton where faster, or torch's only; default: the stream's default)")
@@ -95,6 +97,10 @@ def main() -> None:
                 if "triton" in layout or "torch" in layout:
                     settings.conv_kernels = "triton" if "triton" in layout else "torch"
                 summary = measure(model, task, frames, settings, min(warmup, args.frames), device)
+                if args.profile:
+                    profile_stream(model, task, frames[: args.profile], settings, device)
+                    if settings.cuda_graph and device.type == "cuda":  # the same kernels launched one by one
+                        profile_stream(model, task, frames[: args.profile], dataclasses.replace(settings, cuda_graph=False), device)
                 run = f"{settings.name} {precision} {compiled}{' cl' if settings.channels_last else ''}"
                 triton = uses_triton_convs(settings.conv_kernels, device)
                 run += " triton" if triton else ""
@@ -107,6 +113,52 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print_table(rows, args, device)
+
+
+KINDS = (  # kernel kind by name: first match wins
+    ("conv, Triton (tta)", ("_forward_kernel", "_input_grad_kernel", "_weight_grad_kernel")),
+    ("layout transposes (cuDNN)", ("nchwToNhwc", "nhwcToNchw")),
+    ("conv, cuDNN", ("conv", "cudnn", "xmma", "implicit_gemm", "dgrad", "wgrad", "fprop", "cutlass", "gemm", "sm90_", "sm80_")),
+    ("fused by inductor", ("triton_",)),
+    ("copies, fills", ("Memcpy", "Memset", "copy_kernel", "fill_kernel", "FillFunctor")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    for kind, needles in KINDS:
+        if any(needle in name for needle in needles):
+            return kind
+    return "other (eager aten)"
+
+
+def profile_stream(model, task, frames: torch.Tensor, settings: StreamSettings, device: torch.device) -> None:
+    """Device kernels of the stream loop (its CUDA graph too: CUPTI records graph kernels) over whole blocks of
+    frames after the first (which holds the graph capture), grouped by kind: count and device time per frame;
+    then the costliest kernels by name."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    block = settings.block
+    blocks = max(1, len(frames) // block - 1)
+    settings = dataclasses.replace(settings, view_every=1e9, max_frames=block * (blocks + 1))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=schedule(wait=0, warmup=1, active=blocks)) as trace:
+        run_stream(model, task, enumerate(frames), settings, CLASSES, device, on_progress=lambda _: trace.step())
+    count = block * blocks
+    events = [e for e in trace.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kinds: dict[str, list[float]] = {}
+    names: dict[str, list[float]] = {}
+    for event in events:
+        duration = getattr(event, "device_time", None) or getattr(event, "cuda_time", 0.0)
+        kinds.setdefault(kernel_kind(event.name), []).append(duration)
+        names.setdefault(event.name, []).append(duration)
+    busy = sum(sum(v) for v in kinds.values()) / count
+    graph = "CUDA graph" if settings.cuda_graph and device.type == "cuda" else "no graph"
+    print(f"\n  profile, {settings.name}, {graph}, {count} frames: {len(events) / count:.0f} kernels and {busy:.0f} us device time per frame")
+    print(f"  {'kind':<28} {'kernels/frame':>14} {'us/frame':>9} {'us/kernel':>10}")
+    for kind, durations in sorted(kinds.items(), key=lambda item: -sum(item[1])):
+        print(f"  {kind:<28} {len(durations) / count:>14.1f} {sum(durations) / count:>9.1f} {sum(durations) / len(durations):>10.2f}")
+    print(f"  {'costliest kernels':<90} {'per frame':>9} {'us/frame':>9}")
+    for name, durations in sorted(names.items(), key=lambda item: -sum(item[1]))[:25]:
+        print(f"  {name[:90]:<90} {len(durations) / count:>9.1f} {sum(durations) / count:>9.1f}")
 
 
 def print_table(rows, args, device: torch.device) -> None:
