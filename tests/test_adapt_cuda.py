@@ -189,3 +189,27 @@ def test_triton_convolutions_choose_an_implementation_per_shape_and_reuse_it():
     assert all(value == "torch" or value.startswith("triton ") for value in chosen.values())
     triton_conv.conv2d(x, w, 1, 1)
     assert len(triton_conv.choices()) == before + 3
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_overlapped_prediction_in_its_cuda_graph_follows_the_plain_step(compiled, exact_fp32):
+    """adapt_overlapped on CUDA (each prediction on a side stream inside the next update's CUDA graph) against
+    adapt's step graph (update, then predict): the same logits and weights over a short stream. Both draw their
+    views from the default generator, reseeded after the graphs are captured."""
+    model, task = tiny()
+    images = torch.rand(8, 1, 3, 32, 32, device="cuda")
+    config = OnlineConfig(copies=8, lr=0.05, amp=False, compile=compiled, cuda_graph=True, conv_kernels="torch")
+    plain = OnlineTTT(copy.deepcopy(model), task, config, classes=10)
+    plain.prepare(images[0], ("step", "predict"))
+    torch.cuda.manual_seed(7)
+    expected = [plain.adapt(image).clone() for image in images]
+    overlapped = OnlineTTT(copy.deepcopy(model), task, config, classes=10)
+    overlapped.prepare(images[0], ("update", "overlapped", "predict"))
+    torch.cuda.manual_seed(7)
+    logits = [overlapped.adapt_overlapped(images[0], None)]
+    logits += [overlapped.adapt_overlapped(image, earlier).clone() for earlier, image in zip(images[:-1], images[1:], strict=True)]
+    logits = logits[1:] + [overlapped.predict(images[-1])]
+    for got, want in zip(logits, expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()))
+    assert torch.allclose(overlapped.weights.flat, plain.weights.flat, atol=1e-6)
+    assert not torch.equal(overlapped.weights.flat, overlapped.source)

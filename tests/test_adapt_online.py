@@ -215,3 +215,32 @@ def test_rollback_counts_a_nan_loss_after_an_update_as_worse():
     method._check_update(None, None, torch.tensor(1.0), torch.ones(()))
     assert method.counters()["rollbacks"] == 1
     assert torch.equal(method.weights.flat, snapshot)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_overlapped_prediction_is_the_prediction_before_the_update_in_float64(steps):
+    """adapt_overlapped(x, earlier): the logits predict(earlier) gives before the update, then the update adapt(x)
+    makes; the CPU twin of the side-stream path (tests/test_adapt_cuda.py runs it in a CUDA graph)."""
+    model, task = tiny(torch.float64)
+    images = torch.rand(4, 1, 3, 32, 32, dtype=torch.float64)
+    config = OnlineConfig(copies=4, lr=0.05, amp=False, momentum=0.9, steps=steps)
+    plain = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(3))
+    overlapped = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(3))
+    assert overlapped.can_overlap()
+    assert overlapped.adapt_overlapped(images[0], None) is None
+    plain.adapt(images[0])
+    for earlier, image in zip(images[:-1], images[1:], strict=True):
+        expected = plain.predict(earlier)
+        plain.adapt(image)
+        assert torch.allclose(overlapped.adapt_overlapped(image, earlier), expected, atol=1e-12)
+        assert torch.allclose(encoder_vector(overlapped.model), encoder_vector(plain.model), atol=1e-12)
+    assert overlapped.counters() == plain.counters() and overlapped.samples_seen == plain.samples_seen == 4
+
+
+@pytest.mark.parametrize("config", [{"rollback": RollbackPolicy(enabled=True)}, {"reset": ResetPolicy.parse("on-shift")}, {"steps": 0}], ids=str)
+def test_overlap_is_refused_where_something_acts_between_prediction_and_update(config):
+    model, task = tiny()
+    method = OnlineTTT(model, task, OnlineConfig(copies=2, amp=False, **config), classes=10)
+    assert not method.can_overlap()
+    with pytest.raises(ValueError, match="can_overlap"):
+        method.adapt_overlapped(torch.rand(1, 3, 32, 32), None)

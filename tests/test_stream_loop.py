@@ -208,6 +208,18 @@ def test_pre_update_predicts_before_the_frames_update(tiny):
     assert before.columns["adapted"].all()
 
 
+@pytest.mark.parametrize("mode", ["implicit", "explicit"])
+def test_overlapped_predictions_equal_the_plain_loop(tiny, mode):
+    """Each frame's prediction handed to the next frame's update call (StreamSettings.overlap) gives the same
+    column values as predicting right after each update, across block ends (block 8) and the last frame."""
+    frames = random_frames(21)
+    plain = run(tiny, frames, mode=mode, lr=0.05, overlap=False)
+    overlapped = run(tiny, frames, mode=mode, lr=0.05)
+    for name in ("predicted", "confidence", "ssl_loss", "adapted", "frame"):
+        assert np.array_equal(overlapped.columns[name], plain.columns[name], equal_nan=name == "ssl_loss"), name
+    assert len(overlapped) == 21 and (overlapped.columns["latency"] >= 0).all()
+
+
 def test_ctrl_c_ends_the_stream_and_keeps_the_frames_so_far(tiny):
     def interrupted_frames():
         yield from random_frames(7)
@@ -260,6 +272,22 @@ def test_cuda_stream_logs_every_frame_with_device_timing(tiny, cuda_graph):
     assert (none.columns["predicted"] == still.columns["predicted"]).all()
     paced = run_stream(model, task, frames[:20], settings(**changes), CLASSES, device, pacer=Pacer(200.0, clock=time.perf_counter))
     assert len(paced) == 20 and paced.summary["seconds"] >= 19 / 200
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_stream_overlapped_predictions_follow_the_plain_loop(tiny):
+    """The side-stream prediction inside the update's CUDA graph against the plain loop's two graphs, TF32 off."""
+    model, task = tiny
+    device = torch.device("cuda")
+    frames = random_frames(40)
+    previous, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    try:
+        runs = [run_stream(model, task, frames, settings(lr=0.05, overlap=overlap), CLASSES, device) for overlap in (False, True)]
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+    assert (runs[0].columns["predicted"] == runs[1].columns["predicted"]).all()
+    assert np.abs(runs[0].columns["confidence"] - runs[1].columns["confidence"]).max() < 1e-4
+    assert np.abs(runs[0].columns["ssl_loss"] - runs[1].columns["ssl_loss"]).max() < 1e-4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

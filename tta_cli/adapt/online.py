@@ -184,7 +184,10 @@ class OnlineTTT:
         self._ssl_forward = self._forward("ssl")
         self._main_forward = self._forward("main")
         self._both_forward = maybe_compile(self._forward_both, config.compile, config.compile_backend)
-        self._calls = {"step": self.step, "predict": self._predict, "update": self._update, "pipelined": self._pipelined}
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # overlapped predictions
+        self._calls = {
+            "step": self.step, "predict": self._predict, "update": self._update, "pipelined": self._pipelined, "overlapped": self._overlapped,
+        }
 
     def _forward(self, head: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The model's forward through one head, compiled when asked (one compiled graph per head and shape)."""
@@ -228,29 +231,60 @@ class OnlineTTT:
         update=False only predicts with the current weights (a stream that fell behind skips the update);
         the samples still count towards `--reset every:N`.
         """
+        self._count(images)
+        if self._use_graph(images):
+            return self._replay("step" if update else "predict", images)
+        return self.step(images) if update else self._predict(images)
+
+    def _count(self, images: torch.Tensor) -> None:
+        """`images` are new samples: first the scheduled reset (`--reset every:N`) when N samples have passed."""
         policy = self.config.reset
         if policy.kind == "every" and self.samples_seen and self.samples_seen % policy.every == 0:
             self.reset()
             self.scheduled_resets += 1
         self.samples_seen += images.shape[0]
-        if self._use_graph(images):
-            return self._replay("step" if update else "predict", images)
-        return self.step(images) if update else self._predict(images)
 
     def update(self, images: torch.Tensor) -> None:
         """Adapt on `images` without counting them as new samples: the second half of predicting first with
-        `adapt(images, update=False)`, so that the prediction is ready before the update runs."""
-        if self._use_graph(images):
-            self._replay("step", images)
-        else:
-            self.step(images)
+        `adapt(images, update=False)`, so that the prediction is ready before the update runs. Without rollback
+        nothing needs the step's own logits, so only the update runs."""
+        kind = "step" if self.window is not None else "update"
+        self._run(kind, images)
 
-    def prepare(self, images: torch.Tensor) -> None:
-        """Capture the CUDA graphs for inputs shaped like `images` now, so the first real input does not pay for it."""
+    def prepare(self, images: torch.Tensor, kinds: tuple[str, ...] = ("step", "predict")) -> None:
+        """Capture the CUDA graphs of `kinds` for inputs shaped like `images` now, so the first real input does not
+        pay for it ("overlapped" takes two such inputs)."""
         if self._use_graph(images):
-            for kind in ("step", "predict"):
+            for kind in kinds:
                 if kind not in self._graphs:
-                    self._graphs[kind] = CapturedCall(self._calls[kind], [images], self._state_tensors())
+                    inputs = [images, images] if kind == "overlapped" else [images]
+                    self._graphs[kind] = CapturedCall(self._calls[kind], inputs, self._state_tensors())
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of `images` on the current weights; nothing changes and nothing is counted."""
+        return self._run("predict", images)
+
+    def can_overlap(self) -> bool:
+        """Whether adapt_overlapped may run a prediction beside an update: nothing may act on the prediction before
+        the update (rollback's collapse check) or change the weights before the update's own write (a shift reset)."""
+        return self.config.steps > 0 and self.window is None and self.detector is None
+
+    def adapt_overlapped(self, images: torch.Tensor, earlier: torch.Tensor | None) -> torch.Tensor | None:
+        """Update on `images` (counted as new samples; a scheduled reset fires first, as in adapt) and return the
+        logits of `earlier` on the weights before that update (None: no prediction).
+
+        On CUDA the prediction runs on a side stream beside the update's forward and backward passes, which leave
+        most of the chip idle, and joins before the weights change: one CUDA graph holds both. Elsewhere it simply
+        runs first. A stream predicting each frame after its update can so hand frame t's prediction to frame t+1's
+        call: the same weights, the same logits (tests/test_stream_loop.py), the prediction off the critical path.
+        """
+        if not self.can_overlap():
+            raise ValueError("adapt_overlapped needs steps > 0, no rollback and no shift reset (can_overlap)")
+        self._count(images)
+        if earlier is None:
+            self._run("update", images)
+            return None
+        return self._run("overlapped", earlier, images)
 
     def can_pipeline(self) -> bool:
         """Whether adapt_sequence may fold predictions into the next update: nothing may act on a prediction before
@@ -305,13 +339,31 @@ class OnlineTTT:
             counts["collapse_resets"] += collapsed.long()
         return logits
 
+    def _overlapped(self, earlier: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Logits of `earlier` on the current weights, on the side stream, joined before the update on `images`
+        writes the weights (adapt_overlapped)."""
+        if self._side is None:
+            logits = self._predict(earlier)
+            self._update(images)
+            return logits
+        main = torch.cuda.current_stream(self.device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            logits = self._predict(earlier)
+        self._update(images, join=lambda: main.wait_stream(self._side))
+        return logits
+
     def _pipelined(self, earlier: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Logits of `earlier` with the current weights, from the first forward pass of the update on `images`."""
         return self._update(images, earlier)
 
-    def _update(self, images: torch.Tensor, earlier: torch.Tensor | None = None) -> torch.Tensor | None:
+    def _update(
+        self, images: torch.Tensor, earlier: torch.Tensor | None = None, join: Callable[[], None] | None = None
+    ) -> torch.Tensor | None:
         """`steps` updates on views of `images` (gate, shift reset, rollback as configured); with `earlier`, the
-        first forward pass also yields, and this returns, the main-head logits of `earlier` on the weights before."""
+        first forward pass also yields, and this returns, the main-head logits of `earlier` on the weights before.
+        `join`, when given, runs once after the first backward pass, before the weights change (the end of an
+        overlapped prediction; adapt_overlapped refuses the shift reset, which writes them earlier)."""
         config, counts, flat = self.config, self.counts, self.weights.flat
         earlier_logits = None
         for step_index in range(config.steps):
@@ -335,6 +387,8 @@ class OnlineTTT:
                 counts["shift_resets"] += fired.long()
                 gate = gate * (~fired).float()  # the gradient belongs to the weights just replaced
             grad = self.weights.flat_grad(loss)
+            if join is not None and step_index == 0:  # after the backward pass; a shift reset would write before it
+                join()
             if config.rollback.enabled:  # held-out views of the same input judge the update
                 check_inputs, check_targets = self._views(images)
                 check_before = self._ssl_loss(check_inputs, check_targets)

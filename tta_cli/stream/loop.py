@@ -73,6 +73,10 @@ class StreamSettings:
     # auto | torch | triton: who runs the step's convolutions (OnlineConfig). auto = Triton's where they timed faster
     # than cuDNN's, on CUDA: 623 vs 515 frames/s for the reference ResNet-26 on the H200 (benchmarks/stream_speed.py)
     conv_kernels: str = "auto"
+    # unpaced runs that predict after the update, without rollback or resets: frame t's prediction (on the weights
+    # after its update) runs on a side stream beside frame t+1's update, in one CUDA graph (OnlineTTT.adapt_overlapped);
+    # the same logits, the prediction off the critical path. Off: each frame's update, then its prediction.
+    overlap: bool = True
     block: int = 64  # frames per device-to-host copy of the per-frame log
     view_every: float = 0.5  # seconds between progress reports at most
     max_inflight: int = 2  # paced CUDA runs: frames queued on the GPU before the loop waits
@@ -239,17 +243,19 @@ class FrameLog:
         if self.cuda and self.total >= max_inflight:
             self.events[(self.filled - max_inflight) % self.block].synchronize()
 
-    def record(self, logits: torch.Tensor, arrival: float) -> None:
-        """The frame's prediction is ready: log it and mark the moment (an event on CUDA)."""
+    def record_prediction(self, row: int, logits: torch.Tensor) -> None:
+        """Frame `row` of the block (its state recorded now or next) is predicted: log it, mark the moment (an
+        event on CUDA)."""
         confidence, predicted = logits.float().softmax(1).max(1)
-        self.values[self.filled, :2].copy_(torch.stack([predicted[0].float(), confidence[0]]))
+        self.values[row, :2].copy_(torch.stack([predicted[0].float(), confidence[0]]))
         if self.cuda:
-            self.events[self.filled].record()
+            self.events[row].record()
         else:
-            self.done_times[self.filled] = self.clock()
-        self.arrivals.append(arrival)
+            self.done_times[row] = self.clock()
 
-    def record_state(self, method: OnlineTTT, adapted: bool, scheduled_reset: bool) -> None:
+    def record_state(self, method: OnlineTTT, arrival: float, adapted: bool, scheduled_reset: bool) -> None:
+        """The frame's arrival and the state after its update; the frame takes the next row."""
+        self.arrivals.append(arrival)
         counts = method.counts
         device_resets = counts["shift_resets"] + counts["collapse_resets"]
         self.values[self.filled, 2:].copy_(torch.stack([method.ssl_loss, counts["rollbacks"].float(), device_resets.float()]))
@@ -275,7 +281,7 @@ class FrameLog:
             done = np.array(self.done_times[:count])
         values = self.values[:count].cpu().numpy().astype(np.float64)
         first = self.total - count
-        arrivals = np.array(self.arrivals[:count])  # Ctrl-C between record() and record_state() leaves one extra
+        arrivals = np.array(self.arrivals)
         adapted = np.array(self.adapted, dtype=bool)
         block = {
             "frame": np.arange(first, self.total),
@@ -364,8 +370,17 @@ def run_stream(
     paced = pacer.fps is not None
     method: OnlineTTT | None = None
     window: FrameWindow | None = None
+    overlap = False
+    pending: tuple[int, torch.Tensor] | None = None  # (row, frame) whose prediction comes with the next update
     started = clock()
     interrupted = False
+
+    def resolve_pending() -> None:
+        nonlocal pending
+        if pending is not None:
+            log.record_prediction(pending[0], method.predict(pending[1]))
+            pending = None
+
     try:
         for position, (_, frame) in enumerate(frames):
             if settings.max_frames is not None and position >= settings.max_frames:
@@ -373,7 +388,10 @@ def run_stream(
             image = log.upload(frame)  # (1, 3, H, W)
             if method is None:
                 method, window = build_stream_method(model, task, settings, classes, device, tuple(image.shape[1:]))
-                method.prepare(image)  # CUDA-graph capture happens before the clock starts
+                overlap = overlaps(settings, method, paced)
+                method.prepare(image, ("update", "overlapped", "predict") if overlap else ("step", "predict"))  # capture before the clock
+                if device.type == "cuda" and method.config.cuda_graph:  # the captures drew from it: same draws either way
+                    torch.cuda.manual_seed(settings.seed)
                 pacer.start()
                 started = clock()
             if paced:
@@ -384,19 +402,26 @@ def run_stream(
             if window is not None:
                 window.push(image[0])
             resets_before = method.scheduled_resets
-            if settings.pre_update and update:
-                log.record(method.adapt(image, update=False), arrival)
+            if overlap:  # the previous frame's prediction beside this frame's update
+                logits = method.adapt_overlapped(image, None if pending is None else pending[1])
+                if pending is not None:
+                    log.record_prediction(pending[0], logits)
+                pending = (log.filled, image)
+            elif settings.pre_update and update:
+                log.record_prediction(log.filled, method.adapt(image, update=False))
                 method.update(image)
             else:
-                log.record(method.adapt(image, update=update), arrival)
-            log.record_state(method, update, method.scheduled_resets > resets_before)
+                log.record_prediction(log.filled, method.adapt(image, update=update))
+            log.record_state(method, arrival, update, method.scheduled_resets > resets_before)
             if log.due(settings.view_every):
+                resolve_pending()
                 log.flush()
                 if on_progress is not None:
                     on_progress(log.progress(started))
     except KeyboardInterrupt:
         interrupted = True
     if log.filled:
+        resolve_pending()
         log.flush()
         if on_progress is not None:
             on_progress(log.progress(started))
@@ -405,6 +430,12 @@ def run_stream(
     result = StreamResult(settings.name, settings, log.columns(), seconds, counters, interrupted)
     result.summary = summarize(result, triton_conv.kernels_in(method.model) if method is not None else "torch")
     return result
+
+
+def overlaps(settings: StreamSettings, method: OnlineTTT, paced: bool) -> bool:
+    """Whether each frame's prediction can wait for the next frame's update (StreamSettings.overlap): unpaced (the
+    next frame is already there), predicting after the update, and nothing that acts between two updates."""
+    return settings.overlap and not paced and not settings.pre_update and method.config.reset.kind == "never" and method.can_overlap()
 
 
 def summarize(result: StreamResult, convolutions: str) -> dict:
