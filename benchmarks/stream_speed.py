@@ -67,9 +67,10 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="no CUDA graph (to see what the graph saves)")
     parser.add_argument("--profile", type=int, default=0, metavar="FRAMES",
                         help="also print a kernel profile of FRAMES frames of each run: kernels and device time per frame, by kind")
-    parser.add_argument("--variants", default="fp32:compile,fp32:compile:torch,bf16:compile",
-                        help="comma list of precision:compile|eager[:cl][:triton|:torch] (bf16/fp32 autocast, torch.compile, "
-                        "channels_last, the convolutions' kernels: Triton where faster, or torch's only; default: the stream's default)")
+    parser.add_argument("--variants", default="fp32:compile,fp32:compile:serial,fp32:compile:torch,bf16:compile",
+                        help="comma list of precision:compile|eager[:cl][:triton|:torch][:serial] (bf16/fp32 autocast, torch.compile, "
+                        "channels_last, the convolutions' kernels: Triton where faster, or torch's only, default: the stream's "
+                        "default; serial: each prediction after its frame's update instead of beside the next update)")
     args = parser.parse_args()
     device = torch.device(args.device)
     warmup = args.warmup if args.warmup is not None else max(1, min(32, args.frames // 4))
@@ -94,18 +95,20 @@ def main() -> None:
                     compile=compiled == "compile",
                     channels_last="cl" in layout,
                 )
+                settings.overlap = "serial" not in layout
                 if "triton" in layout or "torch" in layout:
                     settings.conv_kernels = "triton" if "triton" in layout else "torch"
                 summary = measure(model, task, frames, settings, min(warmup, args.frames), device)
                 if args.profile:
-                    profile_stream(model, task, frames[: args.profile], settings, device)
-                    if settings.cuda_graph and device.type == "cuda":  # the same kernels launched one by one
+                    found = profile_stream(model, task, frames[: args.profile], settings, device)
+                    if not found and settings.cuda_graph and device.type == "cuda":  # the profiler missed the graph's kernels
                         profile_stream(model, task, frames[: args.profile], dataclasses.replace(settings, cuda_graph=False), device)
                 run = f"{settings.name} {precision} {compiled}{' cl' if settings.channels_last else ''}"
                 triton = uses_triton_convs(settings.conv_kernels, device)
                 run += " triton" if triton else ""
+                run += "" if settings.overlap else " serial"
                 rows.append((label, run, summary, goal if mode != "none" else None))
-                print(f"{label:<28} {run:<30} {summary['fps']:>10.1f} frames/s", flush=True)
+                print(f"{label:<28} {run:<44} {summary['fps']:>10.1f} frames/s", flush=True)
                 if triton:
                     for key, choice in triton_conv.choices().items():
                         print(f"    chose {choice:<14} for {key}")
@@ -131,19 +134,24 @@ def kernel_kind(name: str) -> str:
     return "other (eager aten)"
 
 
-def profile_stream(model, task, frames: torch.Tensor, settings: StreamSettings, device: torch.device) -> None:
+def profile_stream(model, task, frames: torch.Tensor, settings: StreamSettings, device: torch.device) -> int:
     """Device kernels of the stream loop (its CUDA graph too: CUPTI records graph kernels) over whole blocks of
     frames after the first (which holds the graph capture), grouped by kind: count and device time per frame;
-    then the costliest kernels by name."""
+    then the costliest kernels by name. Returns how many kernels it saw."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
     block = settings.block
     blocks = max(1, len(frames) // block - 1)
     settings = dataclasses.replace(settings, view_every=1e9, max_frames=block * (blocks + 1))
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=schedule(wait=0, warmup=1, active=blocks)) as trace:
+    traces = []  # the recorded blocks' events, handed over when the recording ends
+    with profile(
+        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+        schedule=schedule(wait=0, warmup=1, active=blocks, repeat=1),
+        on_trace_ready=lambda done: traces.append(list(done.events())),
+    ) as trace:
         run_stream(model, task, enumerate(frames), settings, CLASSES, device, on_progress=lambda _: trace.step())
     count = block * blocks
-    events = [e for e in trace.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = [e for e in (traces[0] if traces else []) if e.device_type == torch.autograd.DeviceType.CUDA]
     kinds: dict[str, list[float]] = {}
     names: dict[str, list[float]] = {}
     for event in events:
@@ -159,6 +167,7 @@ def profile_stream(model, task, frames: torch.Tensor, settings: StreamSettings, 
     print(f"  {'costliest kernels':<90} {'per frame':>9} {'us/frame':>9}")
     for name, durations in sorted(names.items(), key=lambda item: -sum(item[1]))[:25]:
         print(f"  {name[:90]:<90} {len(durations) / count:>9.1f} {sum(durations) / count:>9.1f}")
+    return len(events)
 
 
 def print_table(rows, args, device: torch.device) -> None:
@@ -168,12 +177,12 @@ def print_table(rows, args, device: torch.device) -> None:
         f"{args.steps} step(s) per frame, {'predict before' if args.pre_update else 'predict after'} the update, "
         f"{'eager' if args.eager else 'CUDA graph where available'}, {args.frames} frames"
     )
-    print(f"{'model':<28} {'run':<30} {'frames/s':>10} {'p50 ms':>8} {'p95 ms':>8} {'peak GiB':>9} {'goal':>12}")
+    print(f"{'model':<28} {'run':<44} {'frames/s':>10} {'p50 ms':>8} {'p95 ms':>8} {'peak GiB':>9} {'goal':>12}")
     for label, run, summary, goal in rows:
         latency = summary["latency_ms"]
         verdict = "" if goal is None or device.type != "cuda" else f">= {goal:g} {'ok' if summary['fps'] >= goal else 'MISSED'}"
         numbers = f"{summary['fps']:>10.1f} {latency['p50']:>8.2f} {latency['p95']:>8.2f} {summary['peak_gib']:>9.2f}"
-        print(f"{label:<28} {run:<30} {numbers} {verdict:>12}")
+        print(f"{label:<28} {run:<44} {numbers} {verdict:>12}")
 
 
 if __name__ == "__main__":
