@@ -52,6 +52,12 @@ def test_swapped_convolutions_keep_their_parameters_and_state_dict():
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
+def test_only_convolutions_of_the_measured_channel_range_are_swapped():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.Conv2d(64, 128, 1), torch.nn.Conv2d(128, 64, 3, groups=2))
+    assert triton_conv.use_triton_convs(model) == 1
+    assert [type(m).__name__ for m in model] == ["TritonConv2d", "Conv2d", "Conv2d"]
+
+
 @pytest.mark.skipif(triton_conv.INTERPRET, reason="the interpreter runs the kernels on the CPU")
 def test_without_cuda_the_triton_setting_keeps_torch_convolutions():
     model, task = tiny()
@@ -145,11 +151,16 @@ def test_a_tile_that_fails_to_compile_is_skipped_with_a_warning(monkeypatch):
 
 
 @pytest.mark.skipif(triton_conv.INTERPRET, reason="under the interpreter every shape runs the Triton kernels, untimed")
-def test_tensors_too_large_for_32_bit_indexing_keep_torch_convolutions(monkeypatch):
+def test_tensors_above_the_measured_range_keep_torch_convolutions_untimed(monkeypatch):
     used = []
     monkeypatch.setattr(triton_conv, "CANDIDATES", {"input_grad": (lambda *a: used.append("torch"), lambda *a: used.append("triton"), ((32, 32),))})
     monkeypatch.setattr(triton_conv, "available", lambda device: True)
     monkeypatch.setattr(triton_conv, "_CHOSEN", {})
+    monkeypatch.setattr(triton_conv, "graph_seconds", lambda call: (call(), 1.0)[1])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     dy, w = torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1)
     triton_conv._run("input_grad", dy, w, [2**16, 1, 2**8, 2**7], 1, 0)  # an input of 2^31 elements, by its shape
-    assert used == ["torch"] and not triton_conv.choices()
+    triton_conv._run("input_grad", dy, w, [1, 1, 2**10, 2**10 + 1], 1, 0)  # just above MAX_ELEMENTS
+    assert used == ["torch", "torch"] and not triton_conv.choices()
+    triton_conv._run("input_grad", dy, w, [1, 1, 2**10, 2**10], 1, 0)  # MAX_ELEMENTS itself is timed
+    assert len(triton_conv.choices()) == 1

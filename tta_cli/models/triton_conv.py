@@ -31,6 +31,14 @@ except ImportError:  # torch wheels without triton: the op falls back to torch's
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Where the kernels are even tried. They were written and measured for the CIFAR ResNets' latency-bound convolutions
+# (3-64 channels, 8-32 px, tensors of up to 2^19 elements at a batch of 32), where they won 15 of 21 operations
+# against cuDNN. Outside that range they were never measured to win, and the first call would compile and time
+# every tile at every shape: a timm ResNet-50 at 224 px had not finished its first stream after 175 s on an H200.
+# So use_triton_convs swaps only convolutions of at most MAX_CHANNELS channels in and out, and `_run` sends
+# tensors of more than MAX_ELEMENTS elements straight to torch, untimed.
+MAX_CHANNELS = 64
+MAX_ELEMENTS = 2**20
 
 
 def available(device: torch.device) -> bool:
@@ -290,7 +298,7 @@ def _run(operation: str, *args):
     CUDA graph capture; a shape first seen during a capture runs torch's kernel, uncached)."""
     torch_call, triton_call, tiles = CANDIDATES[operation]
     largest = max(a.numel() if isinstance(a, torch.Tensor) else math.prod(a) if isinstance(a, list) else 0 for a in args)
-    if not available(args[0].device) or largest >= 2**31:  # the kernels index with 32-bit integers
+    if not available(args[0].device) or largest > MAX_ELEMENTS:  # (the kernels' 32-bit indexing needs < 2^31 too)
         return torch_call(*args)
     shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else tuple(a) if isinstance(a, list) else a for a in args]
     key = (operation, *shapes, args[0].dtype, torch.backends.cudnn.allow_tf32)
@@ -396,12 +404,12 @@ def supported(conv: nn.Module) -> bool:
 
 
 def use_triton_convs(module: nn.Module) -> int:
-    """Swap every supported nn.Conv2d under `module` for a TritonConv2d sharing its parameters (in place);
-    returns how many were swapped."""
+    """Swap every supported nn.Conv2d of at most MAX_CHANNELS channels in and out under `module` for a TritonConv2d
+    sharing its parameters (in place); returns how many were swapped."""
     swapped = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if supported(child):
+            if supported(child) and max(child.in_channels, child.out_channels) <= MAX_CHANNELS:
                 replacement = TritonConv2d.__new__(TritonConv2d)
                 replacement.__dict__.update(child.__dict__)  # the same Parameter objects, hooks and settings
                 setattr(parent, name, replacement)
