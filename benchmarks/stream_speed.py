@@ -151,7 +151,9 @@ def profile_stream(model, task, frames: torch.Tensor, settings: StreamSettings, 
     ) as trace:
         run_stream(model, task, enumerate(frames), settings, CLASSES, device, on_progress=lambda _: trace.step())
     count = block * blocks
-    events = [e for e in (traces[0] if traces else []) if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = [  # device kernels, not the profiler's own per-step span on the device timeline
+        e for e in (traces[0] if traces else []) if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith("ProfilerStep")
+    ]
     kinds: dict[str, list[float]] = {}
     names: dict[str, list[float]] = {}
     for event in events:

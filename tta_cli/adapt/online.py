@@ -4,8 +4,9 @@ the stream (implicit memory), with optional reset, rollback and a confidence gat
 The adapted parameters live as views of one flat buffer, so an update, a snapshot, a rollback or a
 reset is one kernel each, and every decision is a device tensor: a whole step runs without a host
 sync and, on CUDA, is captured once in a CUDA graph and replayed per batch. `adapt_sequence` takes a run
-of batches at once (optionally folding each prediction into the next update's forward pass); independent
-segments go to the `parallel` twin (online_parallel.py).
+of batches at once (optionally folding each prediction into the next update's forward pass);
+`adapt_overlapped` runs a prediction on a second CUDA stream beside an update (the video stream's loop);
+independent segments go to the `parallel` twin (online_parallel.py).
 """
 
 from __future__ import annotations

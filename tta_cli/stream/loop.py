@@ -6,6 +6,9 @@ buffer, and each of the `steps` updates per frame trains on `batch_size` images 
 with a fresh crop/flip and rotation (or mask). With `fps` the stream is paced like a live camera and a frame
 that arrives while the loop is behind is only predicted, never dropped.
 
+Unpaced, each frame's prediction (after its update) runs beside the next frame's update on a second CUDA stream,
+in one CUDA graph (StreamSettings.overlap): the same weights and logits, the prediction off the critical path.
+
 Per-frame outcomes are gathered on the device and copied to the host every `block` frames (or `view_every`
 seconds), so the hot path has no per-frame host synchronisation.
 
