@@ -352,6 +352,8 @@ class OnlineTTT:
         with torch.cuda.stream(self._side):
             logits = self._predict(earlier)
         self._update(images, join=lambda: main.wait_stream(self._side))
+        if not torch.cuda.is_current_stream_capturing():  # eager: the allocator must not hand it back to the side stream early
+            logits.record_stream(main)
         return logits
 
     def _pipelined(self, earlier: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

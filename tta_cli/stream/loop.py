@@ -392,7 +392,7 @@ def run_stream(
             if method is None:
                 method, window = build_stream_method(model, task, settings, classes, device, tuple(image.shape[1:]))
                 overlap = overlaps(settings, method, paced)
-                method.prepare(image, ("update", "overlapped", "predict") if overlap else ("step", "predict"))  # capture before the clock
+                method.prepare(image, graph_kinds(settings, method, overlap))  # CUDA-graph capture before the clock starts
                 if device.type == "cuda" and method.config.cuda_graph:  # the captures drew from it: same draws either way
                     torch.cuda.manual_seed(settings.seed)
                 pacer.start()
@@ -439,6 +439,18 @@ def overlaps(settings: StreamSettings, method: OnlineTTT, paced: bool) -> bool:
     """Whether each frame's prediction can wait for the next frame's update (StreamSettings.overlap): unpaced (the
     next frame is already there), predicting after the update, and nothing that acts between two updates."""
     return settings.overlap and not paced and not settings.pre_update and method.config.reset.kind == "never" and method.can_overlap()
+
+
+def graph_kinds(settings: StreamSettings, method: OnlineTTT, overlap: bool) -> tuple[str, ...]:
+    """The calls the loop will replay (OnlineTTT.prepare captures them): with the overlap, an update alone (first
+    frame), update + prediction, and a prediction alone (block ends); before the update, the prediction and then
+    the update (the step, whose collapse check needs logits, with rollback); else the step and a prediction (frames
+    a paced run is too late to adapt on)."""
+    if overlap:
+        return ("update", "overlapped", "predict")
+    if settings.pre_update:
+        return ("predict", "step" if method.config.rollback.enabled else "update")
+    return ("step", "predict")
 
 
 def summarize(result: StreamResult, convolutions: str) -> dict:
