@@ -261,8 +261,9 @@ def _torch_weight_grad(dy, x, w_shape, stride, padding):
 # the taps are split over]). No one wins everywhere: on an H200 at the ResNet-26's shapes (benchmarks/conv_speed.py,
 # fp32 and bf16) Triton's weight gradients ran up to 3.4x cuDNN's and its forward up to 2.7x, but cuDNN won most
 # input gradients and the 64-channel 8 px layers, and the best tile differed by layer. The split tiles are for those
-# 8 px layers, whose grid of 64 programs leaves most of the GPU idle through 18 steps (added after the last
-# measurement: they run only where they time faster).
+# 8 px layers, whose grid of 64 programs leaves most of the GPU idle through 18 steps: in the stream step the choice
+# took them for the 8 px layers' forward and input gradient and for most 1-image forward passes (docs/results.md,
+# sixth session), at the price of one eager reduction of the partial sums each.
 CANDIDATES = {
     "forward": (_torch_forward, _conv_forward, ((32, 32, 1), (64, 32, 1), (128, 32, 1), (32, 64, 1), (32, 32, 4))),
     "input_grad": (_torch_input_grad, _conv_input_grad, ((32, 32, 1), (64, 32, 1), (128, 32, 1), (32, 64, 1), (32, 32, 4))),
