@@ -218,6 +218,8 @@ def test_overlapped_predictions_equal_the_plain_loop(tiny, mode):
     for name in ("predicted", "confidence", "ssl_loss", "adapted", "frame"):
         assert np.array_equal(overlapped.columns[name], plain.columns[name], equal_nan=name == "ssl_loss"), name
     assert len(overlapped) == 21 and (overlapped.columns["latency"] >= 0).all()
+    assert overlapped.summary["overlapped_predictions"] and not plain.summary["overlapped_predictions"]
+    assert not run(tiny, frames[:3], mode=mode, rollback=True).summary["overlapped_predictions"]  # rollback acts in between
 
 
 def test_ctrl_c_ends_the_stream_and_keeps_the_frames_so_far(tiny):

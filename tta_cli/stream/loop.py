@@ -431,7 +431,7 @@ def run_stream(
     seconds = clock() - started
     counters = method.counters() if method is not None else {}
     result = StreamResult(settings.name, settings, log.columns(), seconds, counters, interrupted)
-    result.summary = summarize(result, triton_conv.kernels_in(method.model) if method is not None else "torch")
+    result.summary = summarize(result, triton_conv.kernels_in(method.model) if method is not None else "torch", overlap)
     return result
 
 
@@ -453,9 +453,9 @@ def graph_kinds(settings: StreamSettings, method: OnlineTTT, overlap: bool) -> t
     return ("step", "predict")
 
 
-def summarize(result: StreamResult, convolutions: str) -> dict:
-    """Accuracy, latency percentiles, throughput and event counts of one run, and who ran its convolutions
-    ("torch" or "triton where faster": models/triton_conv.py)."""
+def summarize(result: StreamResult, convolutions: str, overlapped: bool = False) -> dict:
+    """Accuracy, latency percentiles, throughput and event counts of one run, who ran its convolutions ("torch" or
+    "triton where faster": models/triton_conv.py) and whether each prediction ran beside the next update (`overlaps`)."""
     columns = result.columns
     frames = len(result)
     known = columns["label"] >= 0
@@ -484,4 +484,5 @@ def summarize(result: StreamResult, convolutions: str) -> dict:
         "counters": result.counters,
         "interrupted": result.interrupted,
         "convolutions": convolutions,
+        "overlapped_predictions": overlapped,
     }
