@@ -237,7 +237,14 @@ def test_overlapped_prediction_is_the_prediction_before_the_update_in_float64(st
     assert overlapped.counters() == plain.counters() and overlapped.samples_seen == plain.samples_seen == 4
 
 
-@pytest.mark.parametrize("config", [{"rollback": RollbackPolicy(enabled=True)}, {"reset": ResetPolicy.parse("on-shift")}, {"steps": 0}], ids=str)
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"rollback": RollbackPolicy(enabled=True)}, {"reset": ResetPolicy.parse("on-shift")}, {"steps": 0},
+        {"reset": ResetPolicy.parse("every:4")}, {"pre_update": True},
+    ],
+    ids=str,
+)
 def test_overlap_is_refused_where_something_acts_between_prediction_and_update(config):
     model, task = tiny()
     method = OnlineTTT(model, task, OnlineConfig(copies=2, amp=False, **config), classes=10)

@@ -265,14 +265,22 @@ class OnlineTTT:
         """Logits of `images` on the current weights; nothing changes and nothing is counted."""
         return self._run("predict", images)
 
+    def _predictions_can_wait(self) -> bool:
+        """Whether a sample's prediction (after its own update) may come out of the next sample's call, as
+        adapt_sequence's pipeline and adapt_overlapped deliver it: nothing acts on it before that next update
+        (rollback's collapse check), it is not wanted before its own update (pre-update), and no scheduled reset
+        (every:N) replaces the weights in between."""
+        config = self.config
+        return not config.rollback.enabled and not config.pre_update and config.reset.kind != "every"
+
     def can_overlap(self) -> bool:
-        """Whether adapt_overlapped may run a prediction beside an update: nothing may act on the prediction before
-        the update (rollback's collapse check) or change the weights before the update's own write (a shift reset)."""
-        return self.config.steps > 0 and self.window is None and self.detector is None
+        """Whether adapt_overlapped may run: predictions can wait for the next update, and nothing writes the
+        weights before that update's own write, while the prediction may still be reading them (a shift reset)."""
+        return self.config.steps > 0 and self.detector is None and self._predictions_can_wait()
 
     def adapt_overlapped(self, images: torch.Tensor, earlier: torch.Tensor | None) -> torch.Tensor | None:
-        """Update on `images` (counted as new samples; a scheduled reset fires first, as in adapt) and return the
-        logits of `earlier` on the weights before that update (None: no prediction).
+        """Update on `images` (counted as new samples) and return the logits of `earlier` on the weights before that
+        update (None: no prediction).
 
         On CUDA the prediction runs on a side stream beside the update's forward and backward passes, which leave
         most of the chip idle, and joins before the weights change: one CUDA graph holds both. Elsewhere it simply
@@ -280,7 +288,7 @@ class OnlineTTT:
         call: the same weights, the same logits (tests/test_stream_loop.py), the prediction off the critical path.
         """
         if not self.can_overlap():
-            raise ValueError("adapt_overlapped needs steps > 0, no rollback and no shift reset (can_overlap)")
+            raise ValueError("adapt_overlapped needs steps > 0 and no rollback, pre-update, every:N or shift reset (can_overlap)")
         self._count(images)
         if earlier is None:
             self._run("update", images)
@@ -288,13 +296,9 @@ class OnlineTTT:
         return self._run("overlapped", earlier, images)
 
     def can_pipeline(self) -> bool:
-        """Whether adapt_sequence may fold predictions into the next update: nothing may act on a prediction before
-        the next update (rollback's collapse check), change the order (pre-update) or reset mid-run (every:N)."""
-        config = self.config
-        return (
-            config.pipeline and not config.rollback.enabled and not config.pre_update
-            and config.reset.kind != "every" and self.train_source is None
-        )
+        """Whether adapt_sequence may fold predictions into the next update: asked for, on the paper's views (no
+        train_source), and predictions can wait for the next update."""
+        return self.config.pipeline and self.train_source is None and self._predictions_can_wait()
 
     def adapt_sequence(self, images: torch.Tensor) -> torch.Tensor:
         """All of `images` (N, C, H, W) in order, config.batch at a time: the logits repeated adapt() calls give.

@@ -393,7 +393,7 @@ def run_stream(
                 method, window = build_stream_method(model, task, settings, classes, device, tuple(image.shape[1:]))
                 overlap = overlaps(settings, method, paced)
                 method.prepare(image, graph_kinds(settings, method, overlap))  # CUDA-graph capture before the clock starts
-                if device.type == "cuda" and method.config.cuda_graph:  # the captures drew from it: same draws either way
+                if method.config.cuda_graph:  # (CUDA only) the captures drew from it: the same draws either way
                     torch.cuda.manual_seed(settings.seed)
                 pacer.start()
                 started = clock()
@@ -436,9 +436,9 @@ def run_stream(
 
 
 def overlaps(settings: StreamSettings, method: OnlineTTT, paced: bool) -> bool:
-    """Whether each frame's prediction can wait for the next frame's update (StreamSettings.overlap): unpaced (the
-    next frame is already there), predicting after the update, and nothing that acts between two updates."""
-    return settings.overlap and not paced and not settings.pre_update and method.config.reset.kind == "never" and method.can_overlap()
+    """Whether each frame's prediction waits for the next frame's update (StreamSettings.overlap): unpaced (the
+    next frame is already there) and a method whose predictions can wait (OnlineTTT.can_overlap)."""
+    return settings.overlap and not paced and method.can_overlap()
 
 
 def graph_kinds(settings: StreamSettings, method: OnlineTTT, overlap: bool) -> tuple[str, ...]:
