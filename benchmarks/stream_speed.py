@@ -94,10 +94,9 @@ def main() -> None:
                     amp=precision == "bf16",
                     compile=compiled == "compile",
                     channels_last="cl" in layout,
+                    overlap="serial" not in layout,
+                    conv_kernels="triton" if "triton" in layout else "torch" if "torch" in layout else StreamSettings.conv_kernels,
                 )
-                settings.overlap = "serial" not in layout
-                if "triton" in layout or "torch" in layout:
-                    settings.conv_kernels = "triton" if "triton" in layout else "torch"
                 summary = measure(model, task, frames, settings, min(warmup, args.frames), device)
                 if args.profile:
                     found = profile_stream(model, task, frames[: args.profile], settings, device)
@@ -106,12 +105,12 @@ def main() -> None:
                 run = f"{settings.name} {precision} {compiled}{' cl' if settings.channels_last else ''}"
                 triton = uses_triton_convs(settings.conv_kernels, device)
                 run += " triton" if triton else ""
-                run += "" if settings.overlap else " serial"
+                run += " serial" if settings.adapting and not summary["overlapped_predictions"] else ""  # what ran, not what was asked
                 rows.append((label, run, summary, goal if mode != "none" else None))
                 print(f"{label:<28} {run:<44} {summary['fps']:>10.1f} frames/s", flush=True)
                 if triton:
-                    for key, choice in triton_conv.choices().items():
-                        print(f"    chose {choice:<14} for {key}")
+                    for shapes, choice in triton_conv.choices().items():
+                        print(f"    chose {choice:<14} for {shapes}")
         del model, frames
         if device.type == "cuda":
             torch.cuda.empty_cache()
