@@ -15,22 +15,22 @@ gradients, the two one after the other against the weight gradient overlapped on
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
-import torch.nn.functional as F
 
 from tta_cli.models import triton_conv
 
 # (name, in channels, out channels, size, stride, count in one step's forward, the operations a step runs there:
 # the stem's input gradient is never needed, nor the weight gradients of the frozen ssl head, layer3)
-ALL = ("forward", "input grad", "weight grad")
+ALL = ("forward", "input_grad", "weight_grad")  # triton_conv.CANDIDATES' keys
 SHAPES = [
-    ("stem 3->16 @32", 3, 16, 32, 1, 1, ("forward", "weight grad")),
+    ("stem 3->16 @32", 3, 16, 32, 1, 1, ("forward", "weight_grad")),
     ("layer1 16->16 @32", 16, 16, 32, 1, 8, ALL),
     ("layer2 16->32 @32 s2", 16, 32, 32, 2, 1, ALL),
     ("layer2 32->32 @16", 32, 32, 16, 1, 7, ALL),
-    ("layer3 32->64 @16 s2", 32, 64, 16, 2, 1, ("forward", "input grad")),
-    ("layer3 64->64 @8", 64, 64, 8, 1, 7, ("forward", "input grad")),
+    ("layer3 32->64 @16 s2", 32, 64, 16, 2, 1, ("forward", "input_grad")),
+    ("layer3 64->64 @8", 64, 64, 8, 1, 7, ("forward", "input_grad")),
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -41,25 +41,9 @@ def graph_time_us(call, reps: int) -> float:
     return triton_conv.graph_seconds(call, reps) * 1e6
 
 
-def cudnn_calls(x, w, dy, stride):
-    backward = torch.ops.aten.convolution_backward
-    common = ([stride] * 2, [1, 1], [1, 1], False, [0, 0], 1)
-    return {
-        "forward": lambda: F.conv2d(x, w, None, stride, 1),
-        "input grad": lambda: backward(dy, x, w, None, *common, [True, False, False])[0],
-        "weight grad": lambda: backward(dy, x, w, None, *common, [False, True, False])[1],
-    }
-
-
-def triton_calls(x, w, dy, stride, tile):
-    return {
-        "forward": lambda: triton_conv._conv_forward(x, w, stride, 1, *tile),
-        "input grad": lambda: triton_conv._conv_input_grad(dy, w, x.shape, stride, 1, *tile),
-        "weight grad": lambda: triton_conv._conv_weight_grad(dy, x, w.shape, stride, 1, *tile),
-    }
-
-
-OPERATIONS = {"forward": "forward", "input grad": "input_grad", "weight grad": "weight_grad"}
+def operation_args(x, w, dy, stride) -> dict[str, tuple]:
+    """Each operation's arguments, as triton_conv's implementations (CANDIDATES) take them (padding 1)."""
+    return {"forward": (x, w, stride, 1), "input_grad": (dy, w, list(x.shape), stride, 1), "weight_grad": (dy, x, list(w.shape), stride, 1)}
 
 
 def overlapped(first, second):
@@ -95,14 +79,16 @@ def main() -> None:
             x = torch.randn(args.batch, cin, size, size, device=device, dtype=dtype, generator=generator)
             w = torch.randn(cout, cin, 3, 3, device=device, dtype=dtype, generator=generator) * 0.1
             dy = torch.randn(args.batch, cout, size // stride, size // stride, device=device, dtype=dtype, generator=generator)
-            reference = cudnn_calls(x, w, dy, stride)
+            arguments = operation_args(x, w, dy, stride)
+            reference = {}
             best_of: dict[str, float] = {}
-            for op, call in reference.items():
+            for op, (torch_call, triton_call, tiles) in triton_conv.CANDIDATES.items():
+                reference[op] = call = functools.partial(torch_call, *arguments[op])  # cuDNN
                 cudnn_us = graph_time_us(call, args.reps)
                 expected = call().float()
                 best = cudnn_us
-                for tile in triton_conv.CANDIDATES[OPERATIONS[op]][2]:
-                    fast = triton_calls(x, w, dy, stride, tile)[op]
+                for tile in tiles:
+                    fast = functools.partial(triton_call, *arguments[op], *tile)
                     triton_us = graph_time_us(fast, args.reps)
                     best = min(best, triton_us)
                     difference = float((fast().float() - expected).abs().max() / expected.abs().max())
@@ -115,10 +101,10 @@ def main() -> None:
             if needed != ALL:
                 continue
             # where a step needs both gradients: one after the other against the weight gradient on a side stream (cuDNN's)
-            serial = graph_time_us(lambda grads=reference: (grads["input grad"](), grads["weight grad"]()), args.reps)
-            parallel = graph_time_us(overlapped(reference["input grad"], reference["weight grad"]), args.reps)
+            serial = graph_time_us(lambda grads=reference: (grads["input_grad"](), grads["weight_grad"]()), args.reps)
+            parallel = graph_time_us(overlapped(reference["input_grad"], reference["weight_grad"]), args.reps)
             print(f"{name:<22} {dtype_name:<5} both gradients, cuDNN: one stream {serial:.1f} us, weight gradient on a side "
-                  f"stream {parallel:.1f} us (fastest kernels, one stream: {best_of['input grad'] + best_of['weight grad']:.1f})")
+                  f"stream {parallel:.1f} us (fastest kernels, one stream: {best_of['input_grad'] + best_of['weight_grad']:.1f})")
             totals[(dtype_name, "cudnn serial grads")] = totals.get((dtype_name, "cudnn serial grads"), 0.0) + serial * count
             totals[(dtype_name, "cudnn overlapped grads")] = totals.get((dtype_name, "cudnn overlapped grads"), 0.0) + parallel * count
     print("\none step's convolutions: each operation a step runs, x its count (the gradient pairs: the layers that need both)")
