@@ -41,11 +41,6 @@ def graph_time_us(call, reps: int) -> float:
     return triton_conv.graph_seconds(call, reps) * 1e6
 
 
-def operation_args(x, w, dy, stride) -> dict[str, tuple]:
-    """Each operation's arguments, as triton_conv's implementations (CANDIDATES) take them (padding 1)."""
-    return {"forward": (x, w, stride, 1), "input_grad": (dy, w, list(x.shape), stride, 1), "weight_grad": (dy, x, list(w.shape), stride, 1)}
-
-
 def overlapped(first, second):
     """`first()` on the current stream and `second()` on a side stream at the same time, joined at the end."""
     side = torch.cuda.Stream()
@@ -79,7 +74,7 @@ def main() -> None:
             x = torch.randn(args.batch, cin, size, size, device=device, dtype=dtype, generator=generator)
             w = torch.randn(cout, cin, 3, 3, device=device, dtype=dtype, generator=generator) * 0.1
             dy = torch.randn(args.batch, cout, size // stride, size // stride, device=device, dtype=dtype, generator=generator)
-            arguments = operation_args(x, w, dy, stride)
+            arguments = triton_conv.operation_arguments(x, w, dy, stride, 1)
             reference = {}
             best_of: dict[str, float] = {}
             for op, (torch_call, triton_call, tiles) in triton_conv.CANDIDATES.items():

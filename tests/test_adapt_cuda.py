@@ -153,7 +153,7 @@ def test_every_triton_tile_equals_cudnn_on_cuda(shape, exact_fp32):
     x = torch.randn(batch, cin, size, size, device="cuda", generator=generator)
     w = torch.randn(cout, cin, 3, 3, device="cuda", generator=generator)
     dy = torch.randn(batch, cout, (size - 1) // stride + 1, (size - 1) // stride + 1, device="cuda", generator=generator)
-    arguments = {"forward": (x, w, stride, 1), "input_grad": (dy, w, list(x.shape), stride, 1), "weight_grad": (dy, x, list(w.shape), stride, 1)}
+    arguments = triton_conv.operation_arguments(x, w, dy, stride, 1)
     for operation, (torch_call, triton_call, tiles) in triton_conv.CANDIDATES.items():
         expected = torch_call(*arguments[operation])
         for tile in tiles:

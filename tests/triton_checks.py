@@ -91,7 +91,7 @@ def test_every_candidate_tile_gives_the_same_result(operation):
     x = torch.randn(2, 6, 9, 9, dtype=torch.float64, generator=generator)
     w = torch.randn(20, 6, 3, 3, dtype=torch.float64, generator=generator)
     dy = torch.randn(2, 20, 5, 5, dtype=torch.float64, generator=generator)
-    args = {"forward": (x, w, 2, 1), "input_grad": (dy, w, list(x.shape), 2, 1), "weight_grad": (dy, x, list(w.shape), 2, 1)}[operation]
+    args = triton_conv.operation_arguments(x, w, dy, 2, 1)[operation]
     expected = torch_call(*args)
     for tile in tiles:
         assert torch.allclose(triton_call(*args, *tile), expected, atol=1e-12), tile

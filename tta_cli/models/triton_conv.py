@@ -269,6 +269,18 @@ CANDIDATES = {
     "input_grad": (_torch_input_grad, _conv_input_grad, ((32, 32, 1), (64, 32, 1), (128, 32, 1), (32, 64, 1), (32, 32, 4))),
     "weight_grad": (_torch_weight_grad, _conv_weight_grad, ((32, 64), (64, 64), (128, 64), (64, 32))),
 }
+
+
+def operation_arguments(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, stride: int, padding: int) -> dict[str, tuple]:
+    """Each operation's arguments as its implementations in CANDIDATES take them, for convolving `x` with `w` (`dy`:
+    the gradient of the output): to time or check every implementation at one shape."""
+    return {
+        "forward": (x, w, stride, padding),
+        "input_grad": (dy, w, list(x.shape), stride, padding),
+        "weight_grad": (dy, x, list(w.shape), stride, padding),
+    }
+
+
 _CHOSEN: dict[tuple, tuple[int, ...] | None] = {}  # (operation, shapes, dtype, stride, padding, TF32) -> tile or None (torch)
 
 
