@@ -87,7 +87,7 @@ def main() -> None:
                     triton_us = graph_time_us(fast, args.reps)
                     best = min(best, triton_us)
                     difference = float((fast().float() - expected).abs().max() / expected.abs().max())
-                    print(f"{name:<22} {dtype_name:<5} {op:<12} {cudnn_us:>9.1f} {'x'.join(map(str, tile)):>9} {triton_us:>10.1f} "
+                    print(f"{name:<22} {dtype_name:<5} {op:<12} {cudnn_us:>9.1f} {triton_conv.label(tile):>9} {triton_us:>10.1f} "
                           f"{cudnn_us / triton_us:>7.2f}x {difference:>9.1e}", flush=True)
                 best_of[op] = best
                 if op in needed:

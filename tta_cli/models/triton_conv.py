@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,13 +63,23 @@ if triton is not None:
         return offsets, valid
 
     @triton.jit
+    def _store_or_add(result, offsets, slab, acc, mask, ATOMIC: tl.constexpr):
+        """A program's tile of sums: added in place into `result` (zeroed, 32- or 64-bit float) with ATOMIC, else
+        stored at `slab` elements in (a split's own slab of partial sums, or the output itself)."""
+        if ATOMIC:
+            tl.atomic_add(result + offsets, acc, mask=mask, sem="relaxed")
+        else:
+            tl.store(result + slab + offsets, acc.to(result.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _forward_kernel(
         x, w, out, H, W, OH, OW, C, N, M, K,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+        ATOMIC: tl.constexpr,
     ):
         """out[m, n] = sum_k patches[m, k] * w[n, k], stored at out (B, N, OH, OW); split s of the taps (program
-        axis 2, STEPS steps of BK each) stores its partial sum at out[s]."""
+        axis 2, STEPS steps of BK each) stores its partial sum at out[s], or with ATOMIC adds it into out."""
         pixels = tl.program_id(0) * BM + tl.arange(0, BM)
         channels = tl.program_id(1) * BN + tl.arange(0, BN)
         split = tl.program_id(2)
@@ -81,19 +92,20 @@ if triton is not None:
             acc = tl.dot(patches, weights, acc, input_precision=PRECISION, out_dtype=ACC)
         b = pixels // (OH * OW)
         rest = pixels % (OH * OW)
-        target = out + split * (M * N) + b[:, None] * (N * OH * OW) + channels[None, :] * (OH * OW) + rest[:, None]
-        tl.store(target, acc.to(out.dtype.element_ty), mask=(pixels < M)[:, None] & (channels < N)[None, :])
+        target = b[:, None] * (N * OH * OW) + channels[None, :] * (OH * OW) + rest[:, None]
+        _store_or_add(out, target, split * (M * N), acc, (pixels < M)[:, None] & (channels < N)[None, :], ATOMIC)
 
     @triton.jit
     def _input_grad_kernel(
         dy, w, dx, H, W, OH, OW, C, N, M, K,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+        ATOMIC: tl.constexpr,
     ):
         """dx[b, c, ih, iw] = sum over (n, kh, kw) of dy[b, n, oh, ow] * w[n, c, kh, kw], where oh * STRIDE =
         ih + PAD - kh (and the same for columns): pixel m = (b, ih, iw) of the input, tap k = (n, kh, kw),
         channel = c. Taps whose output position is fractional or outside dy are masked out. Split s of the taps
-        (program axis 2) stores its partial sum at dx[s]."""
+        (program axis 2) stores its partial sum at dx[s], or with ATOMIC adds it into dx."""
         pixels = tl.program_id(0) * BM + tl.arange(0, BM)
         channels = tl.program_id(1) * BN + tl.arange(0, BN)
         split = tl.program_id(2)
@@ -117,17 +129,18 @@ if triton is not None:
             weight_offsets = n[:, None] * (C * KH * KW) + channels[None, :] * (KH * KW) + (taps % (KH * KW))[:, None]
             weights = tl.load(w + weight_offsets, mask=(taps < K)[:, None] & (channels < C)[None, :], other=0.0)
             acc = tl.dot(grads, weights, acc, input_precision=PRECISION, out_dtype=ACC)
-        target = dx + split * (M * C) + b[:, None] * (C * H * W) + channels[None, :] * (H * W) + rest[:, None]
-        tl.store(target, acc.to(dx.dtype.element_ty), mask=(pixels < M)[:, None] & (channels < C)[None, :])
+        target = b[:, None] * (C * H * W) + channels[None, :] * (H * W) + rest[:, None]
+        _store_or_add(dx, target, split * (M * C), acc, (pixels < M)[:, None] & (channels < C)[None, :], ATOMIC)
 
     @triton.jit
     def _weight_grad_kernel(
         dy, x, partial, H, W, OH, OW, C, N, M, K,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+        ATOMIC: tl.constexpr,
     ):
         """partial[s, n, k] = sum over the pixels m of split s of dy[m, n] * patches[m, k]; the splits are summed
-        afterwards (deterministic, unlike atomics)."""
+        afterwards (deterministic), or with ATOMIC added into partial[0] as they finish (in no fixed order)."""
         channels = tl.program_id(0) * BN + tl.arange(0, BN)
         taps = tl.program_id(1) * BK + tl.arange(0, BK)
         split = tl.program_id(2)
@@ -143,8 +156,7 @@ if triton is not None:
                 mask=(pixels < M)[None, :] & (channels < N)[:, None], other=0.0,
             )
             acc = tl.dot(grads, patches, acc, input_precision=PRECISION, out_dtype=ACC)
-        target = partial + split * (N * K) + channels[:, None] * K + taps[None, :]
-        tl.store(target, acc, mask=(channels < N)[:, None] & (taps < K)[None, :])
+        _store_or_add(partial, channels[:, None] * K + taps[None, :], split * (N * K), acc, (channels < N)[:, None] & (taps < K)[None, :], ATOMIC)
 
 
 def _block(size: int, largest: int) -> int:
@@ -170,21 +182,39 @@ def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, int]:
     return (height + 2 * padding - kernel_h) // stride + 1, (width + 2 * padding - kernel_w) // stride + 1
 
 
-def _conv_forward(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, tile: int = 64, depth: int = 32, splits: int = 1) -> torch.Tensor:
+def _conv_forward(
+    x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, tile: int = 64, depth: int = 32, splits: int = 1,
+    warps: int = 4, stages: int = 3, atomic: bool = False,
+) -> torch.Tensor:
     """`tile` output pixels x up to 64 output channels per program, `depth` taps per step of the sum, the taps
-    split over `splits` programs (for grids too small to fill the GPU), whose partial sums are added after."""
+    split over `splits` programs (for grids too small to fill the GPU), whose partial sums are added after (or,
+    `atomic`, into the zeroed output as each finishes). `warps` and `stages` are Triton's launch options."""
     out_shape = (x.shape[0], w.shape[0], *_geometry(x.shape, w.shape, stride, padding))
-    return _launch_gathered(_forward_kernel, x, w, tuple(x.shape), out_shape, out_shape, stride, padding, tile, depth, splits)
+    launch = Launch(tile, depth, splits, warps, stages, atomic)
+    return _launch_gathered(_forward_kernel, x, w, tuple(x.shape), out_shape, out_shape, stride, padding, launch)
 
 
 def _conv_input_grad(
-    dy: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, tile: int = 64, depth: int = 32, splits: int = 1
+    dy: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, tile: int = 64, depth: int = 32, splits: int = 1,
+    warps: int = 4, stages: int = 3, atomic: bool = False,
 ) -> torch.Tensor:
     """The same tiling over the input's pixels and channels, the taps gathered from dy."""
-    return _launch_gathered(_input_grad_kernel, dy, w, tuple(x_shape), tuple(dy.shape), tuple(x_shape), stride, padding, tile, depth, splits)
+    launch = Launch(tile, depth, splits, warps, stages, atomic)
+    return _launch_gathered(_input_grad_kernel, dy, w, tuple(x_shape), tuple(dy.shape), tuple(x_shape), stride, padding, launch)
 
 
-def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, padding, tile, depth, splits) -> torch.Tensor:
+class Launch(NamedTuple):
+    """How one of the kernels is launched: what the automatic choice picks between (CANDIDATES)."""
+
+    tile: int  # rows of the GEMM per program: output pixels (weight gradient: pixels per step of its sum)
+    depth: int  # taps per step of the sum
+    splits: int = 1  # programs the sum is split over (weight gradient: 0, as many as fill the GPU)
+    warps: int = 4  # Triton's num_warps
+    stages: int = 3  # Triton's num_stages (software pipelining of the loads)
+    atomic: bool = False  # split sums added into a zeroed fp32 output as they finish (no reduction kernel after; unordered)
+
+
+def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, padding, launch: Launch) -> torch.Tensor:
     """Either gathered GEMM (forward: x -> y, input gradient: dy -> dx) over `result_shape` (B, columns, H', W'):
     its pixels are the GEMM's rows, its channels the columns, and `source`'s channels x kH x kW the taps."""
     batch, channels, height, width = x_shape
@@ -192,15 +222,19 @@ def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, 
     columns = result_shape[1]
     pixels = batch * result_shape[2] * result_shape[3]
     taps = source.shape[1] * kernel_h * kernel_w  # the gathered tensor's channels x the kernel window
-    bn, bk = _block(columns, 64), _block(taps, depth)
-    steps, splits = _split_steps(taps, bk, splits, pixels * columns)
-    result = _partial_buffer(splits, result_shape, source)
-    grid = (triton.cdiv(pixels, tile), triton.cdiv(columns, bn), splits)
+    bn, bk = _block(columns, 64), _block(taps, launch.depth)
+    steps, splits = _split_steps(taps, bk, launch.splits, 0 if launch.atomic else pixels * columns)
+    atomic = launch.atomic and splits > 1
+    result = _sum_buffer(1 if atomic else splits, result_shape, source, zeroed=atomic)
+    grid = (triton.cdiv(pixels, launch.tile), triton.cdiv(columns, bn), splits)
     kernel[grid](
         source, w, result, height, width, y_shape[2], y_shape[3], channels, out_channels, pixels, taps,
-        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, STEPS=steps,
-        PRECISION=_precision(source.dtype), ACC=_accumulator(source.dtype),
+        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=launch.tile, BN=bn, BK=bk, STEPS=steps,
+        PRECISION=_precision(source.dtype), ACC=_accumulator(source.dtype), ATOMIC=atomic,
+        num_warps=launch.warps, num_stages=launch.stages,
     )
+    if atomic:
+        return result[0].to(source.dtype)
     return result if splits == 1 else result.sum(0).to(source.dtype)
 
 
@@ -213,34 +247,44 @@ def _split_steps(taps: int, depth: int, splits: int, numel: int = 0) -> tuple[in
     return steps, triton.cdiv(triton.cdiv(taps, depth), steps)
 
 
-def _partial_buffer(splits: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """The output itself for one split; otherwise one fp32 (or float64) slab per split, summed afterwards."""
-    if splits == 1:
+def _sum_buffer(splits: int, shape: tuple[int, ...], like: torch.Tensor, zeroed: bool = False) -> torch.Tensor:
+    """Where the kernels write their sums: the output itself for one split; otherwise one fp32 (or float64) slab
+    per split, summed afterwards. `zeroed`: a single fp32 slab the splits add into."""
+    if splits == 1 and not zeroed:
         return torch.empty(shape, device=like.device, dtype=like.dtype)
-    return torch.empty(splits, *shape, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
+    make = torch.zeros if zeroed else torch.empty
+    return make(splits, *shape, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
 
 
 WEIGHT_GRAD_PROGRAMS = 256  # programs the pixel sum is split over (with the tiles of the weight), to fill the GPU
 
 
-def _conv_weight_grad(dy: torch.Tensor, x: torch.Tensor, w_shape, stride: int, padding: int, tile: int = 64, depth: int = 64) -> torch.Tensor:
+def _conv_weight_grad(
+    dy: torch.Tensor, x: torch.Tensor, w_shape, stride: int, padding: int, tile: int = 64, depth: int = 64, splits: int = 0,
+    warps: int = 4, stages: int = 3, atomic: bool = False,
+) -> torch.Tensor:
+    """Tiles of the weight (output channels x taps), the pixel sum split over `splits` programs per tile (0: as many
+    as make WEIGHT_GRAD_PROGRAMS in all), summed after or, `atomic`, added into a zeroed fp32 weight."""
     batch, channels, height, width = x.shape
     out_channels, _, kernel_h, kernel_w = w_shape
     out_h, out_w = dy.shape[2:]
     pixels, taps = batch * out_h * out_w, channels * kernel_h * kernel_w
     bn, bk = _block(out_channels, 64), _block(taps, depth)
     tiles = triton.cdiv(out_channels, bn) * triton.cdiv(taps, bk)
-    splits = max(1, min(triton.cdiv(pixels, tile), WEIGHT_GRAD_PROGRAMS // tiles))
+    splits = max(1, min(triton.cdiv(pixels, tile), splits or WEIGHT_GRAD_PROGRAMS // tiles))
     per_split = triton.cdiv(triton.cdiv(pixels, splits), tile) * tile
     splits = triton.cdiv(pixels, per_split)
-    partial = torch.empty(splits, out_channels, taps, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    atomic = atomic and splits > 1
+    make = torch.zeros if atomic else torch.empty
+    partial = make(1 if atomic else splits, out_channels, taps, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
     grid = (triton.cdiv(out_channels, bn), triton.cdiv(taps, bk), splits)
     _weight_grad_kernel[grid](
         dy, x, partial, height, width, out_h, out_w, channels, out_channels, pixels, taps,
         KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, STEPS=per_split // tile,
-        PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype),
+        PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype), ATOMIC=atomic, num_warps=warps, num_stages=stages,
     )
-    return partial.sum(0).view(w_shape).to(x.dtype)
+    total = partial[0] if partial.shape[0] == 1 else partial.sum(0)
+    return total.view(w_shape).to(x.dtype)
 
 
 def _torch_forward(x, w, stride, padding):
@@ -257,18 +301,34 @@ def _torch_weight_grad(dy, x, w_shape, stride, padding):
     return torch.ops.aten.convolution_backward(dy, x, w, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1, [False, True, False])[1]
 
 
-# Per operation: torch's kernel (cuDNN) and the Triton tiles tried: (pixels per program, taps per step[, programs
-# the taps are split over]). No one wins everywhere: on an H200 at the ResNet-26's shapes (benchmarks/conv_speed.py,
-# fp32 and bf16) Triton's weight gradients ran up to 3.4x cuDNN's and its forward up to 2.7x, but cuDNN won most
-# input gradients and the 64-channel 8 px layers, and the best tile differed by layer. The split tiles are for those
-# 8 px layers, whose grid of 64 programs leaves most of the GPU idle through 18 steps: in the stream step the choice
-# took them for the 8 px layers' forward and input gradient and for most 1-image forward passes (docs/results.md,
-# sixth session), at the price of one eager reduction of the partial sums each.
+# Per operation: torch's kernel (cuDNN) and the Triton launches tried (Launch's fields in order; the rest default).
+# No one wins everywhere: on an H200 at the ResNet-26's shapes (benchmarks/conv_speed.py, fp32 and bf16) Triton's
+# weight gradients ran up to 3.4x cuDNN's and its forward up to 2.7x, but cuDNN won most input gradients and the
+# 64-channel 8 px layers, and the best tile differed by layer. The split tiles are for those 8 px layers, whose grid
+# of 64 programs leaves most of the GPU idle through 18 steps: in the stream step the choice took them for the 8 px
+# layers' forward and input gradient and for most 1-image forward passes (docs/results.md, sixth session). Their
+# partial sums cost one more kernel each (46 a frame, 154 us of 1,380), so each split tile also comes as `atomic`,
+# which adds them into a zeroed output instead: unordered fp32 additions, so not bitwise reproducible run to run
+# (skipped under torch.use_deterministic_algorithms).
+_GATHERED = ((32, 32, 1), (64, 32, 1), (128, 32, 1), (32, 64, 1), (32, 32, 4), Launch(32, 32, 4, atomic=True))
+_SPLIT_WEIGHT = ((32, 64), (64, 64), (128, 64), (64, 32))
 CANDIDATES = {
-    "forward": (_torch_forward, _conv_forward, ((32, 32, 1), (64, 32, 1), (128, 32, 1), (32, 64, 1), (32, 32, 4))),
-    "input_grad": (_torch_input_grad, _conv_input_grad, ((32, 32, 1), (64, 32, 1), (128, 32, 1), (32, 64, 1), (32, 32, 4))),
-    "weight_grad": (_torch_weight_grad, _conv_weight_grad, ((32, 64), (64, 64), (128, 64), (64, 32))),
+    "forward": (_torch_forward, _conv_forward, _GATHERED),
+    "input_grad": (_torch_input_grad, _conv_input_grad, _GATHERED),
+    "weight_grad": (_torch_weight_grad, _conv_weight_grad, _SPLIT_WEIGHT + tuple(Launch(*tile, 0, atomic=True) for tile in _SPLIT_WEIGHT)),
 }
+
+
+def label(launch: tuple) -> str:
+    """A launch as the choice log prints it: "64x32x4" (tile, depth, splits as given), then "w8", "s2" where the
+    warps or stages differ from Triton's defaults, and "atomic"."""
+    fields = Launch(*launch) if len(launch) > 2 else Launch(*launch, 0)
+    text = "x".join(map(str, launch[:3]))
+    if fields.warps != 4:
+        text += f" w{fields.warps}"
+    if fields.stages != 3:
+        text += f" s{fields.stages}"
+    return text + (" atomic" if fields.atomic else "")
 
 
 def operation_arguments(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, stride: int, padding: int) -> dict[str, tuple]:
@@ -319,7 +379,10 @@ def _run(operation: str, *args):
         if INTERPRET or torch.cuda.is_current_stream_capturing():
             return triton_call(*args) if INTERPRET else torch_call(*args)
         times = {None: graph_seconds(lambda: torch_call(*args))}
+        deterministic = torch.are_deterministic_algorithms_enabled()
         for tile in tiles:
+            if deterministic and isinstance(tile, Launch) and tile.atomic:
+                continue
             try:
                 times[tile] = graph_seconds(lambda tile=tile: triton_call(*args, *tile))
             except Exception as error:  # a tile this GPU or triton version cannot compile: the others remain
@@ -342,8 +405,8 @@ def _warn_once(error: Exception, tile: tuple[int, ...], key: tuple) -> None:
 
 
 def choices() -> dict[tuple, str]:
-    """What `_run` chose so far, readable: key -> "torch" or "triton BMxBK[xSPLITS]"."""
-    return {key: "torch" if tile is None else "triton " + "x".join(map(str, tile)) for key, tile in _CHOSEN.items()}
+    """What `_run` chose so far, readable: key -> "torch" or "triton " + label(launch)."""
+    return {key: "torch" if tile is None else "triton " + label(tile) for key, tile in _CHOSEN.items()}
 
 
 @torch.library.custom_op("tta::conv2d", mutates_args=())
