@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tta_cli.adapt.compiled import maybe_compile
+from tta_cli.adapt.compiled import SAME_RANDOM_NUMBERS, maybe_compile
 from tta_cli.adapt.graphs import CapturedCall
 from tta_cli.adapt.online_parallel import ParallelOnlineTTT, supports_parallel
 from tta_cli.adapt.params import UpdateConfig, adapted_parameter_names
@@ -108,8 +108,8 @@ class FlatParameters:
         """A parameter-shaped tensor flattened in the order its slice of `flat` stores it."""
         return tensor.permute(0, 2, 3, 1).reshape(-1) if nhwc else tensor.reshape(-1)
 
-    def flat_grad(self, loss: torch.Tensor) -> torch.Tensor:
-        grads = torch.autograd.grad(loss, self.params)
+    def flatten(self, grads) -> torch.Tensor:
+        """The parameters' gradients (in order) as one tensor laid out like `flat`."""
         pieces = [self.storage_order(g, nhwc) for g, nhwc in zip(grads, self.channels_last, strict=True)]
         return torch.cat(pieces).to(self.flat.dtype)
 
@@ -185,10 +185,20 @@ class OnlineTTT:
         self._ssl_forward = self._forward("ssl")
         self._main_forward = self._forward("main")
         self._both_forward = maybe_compile(self._forward_both, config.compile, config.compile_backend)
+        # The glue around the passes, compiled too: in the stream step it was ~70 small eager kernels a frame (the
+        # window draw, crops, rotations, the loss, the update of weights, momentum and counters: ~115 us of 1,380)
+        self._make_views = maybe_compile(self._views, config.compile, config.compile_backend, SAME_RANDOM_NUMBERS)
+        self._ssl_outputs_and_loss = maybe_compile(self._outputs_and_loss, config.compile, config.compile_backend)
+        self._apply = maybe_compile(self._apply_gradient, config.compile, config.compile_backend)
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # overlapped predictions
         self._calls = {
             "step": self.step, "predict": self._predict, "update": self._update, "pipelined": self._pipelined, "overlapped": self._overlapped,
         }
+
+    def _outputs_and_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ssl head's outputs for `inputs` and the task's loss on them (one compiled graph with its backward)."""
+        outputs = self.model(inputs.contiguous(memory_format=self._memory_format), head="ssl")
+        return outputs, self.task.loss(outputs, targets)
 
     def _forward(self, head: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The model's forward through one head, compiled when asked (one compiled graph per head and shape)."""
@@ -371,20 +381,20 @@ class OnlineTTT:
         first forward pass also yields, and this returns, the main-head logits of `earlier` on the weights before.
         `join`, when given, runs once after the first backward pass, before the weights change (the end of an
         overlapped prediction; adapt_overlapped refuses the shift reset, which writes them earlier)."""
-        config, counts, flat = self.config, self.counts, self.weights.flat
+        config, counts = self.config, self.counts
         earlier_logits = None
         for step_index in range(config.steps):
-            inputs, targets = self._views(images)
+            inputs, targets = self._make_views(images)
             with autocast_bf16(self.device, self.config.amp):
                 if earlier is not None and step_index == 0:
                     earlier_logits, outputs = self._both_forward(earlier, inputs)
                     earlier_logits = full_precision(earlier_logits)
+                    loss = self.task.loss(outputs, targets)
                 else:
-                    outputs = self._ssl_forward(inputs)
-                loss = self.task.loss(outputs, targets)
+                    outputs, loss = self._ssl_outputs_and_loss(inputs, targets)
             if step_index == 0:
                 self.ssl_loss.copy_(loss.detach().float())
-            gate = torch.ones((), device=self.device)
+            gate = None  # always update
             if config.skip_above is not None:
                 gate = (self.task.confidence(outputs, targets) <= config.skip_above).float()
             if self.detector is not None and step_index == 0:
@@ -392,20 +402,33 @@ class OnlineTTT:
                 self._restore(fired, self.source, also_snapshot=True)
                 self.detector.clear(fired)
                 counts["shift_resets"] += fired.long()
-                gate = gate * (~fired).float()  # the gradient belongs to the weights just replaced
-            grad = self.weights.flat_grad(loss)
+                kept = (~fired).float()  # the gradient belongs to the weights just replaced
+                gate = kept if gate is None else gate * kept
+            grads = torch.autograd.grad(loss, self.weights.params)
             if join is not None and step_index == 0:  # after the backward pass; a shift reset would write before it
                 join()
             if config.rollback.enabled:  # held-out views of the same input judge the update
-                check_inputs, check_targets = self._views(images)
+                check_inputs, check_targets = self._make_views(images)
                 check_before = self._ssl_loss(check_inputs, check_targets)
-            self.velocity.copy_(torch.where(gate > 0, self.velocity * config.momentum + grad, self.velocity))
-            flat.sub_(config.lr * gate * self.velocity)
-            counts["updates"] += gate.long()
-            counts["skipped"] += (1 - gate).long()
+            self._apply(list(grads), gate)
             if config.rollback.enabled:
-                self._check_update(check_inputs, check_targets, check_before, gate)
+                self._check_update(check_inputs, check_targets, check_before, torch.ones((), device=self.device) if gate is None else gate)
         return earlier_logits
+
+    def _apply_gradient(self, grads: list[torch.Tensor], gate: torch.Tensor | None) -> None:
+        """The momentum update of the flat weights by `grads` (the adapted parameters' gradients, in order), where
+        `gate` > 0 (None: always), and its count: one compiled kernel or two instead of a dozen."""
+        config, counts, flat = self.config, self.counts, self.weights.flat
+        grad = self.weights.flatten(grads)
+        if gate is None:
+            self.velocity.mul_(config.momentum).add_(grad)
+            flat.sub_(config.lr * self.velocity)
+            counts["updates"] += 1
+            return
+        self.velocity.copy_(torch.where(gate > 0, self.velocity * config.momentum + grad, self.velocity))
+        flat.sub_(config.lr * gate * self.velocity)
+        counts["updates"] += gate.long()
+        counts["skipped"] += (1 - gate).long()
 
     def _views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.train_source is not None:
