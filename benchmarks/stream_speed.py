@@ -20,7 +20,6 @@ import dataclasses
 import torch
 from conv_sweep import grid
 
-from tta_cli.adapt import online
 from tta_cli.adapt.online import uses_triton_convs
 from tta_cli.config import ModelConfig, TaskConfig
 from tta_cli.models import build_model, triton_conv
@@ -71,10 +70,10 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="FRAMES",
                         help="also print a kernel profile of FRAMES frames of each run: kernels and device time per frame, by kind")
     parser.add_argument("--variants", default="fp32:compile,fp32:compile:serial,fp32:compile:torch,bf16:compile",
-                        help="comma list of precision:compile|eager[:cl][:triton|:torch][:serial][:grid][:noatomic][:noglue][:combo] "
+                        help="comma list of precision:compile|eager[:cl][:triton|:torch][:serial][:grid][:noatomic][:combo] "
                         "(bf16/fp32 autocast, torch.compile, channels_last, the convolutions' kernels: Triton where faster, or "
                         "torch's only, default: the stream's default; serial: each prediction after its frame's update instead of "
-                        "beside the next update; grid, noatomic, noglue, combo: experiments(), below)")
+                        "beside the next update; grid, noatomic, combo: experiments(), below)")
     args = parser.parse_args()
     device = torch.device(args.device)
     warmup = args.warmup if args.warmup is not None else max(1, min(32, args.frames // 4))
@@ -103,35 +102,31 @@ def main() -> None:
                 )
                 with experiments(layout):
                     summary = measure(model, task, frames, settings, min(warmup, args.frames), device)
-                if args.profile:
-                    found = profile_stream(model, task, frames[: args.profile], settings, device)
-                    if not found and settings.cuda_graph and device.type == "cuda":  # the profiler missed the graph's kernels
-                        profile_stream(model, task, frames[: args.profile], dataclasses.replace(settings, cuda_graph=False), device)
-                run = f"{settings.name} {precision} {compiled}{' cl' if settings.channels_last else ''}"
-                triton = uses_triton_convs(settings.conv_kernels, device)
-                run += " triton" if triton else ""
-                run += " serial" if settings.adapting and not summary["overlapped_predictions"] else ""  # what ran, not what was asked
-                run += "".join(f" {flag}" for flag in ("grid", "noatomic", "noglue", "combo") if flag in layout)
-                rows.append((label, run, summary, goal if mode != "none" else None))
-                print(f"{label:<28} {run:<44} {summary['fps']:>10.1f} frames/s", flush=True)
-                if triton:
-                    for shapes, choice in triton_conv.choices().items():
-                        print(f"    chose {choice:<14} for {shapes}")
+                    if args.profile:
+                        found = profile_stream(model, task, frames[: args.profile], settings, device)
+                        if not found and settings.cuda_graph and device.type == "cuda":  # the profiler missed the graph's kernels
+                            profile_stream(model, task, frames[: args.profile], dataclasses.replace(settings, cuda_graph=False), device)
+                    run = f"{settings.name} {precision} {compiled}{' cl' if settings.channels_last else ''}"
+                    triton = uses_triton_convs(settings.conv_kernels, device)
+                    run += " triton" if triton else ""
+                    run += " serial" if settings.adapting and not summary["overlapped_predictions"] else ""  # what ran, not what was asked
+                    run += "".join(f" {flag}" for flag in ("grid", "noatomic", "combo") if flag in layout)
+                    rows.append((label, run, summary, goal if mode != "none" else None))
+                    print(f"{label:<28} {run:<44} {summary['fps']:>10.1f} frames/s", flush=True)
+                    if triton:  # the choices this run made (a run of other candidates starts from none)
+                        for shapes, choice in triton_conv.choices().items():
+                            print(f"    chose {choice:<14} for {shapes}")
         del model, frames
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print_table(rows, args, device)
 
 
-GLUE = ("_views", "_outputs_and_loss", "_apply_gradient")  # what OnlineTTT compiles besides the model's passes
-
-
 @contextlib.contextmanager
 def experiments(flags):
     """Settings no flag of `tta stream` has, for one run, to measure a change against what it replaced: `grid`, the
     choice tries every launch of benchmarks/conv_sweep.py as well as its own; `noatomic`, none of the atomic
-    launches; `noglue`, OnlineTTT compiles only the model's passes, not the views, loss and update around them;
-    `combo`, inductor fuses independent kernels side by side (torch._inductor.config.combo_kernels)."""
+    launches; `combo`, inductor fuses independent kernels side by side (torch._inductor.config.combo_kernels)."""
     candidates = dict(triton_conv.CANDIDATES)
     for operation, (torch_call, triton_call, tiles) in candidates.items():
         tiles = tuple(tiles) + (tuple(grid(operation)) if "grid" in flags else ())
@@ -141,15 +136,11 @@ def experiments(flags):
     changed = "grid" in flags or "noatomic" in flags
     if changed:
         triton_conv._CHOSEN.clear()
-    compile_glue = online.maybe_compile
-    if "noglue" in flags:
-        online.maybe_compile = lambda function, *args: function if function.__name__ in GLUE else compile_glue(function, *args)
     try:
         with torch._inductor.config.patch(combo_kernels="combo" in flags):
             yield
     finally:
         triton_conv.CANDIDATES.update(candidates)
-        online.maybe_compile = compile_glue
         if changed:
             triton_conv._CHOSEN.clear()
 

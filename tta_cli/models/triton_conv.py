@@ -303,19 +303,27 @@ def _torch_weight_grad(dy, x, w_shape, stride, padding):
 
 # Per operation: torch's kernel (cuDNN) and the Triton launches tried (Launch's fields in order; the rest default).
 # No one wins everywhere: on an H200 at the ResNet-26's shapes (benchmarks/conv_speed.py, fp32 and bf16) Triton's
-# weight gradients ran up to 3.4x cuDNN's and its forward up to 2.7x, but cuDNN won most input gradients and the
-# 64-channel 8 px layers, and the best tile differed by layer. The split tiles are for those 8 px layers, whose grid
-# of 64 programs leaves most of the GPU idle through 18 steps: in the stream step the choice took them for the 8 px
-# layers' forward and input gradient and for most 1-image forward passes (docs/results.md, sixth session). Their
-# partial sums cost one more kernel each (46 a frame, 154 us of 1,380), so each split tile also comes as `atomic`,
-# which adds them into a zeroed output instead: unordered fp32 additions, so not bitwise reproducible run to run
-# (skipped under torch.use_deterministic_algorithms).
-_GATHERED = ((32, 32, 1), (64, 32, 1), (128, 32, 1), (32, 64, 1), (32, 32, 4), Launch(32, 32, 4, atomic=True))
-_SPLIT_WEIGHT = ((32, 64), (64, 64), (128, 64), (64, 32))
+# weight gradients ran up to 3.4x cuDNN's and its forward up to 2.7x, but cuDNN won most input gradients, and the
+# best launch differed by layer. The split launches are for the small grids (the 64-channel 8 px layers and the
+# 1-image prediction), whose 64 programs leave most of the GPU idle through 18 steps. Their partial sums cost one
+# more kernel each (46 a frame, 154 us of 1,380 in the sixth session's profile), so most split launches are `atomic`:
+# they add into a zeroed output instead, in no fixed order, so not bitwise reproducible run to run (skipped under
+# torch.use_deterministic_algorithms; the plain split launches remain). The list is benchmarks/conv_sweep.py's
+# winners over 72 launches per operation at every shape of the stream step (docs/results.md, seventh session),
+# where no pipelining (stages 1) and 2 or 8 warps often beat Triton's defaults, and the earlier tiles.
+_GATHERED = (
+    (64, 32, 1), (128, 32, 1), (32, 32, 1, 4, 1), (128, 32, 1, 2, 1), (64, 32, 1, 4, 1), (32, 32, 1, 2, 1), (32, 32, 4),
+    Launch(32, 32, 4, atomic=True), Launch(32, 32, 4, 4, 1, True), Launch(32, 32, 4, 8, 1, True), Launch(32, 32, 4, 2, 1, True), Launch(64, 32, 4, 8, 3, True),
+    Launch(64, 32, 4, 2, 1, True),
+)
+_WEIGHT = (
+    (32, 64), (64, 32), (128, 64), Launch(64, 32, 0, atomic=True), Launch(64, 32, 0, 4, 1, True), Launch(128, 64, 0, atomic=True),
+    Launch(128, 64, 0, 4, 1, True), Launch(32, 64, 0, 4, 1, True),
+)
 CANDIDATES = {
     "forward": (_torch_forward, _conv_forward, _GATHERED),
     "input_grad": (_torch_input_grad, _conv_input_grad, _GATHERED),
-    "weight_grad": (_torch_weight_grad, _conv_weight_grad, _SPLIT_WEIGHT + tuple(Launch(*tile, 0, atomic=True) for tile in _SPLIT_WEIGHT)),
+    "weight_grad": (_torch_weight_grad, _conv_weight_grad, _WEIGHT),
 }
 
 
