@@ -164,3 +164,28 @@ def test_tensors_above_the_measured_range_keep_torch_convolutions_untimed(monkey
     assert used == ["torch", "torch"] and not triton_conv.choices()
     triton_conv._run("input_grad", dy, w, [1, 1, 2**10, 2**10], 1, 0)  # MAX_ELEMENTS itself is timed
     assert len(triton_conv.choices()) == 1
+
+
+@pytest.mark.skipif(triton_conv.INTERPRET, reason="under the interpreter every shape runs the Triton kernels, untimed")
+def test_atomic_launches_are_not_tried_under_deterministic_algorithms(monkeypatch):
+    """Atomic split sums add in no fixed order: a run that asks for deterministic algorithms keeps the others."""
+    tried = []
+    plain, atomic = (32, 32, 4), triton_conv.Launch(32, 32, 4, atomic=True)
+    candidates = (lambda x, *args: x, lambda x, w, stride, padding, *launch: tried.append(launch), (plain, atomic))
+    monkeypatch.setattr(triton_conv, "CANDIDATES", {"forward": candidates})
+    monkeypatch.setattr(triton_conv, "available", lambda device: True)
+    monkeypatch.setattr(triton_conv, "graph_seconds", lambda call: (call(), 1.0)[1])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    for deterministic, expected in ((True, [plain]), (False, [plain, atomic])):
+        monkeypatch.setattr(triton_conv, "_CHOSEN", {})
+        tried.clear()
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda deterministic=deterministic: deterministic)
+        triton_conv._run("forward", torch.zeros(1, 3, 4, 4), torch.zeros(2, 3, 3, 3), 1, 1)
+        assert tried == expected  # (every launch times as torch's, so torch's runs after the timing)
+
+
+def test_launch_labels_name_what_differs_from_the_defaults():
+    assert triton_conv.label((64, 32)) == "64x32"
+    assert triton_conv.label((128, 32, 1, 2, 1)) == "128x32x1 w2 s1"
+    assert triton_conv.label(triton_conv.Launch(32, 32, 4, 8, 1, True)) == "32x32x4 w8 s1 atomic"
+    assert triton_conv.label(triton_conv.Launch(64, 32, 0, atomic=True)) == "64x32x0 atomic"

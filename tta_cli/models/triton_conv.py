@@ -308,22 +308,22 @@ def _torch_weight_grad(dy, x, w_shape, stride, padding):
 # 1-image prediction), whose 64 programs leave most of the GPU idle through 18 steps. Their partial sums cost one
 # more kernel each (46 a frame, 154 us of 1,380 in the sixth session's profile), so most split launches are `atomic`:
 # they add into a zeroed output instead, in no fixed order, so not bitwise reproducible run to run (skipped under
-# torch.use_deterministic_algorithms; the plain split launches remain). The list is benchmarks/conv_sweep.py's
-# winners over 72 launches per operation at every shape of the stream step (docs/results.md, seventh session),
-# where no pipelining (stages 1) and 2 or 8 warps often beat Triton's defaults, and the earlier tiles.
-_GATHERED = (
-    (64, 32, 1), (128, 32, 1), (32, 32, 1, 4, 1), (128, 32, 1, 2, 1), (64, 32, 1, 4, 1), (32, 32, 1, 2, 1), (32, 32, 4),
-    Launch(32, 32, 4, atomic=True), Launch(32, 32, 4, 4, 1, True), Launch(32, 32, 4, 8, 1, True), Launch(32, 32, 4, 2, 1, True), Launch(64, 32, 4, 8, 3, True),
-    Launch(64, 32, 4, 2, 1, True),
-)
-_WEIGHT = (
-    (32, 64), (64, 32), (128, 64), Launch(64, 32, 0, atomic=True), Launch(64, 32, 0, 4, 1, True), Launch(128, 64, 0, atomic=True),
-    Launch(128, 64, 0, 4, 1, True), Launch(32, 64, 0, 4, 1, True),
-)
+# torch.use_deterministic_algorithms; one plain split launch per operation remains for that). The lists are the
+# launches the stream step and a ResNet-50 chose on an H200 (in any of three runs) out of benchmarks/conv_sweep.py's winners (72 launches
+# per operation at every shape; docs/results.md, seventh session): no pipelining (stages 1) and 2 or 8 warps often
+# beat Triton's defaults. Each launch tried costs a compile (~1 s) at each new shape on a machine's first run.
 CANDIDATES = {
-    "forward": (_torch_forward, _conv_forward, _GATHERED),
-    "input_grad": (_torch_input_grad, _conv_input_grad, _GATHERED),
-    "weight_grad": (_torch_weight_grad, _conv_weight_grad, _WEIGHT),
+    "forward": (_torch_forward, _conv_forward, (
+        (64, 32, 1), (128, 32, 1), (128, 32, 1, 2, 1), (32, 32, 1, 4, 1), (32, 32, 4),
+        Launch(32, 32, 4, atomic=True), Launch(32, 32, 4, 8, 1, True), Launch(64, 32, 4, 8, 3, True), Launch(64, 32, 4, 2, 1, True),
+    )),
+    "input_grad": (_torch_input_grad, _conv_input_grad, (
+        (64, 32, 1), (64, 32, 1, 4, 1), (32, 32, 1, 2, 1), (32, 32, 4), Launch(32, 32, 4, 8, 1, True), Launch(32, 32, 4, 2, 1, True),
+    )),
+    "weight_grad": (_torch_weight_grad, _conv_weight_grad, (
+        (64, 32), (128, 64), Launch(64, 32, 0, atomic=True), Launch(64, 32, 0, 4, 1, True), Launch(128, 64, 0, atomic=True),
+        Launch(128, 64, 0, 4, 1, True),
+    )),
 }
 
 
