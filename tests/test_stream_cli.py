@@ -335,3 +335,10 @@ def test_a_diverged_stream_writes_its_frames_then_ends_as_an_error(checkpoint, s
     assert "Traceback" not in result.output
     summary = json.loads((out / "summary.json").read_text())
     assert 0 < summary["nonfinite_frames"] <= summary["frames"] == FRAMES
+
+
+def test_live_view_says_what_a_slow_first_frame_waits_for():
+    from tta_cli.commands.stream import LiveView
+
+    assert "compiling kernels" in LiveView("explicit", 10, ["cat"], "compiling kernels").render(None).plain
+    assert LiveView("explicit", 10, ["cat"]).render(None).plain.endswith("starting ...")

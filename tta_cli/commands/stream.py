@@ -346,7 +346,12 @@ def run_live(model, task, frames, settings, truth, class_names, fps, device, tra
     from tta_cli.stream.sources import Pacer
 
     total = frames.length if settings.max_frames is None else min(frames.length or settings.max_frames, settings.max_frames)
-    view = LiveView(settings.name, total, class_names)
+    # On CUDA the first frame compiles the step (torch.compile, the Triton convolutions, each timed at its shape) and
+    # captures its CUDA graphs: minutes on a machine's first run (~2.5 on a fresh H200 with 32 launches per shape,
+    # before the list was cut to 21), under a minute once the kernels are in the disk caches; say so, or the view
+    # looks stuck
+    slow_start = device.type == "cuda" and settings.compile
+    view = LiveView(settings.name, total, class_names, "compiling kernels (minutes on a machine's first run)" if slow_start else "")
     with Live(view.render(None), console=console, refresh_per_second=8, transient=transient) as live:
         return run_stream(
             model,
@@ -366,14 +371,15 @@ class LiveView:
     last 100 labelled frames, and counts of adapted frames, rollbacks and resets. A line of text (not a table)
     so that it wraps instead of truncating numbers on a narrow terminal."""
 
-    def __init__(self, name: str, total: int | None, class_names: list[str]):
+    def __init__(self, name: str, total: int | None, class_names: list[str], starting: str = ""):
         self.name = name
         self.total = total
         self.class_names = class_names
+        self.starting = starting  # what the first frame waits for, when that takes long
 
     def render(self, progress) -> Text:
         if progress is None:
-            return Text.assemble((self.name, "bold"), f"  frame {self.frames_text(0)}  starting ...")
+            return Text.assemble((self.name, "bold"), f"  frame {self.frames_text(0)}  starting{f': {self.starting}' if self.starting else ''} ...")
         accuracy = "-" if progress.rolling_accuracy is None else f"{100 * progress.rolling_accuracy:.1f}%"
         fields = [
             ("frame", self.frames_text(progress.frames)),
