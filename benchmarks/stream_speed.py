@@ -145,11 +145,11 @@ def experiments(flags):
             triton_conv._CHOSEN.clear()
 
 
-KINDS = (  # kernel kind by name: first match wins
+KINDS = (  # kernel kind by name: first match wins (inductor's before cuDNN's: its names can hold "conv2d")
     ("conv, Triton (tta)", ("_forward_kernel", "_input_grad_kernel", "_weight_grad_kernel")),
     ("layout transposes (cuDNN)", ("nchwToNhwc", "nhwcToNchw")),
-    ("conv, cuDNN", ("conv", "cudnn", "xmma", "implicit_gemm", "dgrad", "wgrad", "fprop", "cutlass", "gemm", "sm90_", "sm80_")),
     ("fused by inductor", ("triton_",)),
+    ("conv, cuDNN", ("conv", "cudnn", "xmma", "implicit_gemm", "dgrad", "wgrad", "fprop", "cutlass", "gemm", "sm90_", "sm80_")),
     ("copies, fills", ("Memcpy", "Memset", "copy_kernel", "fill_kernel", "FillFunctor")),
 )
 
