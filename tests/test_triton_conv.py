@@ -153,7 +153,10 @@ def test_a_tile_that_fails_to_compile_is_skipped_with_a_warning(monkeypatch):
 @pytest.mark.skipif(triton_conv.INTERPRET, reason="under the interpreter every shape runs the Triton kernels, untimed")
 def test_tensors_above_the_measured_range_keep_torch_convolutions_untimed(monkeypatch):
     used = []
-    monkeypatch.setattr(triton_conv, "CANDIDATES", {"input_grad": (lambda *a: used.append("torch"), lambda *a: used.append("triton"), ((32, 32),))})
+    def implementation(name):
+        return lambda dy, *args: (used.append(name), dy)[1]
+
+    monkeypatch.setattr(triton_conv, "CANDIDATES", {"input_grad": (implementation("torch"), implementation("triton"), ((32, 32),))})
     monkeypatch.setattr(triton_conv, "available", lambda device: True)
     monkeypatch.setattr(triton_conv, "_CHOSEN", {})
     monkeypatch.setattr(triton_conv, "graph_seconds", lambda call: (call(), 1.0)[1])
@@ -171,7 +174,7 @@ def test_atomic_launches_are_not_tried_under_deterministic_algorithms(monkeypatc
     """Atomic split sums add in no fixed order: a run that asks for deterministic algorithms keeps the others."""
     tried = []
     plain, atomic = (32, 32, 4), triton_conv.Launch(32, 32, 4, atomic=True)
-    candidates = (lambda x, *args: x, lambda x, w, stride, padding, *launch: tried.append(launch), (plain, atomic))
+    candidates = (lambda x, *args: x, lambda x, w, stride, padding, *launch: (tried.append(launch), x)[1], (plain, atomic))
     monkeypatch.setattr(triton_conv, "CANDIDATES", {"forward": candidates})
     monkeypatch.setattr(triton_conv, "available", lambda device: True)
     monkeypatch.setattr(triton_conv, "graph_seconds", lambda call: (call(), 1.0)[1])
@@ -181,7 +184,7 @@ def test_atomic_launches_are_not_tried_under_deterministic_algorithms(monkeypatc
         tried.clear()
         monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda deterministic=deterministic: deterministic)
         triton_conv._run("forward", torch.zeros(1, 3, 4, 4), torch.zeros(2, 3, 3, 3), 1, 1)
-        assert tried == expected  # (every launch times as torch's, so torch's runs after the timing)
+        assert sorted(tried) == sorted(expected * 2)  # checked (in threads), then timed; all time as torch's, which runs after
 
 
 def test_launch_labels_name_what_differs_from_the_defaults():
@@ -189,3 +192,33 @@ def test_launch_labels_name_what_differs_from_the_defaults():
     assert triton_conv.label((128, 32, 1, 2, 1)) == "128x32x1 w2 s1"
     assert triton_conv.label(triton_conv.Launch(32, 32, 4, 8, 1, True)) == "32x32x4 w8 s1 atomic"
     assert triton_conv.label(triton_conv.Launch(64, 32, 0, atomic=True)) == "64x32x0 atomic"
+
+
+@pytest.mark.skipif(triton_conv.INTERPRET, reason="under the interpreter every shape runs the Triton kernels, untimed")
+def test_the_choice_runs_every_launch_once_first_and_drops_those_that_disagree_with_torch(monkeypatch):
+    """Each launch's first run (its compile) happens before any timing, side by side; a launch whose result is not
+    torch's convolution's is never timed, so never chosen, and says so once."""
+    events = []
+    wrong = (64, 32)
+
+    def triton_call(x, w, stride, padding, *launch):
+        events.append(("run", launch))
+        return x + 1 if launch == wrong else x.clone()
+
+    def fake_time(call):
+        events.append("timing")
+        call()
+        return 1.0 if events[-1] == "timing" else 0.5  # any Triton launch times faster than torch
+
+    monkeypatch.setattr(triton_conv, "CANDIDATES", {"forward": (lambda x, *args: x.clone(), triton_call, ((32, 32), wrong))})
+    monkeypatch.setattr(triton_conv, "_CHOSEN", {})
+    monkeypatch.setattr(triton_conv, "available", lambda device: True)
+    monkeypatch.setattr(triton_conv, "graph_seconds", fake_time)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(triton_conv, "_WARNED", set())
+    with pytest.warns(RuntimeWarning, match="differs from torch"):
+        triton_conv._run("forward", torch.ones(1, 3, 4, 4), torch.zeros(2, 3, 3, 3), 1, 1)
+    first_timing = events.index("timing")
+    assert sorted(events[:first_timing]) == [("run", (32, 32)), ("run", wrong)]
+    assert ("run", wrong) not in events[first_timing:]
+    assert list(triton_conv.choices().values()) == ["triton 32x32"]
