@@ -7,7 +7,8 @@ layer1 (16 ch, 32 px), layer2 (its strided first convolution and 32 ch at 16 px)
 (64 ch at 8 px). Each row also gives the largest difference to cuDNN's result, relative to its largest value.
 Each row tries every Triton tile the automatic choice tries (triton_conv.CANDIDATES); the totals, over the 66
 operations one step runs, give cuDNN alone, the fastest of all per operation, and, for the layers that need both
-gradients, the two one after the other against the weight gradient overlapped on a side stream.
+gradients, the two one after the other against the weight gradient overlapped on a side stream, and against both in one launch
+(triton_conv.CANDIDATES["grads"]).
 
     python benchmarks/conv_speed.py [--batch 32] [--reps 50] [--dtypes fp32,bf16]
 """
@@ -78,6 +79,8 @@ def main() -> None:
             reference = {}
             best_of: dict[str, float] = {}
             for op, (torch_call, triton_call, tiles) in triton_conv.CANDIDATES.items():
+                if op == "grads":  # both gradients in one launch: below, where a step needs both
+                    continue
                 reference[op] = call = functools.partial(torch_call, *arguments[op])  # cuDNN
                 cudnn_us = graph_time_us(call, args.reps)
                 expected = call().float()
@@ -100,6 +103,13 @@ def main() -> None:
             parallel = graph_time_us(overlapped(reference["input_grad"], reference["weight_grad"]), args.reps)
             print(f"{name:<22} {dtype_name:<5} both gradients, cuDNN: one stream {serial:.1f} us, weight gradient on a side "
                   f"stream {parallel:.1f} us (fastest kernels, one stream: {best_of['input_grad'] + best_of['weight_grad']:.1f})")
+            _, fused_call, fused_launches = triton_conv.CANDIDATES["grads"]
+            fused = {launch: graph_time_us(functools.partial(fused_call, *arguments["grads"], *launch), args.reps) for launch in fused_launches}
+            fastest = min(fused, key=fused.get)
+            print(f"{name:<22} {dtype_name:<5} both gradients in one launch: {fused[fastest]:.1f} us ({triton_conv.label(fastest)})")
+            apart = best_of["input_grad"] + best_of["weight_grad"]
+            saved = (dtype_name, "fastest less fused grads")  # what fusing saves off "fastest", where it wins
+            totals[saved] = totals.get(saved, 0.0) + count * (apart - min(fused[fastest], apart))
             totals[(dtype_name, "cudnn serial grads")] = totals.get((dtype_name, "cudnn serial grads"), 0.0) + serial * count
             totals[(dtype_name, "cudnn overlapped grads")] = totals.get((dtype_name, "cudnn overlapped grads"), 0.0) + parallel * count
     print("\none step's convolutions: each operation a step runs, x its count (the gradient pairs: the layers that need both)")

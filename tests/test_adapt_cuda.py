@@ -170,10 +170,14 @@ def test_every_triton_tile_equals_cudnn_on_cuda(shape, exact_fp32):
     dy = torch.randn(batch, cout, (size - 1) // stride + 1, (size - 1) // stride + 1, device="cuda", generator=generator)
     arguments = triton_conv.operation_arguments(x, w, dy, stride, 1)
     for operation, (torch_call, triton_call, tiles) in triton_conv.CANDIDATES.items():
-        expected = torch_call(*arguments[operation])
+        if operation == "grads":  # cuDNN's two gradients (its torch_call is the per-operation choice)
+            expected = (triton_conv._torch_input_grad(*arguments["input_grad"]), triton_conv._torch_weight_grad(*arguments["weight_grad"]))
+        else:
+            expected = (torch_call(*arguments[operation]),)
         for tile in tiles:
             fast = triton_call(*arguments[operation], *tile)
-            assert torch.allclose(fast, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())), (operation, tile)
+            for got, want in zip(fast if operation == "grads" else (fast,), expected, strict=True):
+                assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max())), (operation, tile)
 
 
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
@@ -200,10 +204,10 @@ def test_triton_convolutions_choose_an_implementation_per_shape_and_reuse_it():
     out = triton_conv.conv2d(x, w, 1, 1)
     torch.autograd.grad(out.square().sum(), (x, w))
     chosen = triton_conv.choices()
-    assert len(chosen) == before + 3  # forward, input and weight gradient: timed once each
-    assert all(value == "torch" or value.startswith("triton ") for value in chosen.values())
+    assert len(chosen) == before + 4  # forward, both gradients at once against input and weight gradient: once each
+    assert all(value in ("torch", "separate") or value.startswith("triton ") for value in chosen.values())
     triton_conv.conv2d(x, w, 1, 1)
-    assert len(triton_conv.choices()) == before + 3
+    assert len(triton_conv.choices()) == before + 4
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])

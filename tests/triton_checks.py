@@ -91,10 +91,48 @@ def test_every_candidate_tile_gives_the_same_result(operation):
     x = torch.randn(2, 6, 9, 9, dtype=torch.float64, generator=generator)
     w = torch.randn(20, 6, 3, 3, dtype=torch.float64, generator=generator)
     dy = torch.randn(2, 20, 5, 5, dtype=torch.float64, generator=generator)
-    args = triton_conv.operation_arguments(x, w, dy, 2, 1)[operation]
-    expected = torch_call(*args)
+    arguments = triton_conv.operation_arguments(x, w, dy, 2, 1)
+    args = arguments[operation]
+    if operation == "grads":  # torch's own two gradients (its torch_call would run the Triton kernels here)
+        expected = (triton_conv._torch_input_grad(*arguments["input_grad"]), triton_conv._torch_weight_grad(*arguments["weight_grad"]))
+    else:
+        expected = (torch_call(*args),)
     for tile in tiles:
-        assert torch.allclose(triton_call(*args, *tile), expected, atol=1e-12), tile
+        result = triton_call(*args, *tile)
+        for got, want in zip(result if operation == "grads" else (result,), expected, strict=True):
+            assert torch.allclose(got, want, atol=1e-12), tile
+
+
+def test_both_gradients_in_one_launch_cover_every_program_of_each(monkeypatch):
+    """More weight-gradient splits than one, an uneven input-gradient split, and grids of different sizes: each
+    program of the shared grid must land on its own tile (the ResNet's strided and 8 px shapes)."""
+    monkeypatch.setattr(triton_conv, "WEIGHT_GRAD_PROGRAMS", 5)
+    generator = torch.Generator().manual_seed(4)
+    for batch, cin, cout, size, stride in ((2, 16, 32, 8, 2), (1, 64, 64, 8, 1), (3, 3, 16, 6, 1)):
+        x = torch.randn(batch, cin, size, size, dtype=torch.float64, generator=generator)
+        w = torch.randn(cout, cin, 3, 3, dtype=torch.float64, generator=generator)
+        dy = torch.randn(batch, cout, (size - 1) // stride + 1, (size - 1) // stride + 1, dtype=torch.float64, generator=generator)
+        want_dx = triton_conv._torch_input_grad(dy, w, list(x.shape), stride, 1)
+        want_dw = triton_conv._torch_weight_grad(dy, x, list(w.shape), stride, 1)
+        for launch in (triton_conv.GradsLaunch(32, 32, 4, 32, 32), triton_conv.GradsLaunch(16, 16, 3, 16, 64, atomic=False)):
+            dx, dw = triton_conv._conv_grads(dy, x, w, stride, 1, *launch)
+            assert torch.allclose(dx, want_dx, atol=1e-12) and torch.allclose(dw, want_dw, atol=1e-12), (x.shape, launch)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_input_gradient_by_subpixel_classes_equals_torch(shape):
+    """Every stride (1, 2, 3), kernel (1x1, 3x3, 7x7), padding and odd size: classes of unequal size, and kernel rows
+    a class never meets."""
+    batch, cin, cout, size, kernel, stride, padding = shape
+    generator = torch.Generator().manual_seed(5)
+    x_shape = [batch, cin, size, size]
+    w = torch.randn(cout, cin, kernel, kernel, dtype=torch.float64, generator=generator)
+    out = (size + 2 * padding - kernel) // stride + 1
+    dy = torch.randn(batch, cout, out, out, dtype=torch.float64, generator=generator)
+    expected = triton_conv._torch_input_grad(dy, w, x_shape, stride, padding)
+    for tile, depth in ((32, 32), (16, 16)):
+        got = triton_conv._conv_input_grad(dy, w, x_shape, stride, padding, tile, depth, 1, 4, 1, False, True)
+        assert torch.allclose(got, expected, atol=1e-12), (tile, depth)
 
 
 def test_taps_split_unevenly_over_programs_still_sum_to_the_whole():

@@ -108,9 +108,21 @@ if triton is not None:
         ih + PAD - kh (and the same for columns): pixel m = (b, ih, iw) of the input, tap k = (n, kh, kw),
         channel = c. Taps whose output position is fractional or outside dy are masked out. Split s of the taps
         (program axis 2) stores its partial sum at dx[s], or with ATOMIC adds it into dx."""
-        pixels = tl.program_id(0) * BM + tl.arange(0, BM)
-        channels = tl.program_id(1) * BN + tl.arange(0, BN)
-        split = tl.program_id(2)
+        _input_grad_tile(
+            dy, w, dx, tl.program_id(0), tl.program_id(1), tl.program_id(2), H, W, OH, OW, C, N, M, K,
+            KH, KW, STRIDE, PAD, BM, BN, BK, STEPS, PRECISION, ACC, ATOMIC,
+        )
+
+    @triton.jit
+    def _input_grad_tile(
+        dy, w, dx, tile_m, tile_n, split, H, W, OH, OW, C, N, M, K,
+        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+        ATOMIC: tl.constexpr,
+    ):
+        """_input_grad_kernel's work for one (pixel tile, channel tile, split)."""
+        pixels = tile_m * BM + tl.arange(0, BM)
+        channels = tile_n * BN + tl.arange(0, BN)
         b = pixels // (H * W)
         rest = pixels % (H * W)
         acc = tl.zeros((BM, BN), dtype=ACC)
@@ -135,6 +147,52 @@ if triton is not None:
         _store_or_add(dx, target, split * (M * C), acc, (pixels < M)[:, None] & (channels < C)[None, :], ATOMIC)
 
     @triton.jit
+    def _input_grad_subpixel_kernel(
+        dy, w, dx, B, H, W, OH, OW, C, N,
+        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+        TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
+    ):
+        """The input gradient of a strided convolution by sub-pixel classes (program axis 2): the input pixels with
+        (ih + PAD) % STRIDE == rh (and rw for columns) only meet the kernel rows kh = rh, rh + STRIDE, ... So each
+        class is a plain GEMM over N x TAPS_H x TAPS_W taps (TAPS_H = cdiv(KH, STRIDE); rows past KH masked), where
+        the gathered implicit GEMM (_input_grad_kernel) steps through all N x KH x KW taps and masks 3 in 4 of
+        them at stride 2. Program axis 0 covers the largest class; the others mask their last pixels."""
+        cls = tl.program_id(2)
+        rh = cls // STRIDE
+        rw = cls % STRIDE
+        first_h = ((rh - PAD) % STRIDE + STRIDE) % STRIDE  # the class's first input row and column
+        first_w = ((rw - PAD) % STRIDE + STRIDE) % STRIDE
+        rows = (H - first_h + STRIDE - 1) // STRIDE
+        columns = (W - first_w + STRIDE - 1) // STRIDE
+        pixels = tl.program_id(0) * BM + tl.arange(0, BM)
+        channels = tl.program_id(1) * BN + tl.arange(0, BN)
+        b = pixels // (rows * columns)
+        i = (pixels // columns) % rows
+        j = pixels % columns
+        inside = pixels < B * rows * columns
+        acc = tl.zeros((BM, BN), dtype=ACC)
+        for step in range(STEPS):
+            taps = step * BK + tl.arange(0, BK)
+            n = taps // (TAPS_H * TAPS_W)
+            a = (taps % (TAPS_H * TAPS_W)) // TAPS_W
+            e = taps % TAPS_W
+            kernel_h = rh + a * STRIDE
+            kernel_w = rw + e * STRIDE
+            tap_ok = (n < N) & (kernel_h < KH) & (kernel_w < KW)
+            oh = (first_h + PAD - rh) // STRIDE + i[:, None] - a[None, :]
+            ow = (first_w + PAD - rw) // STRIDE + j[:, None] - e[None, :]
+            valid = inside[:, None] & tap_ok[None, :] & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+            grads = tl.load(dy + b[:, None] * (N * OH * OW) + n[None, :] * (OH * OW) + oh * OW + ow, mask=valid, other=0.0)
+            weight_offsets = n[:, None] * (C * KH * KW) + channels[None, :] * (KH * KW) + (kernel_h * KW + kernel_w)[:, None]
+            weights = tl.load(w + weight_offsets, mask=tap_ok[:, None] & (channels < C)[None, :], other=0.0)
+            acc = tl.dot(grads, weights, acc, input_precision=PRECISION, out_dtype=ACC)
+        ih = first_h + i * STRIDE
+        iw = first_w + j * STRIDE
+        target = dx + b[:, None] * (C * H * W) + channels[None, :] * (H * W) + (ih * W + iw)[:, None]
+        tl.store(target, acc.to(dx.dtype.element_ty), mask=inside[:, None] & (channels < C)[None, :])
+
+    @triton.jit
     def _weight_grad_kernel(
         dy, x, partial, H, W, OH, OW, C, N, M, K,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
@@ -143,9 +201,21 @@ if triton is not None:
     ):
         """partial[s, n, k] = sum over the pixels m of split s of dy[m, n] * patches[m, k]; the splits are summed
         afterwards (deterministic), or with ATOMIC added into partial[0] as they finish (in no fixed order)."""
-        channels = tl.program_id(0) * BN + tl.arange(0, BN)
-        taps = tl.program_id(1) * BK + tl.arange(0, BK)
-        split = tl.program_id(2)
+        _weight_grad_tile(
+            dy, x, partial, tl.program_id(0), tl.program_id(1), tl.program_id(2), H, W, OH, OW, C, N, M, K,
+            KH, KW, STRIDE, PAD, BM, BN, BK, STEPS, PRECISION, ACC, ATOMIC,
+        )
+
+    @triton.jit
+    def _weight_grad_tile(
+        dy, x, partial, tile_n, tile_k, split, H, W, OH, OW, C, N, M, K,
+        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+        ATOMIC: tl.constexpr,
+    ):
+        """_weight_grad_kernel's work for one (channel tile, tap tile, split)."""
+        channels = tile_n * BN + tl.arange(0, BN)
+        taps = tile_k * BK + tl.arange(0, BK)
         acc = tl.zeros((BN, BK), dtype=ACC)
         for step in range(STEPS):  # STEPS * BM pixels per split
             pixels = split * (STEPS * BM) + step * BM + tl.arange(0, BM)
@@ -159,6 +229,32 @@ if triton is not None:
             )
             acc = tl.dot(grads, patches, acc, input_precision=PRECISION, out_dtype=ACC)
         _store_or_add(partial, channels[:, None] * K + taps[None, :], split * (N * K), acc, (channels < N)[:, None] & (taps < K)[None, :], ATOMIC)
+
+
+    @triton.jit
+    def _grads_kernel(
+        dy, w, x, dx, dw, H, W, OH, OW, C, N, D_M, D_K, W_M, W_K, D_TILES_M, D_TILES_N, D_SPLITS, W_TILES_N, W_TILES_K,
+        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+        D_BM: tl.constexpr, D_BN: tl.constexpr, D_BK: tl.constexpr, D_STEPS: tl.constexpr, D_ATOMIC: tl.constexpr,
+        W_BM: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr, W_STEPS: tl.constexpr, W_ATOMIC: tl.constexpr,
+        PRECISION: tl.constexpr, ACC: tl.constexpr,
+    ):
+        """Both gradients of one convolution in one launch: the first D_TILES_M x D_TILES_N x D_SPLITS programs
+        compute input-gradient tiles, the rest weight-gradient tiles. Each alone leaves most of the GPU idle for
+        a few dependent steps; side by side they fill it, with one launch instead of two."""
+        pid = tl.program_id(0)
+        input_programs = D_TILES_M * D_TILES_N * D_SPLITS
+        if pid < input_programs:
+            _input_grad_tile(
+                dy, w, dx, pid % D_TILES_M, (pid // D_TILES_M) % D_TILES_N, pid // (D_TILES_M * D_TILES_N),
+                H, W, OH, OW, C, N, D_M, D_K, KH, KW, STRIDE, PAD, D_BM, D_BN, D_BK, D_STEPS, PRECISION, ACC, D_ATOMIC,
+            )
+        else:
+            q = pid - input_programs
+            _weight_grad_tile(
+                dy, x, dw, q % W_TILES_N, (q // W_TILES_N) % W_TILES_K, q // (W_TILES_N * W_TILES_K),
+                H, W, OH, OW, C, N, W_M, W_K, KH, KW, STRIDE, PAD, W_BM, W_BN, W_BK, W_STEPS, PRECISION, ACC, W_ATOMIC,
+            )
 
 
 def _block(size: int, largest: int) -> int:
@@ -186,11 +282,13 @@ def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, int]:
 
 def _conv_forward(
     x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, tile: int = 64, depth: int = 32, splits: int = 1,
-    warps: int = 4, stages: int = 3, atomic: bool = False,
+    warps: int = 4, stages: int = 3, atomic: bool = False, subpixel: bool = False,
 ) -> torch.Tensor:
     """`tile` output pixels x up to 64 output channels per program, `depth` taps per step of the sum, the taps
     split over `splits` programs (for grids too small to fill the GPU), whose partial sums are added after (or,
     `atomic`, into the zeroed output as each finishes). `warps` and `stages` are Triton's launch options."""
+    if subpixel:
+        raise ValueError("sub-pixel classes are for the input gradient only")
     out_shape = (x.shape[0], w.shape[0], *_geometry(x.shape, w.shape, stride, padding))
     launch = Launch(tile, depth, splits, warps, stages, atomic)
     return _launch_gathered(_forward_kernel, x, w, tuple(x.shape), out_shape, out_shape, stride, padding, launch)
@@ -198,9 +296,12 @@ def _conv_forward(
 
 def _conv_input_grad(
     dy: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, tile: int = 64, depth: int = 32, splits: int = 1,
-    warps: int = 4, stages: int = 3, atomic: bool = False,
+    warps: int = 4, stages: int = 3, atomic: bool = False, subpixel: bool = False,
 ) -> torch.Tensor:
-    """The same tiling over the input's pixels and channels, the taps gathered from dy."""
+    """The same tiling over the input's pixels and channels, the taps gathered from dy (or, `subpixel`, one GEMM
+    per sub-pixel class of the input, without the taps a stride leaves out; no splits)."""
+    if subpixel:
+        return _conv_input_grad_subpixel(dy, w, x_shape, stride, padding, tile, depth, warps, stages)
     launch = Launch(tile, depth, splits, warps, stages, atomic)
     return _launch_gathered(_input_grad_kernel, dy, w, tuple(x_shape), tuple(dy.shape), tuple(x_shape), stride, padding, launch)
 
@@ -214,6 +315,7 @@ class Launch(NamedTuple):
     warps: int = 4  # Triton's num_warps
     stages: int = 3  # Triton's num_stages (software pipelining of the loads)
     atomic: bool = False  # split sums added into a zeroed fp32 output as they finish (no reduction kernel after; unordered)
+    subpixel: bool = False  # input gradient only: by sub-pixel classes (_input_grad_subpixel_kernel), for strided layers
 
 
 def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, padding, launch: Launch) -> torch.Tensor:
@@ -240,6 +342,26 @@ def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, 
     return result if splits == 1 else result.sum(0).to(source.dtype)
 
 
+def _conv_input_grad_subpixel(
+    dy: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, tile: int = 64, depth: int = 32, warps: int = 4, stages: int = 3,
+) -> torch.Tensor:
+    """The input gradient by sub-pixel classes (_input_grad_subpixel_kernel): for strided convolutions."""
+    batch, channels, height, width = x_shape
+    out_channels, _, kernel_h, kernel_w = w.shape
+    taps_h, taps_w = triton.cdiv(kernel_h, stride), triton.cdiv(kernel_w, stride)
+    bn, bk = _block(channels, 64), _block(out_channels * taps_h * taps_w, depth)
+    steps = triton.cdiv(out_channels * taps_h * taps_w, bk)
+    dx = torch.empty(tuple(x_shape), device=dy.device, dtype=dy.dtype)
+    largest = batch * triton.cdiv(height, stride) * triton.cdiv(width, stride)  # the class with the most pixels
+    grid = (triton.cdiv(largest, tile), triton.cdiv(channels, bn), stride * stride)
+    _input_grad_subpixel_kernel[grid](
+        dy, w, dx, batch, height, width, dy.shape[2], dy.shape[3], channels, out_channels,
+        KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, STEPS=steps,
+        PRECISION=_precision(dy.dtype), ACC=_accumulator(dy.dtype), TAPS_H=taps_h, TAPS_W=taps_w, num_warps=warps, num_stages=stages,
+    )
+    return dx
+
+
 def _split_steps(taps: int, depth: int, splits: int, numel: int = 0) -> tuple[int, int]:
     """(steps per split, splits) covering cdiv(taps, depth) steps, no split left empty; one split where the partial
     sums of an output of `numel` elements would outgrow 32-bit indexing."""
@@ -261,21 +383,29 @@ def _sum_buffer(splits: int, shape: tuple[int, ...], like: torch.Tensor, zeroed:
 WEIGHT_GRAD_PROGRAMS = 256  # programs the pixel sum is split over (with the tiles of the weight), to fill the GPU
 
 
-def _conv_weight_grad(
-    dy: torch.Tensor, x: torch.Tensor, w_shape, stride: int, padding: int, tile: int = 64, depth: int = 64, splits: int = 0,
-    warps: int = 4, stages: int = 3, atomic: bool = False,
-) -> torch.Tensor:
-    """Tiles of the weight (output channels x taps), the pixel sum split over `splits` programs per tile (0: as many
-    as make WEIGHT_GRAD_PROGRAMS in all), summed after or, `atomic`, added into a zeroed fp32 weight."""
-    batch, channels, height, width = x.shape
-    out_channels, _, kernel_h, kernel_w = w_shape
-    out_h, out_w = dy.shape[2:]
-    pixels, taps = batch * out_h * out_w, channels * kernel_h * kernel_w
+def _weight_split(pixels: int, taps: int, out_channels: int, tile: int, depth: int, splits: int) -> tuple[int, int, int, int]:
+    """The weight gradient's tiling: (channels per tile, taps per tile, pixels per split, splits), `splits` 0 for as
+    many as make WEIGHT_GRAD_PROGRAMS programs in all, no split left empty."""
     bn, bk = _block(out_channels, 64), _block(taps, depth)
     tiles = triton.cdiv(out_channels, bn) * triton.cdiv(taps, bk)
     splits = max(1, min(triton.cdiv(pixels, tile), splits or WEIGHT_GRAD_PROGRAMS // tiles))
     per_split = triton.cdiv(triton.cdiv(pixels, splits), tile) * tile
-    splits = triton.cdiv(pixels, per_split)
+    return bn, bk, per_split, triton.cdiv(pixels, per_split)
+
+
+def _conv_weight_grad(
+    dy: torch.Tensor, x: torch.Tensor, w_shape, stride: int, padding: int, tile: int = 64, depth: int = 64, splits: int = 0,
+    warps: int = 4, stages: int = 3, atomic: bool = False, subpixel: bool = False,
+) -> torch.Tensor:
+    """Tiles of the weight (output channels x taps), the pixel sum split over `splits` programs per tile (0: as many
+    as make WEIGHT_GRAD_PROGRAMS in all), summed after or, `atomic`, added into a zeroed fp32 weight."""
+    if subpixel:
+        raise ValueError("sub-pixel classes are for the input gradient only")
+    batch, channels, height, width = x.shape
+    out_channels, _, kernel_h, kernel_w = w_shape
+    out_h, out_w = dy.shape[2:]
+    pixels, taps = batch * out_h * out_w, channels * kernel_h * kernel_w
+    bn, bk, per_split, splits = _weight_split(pixels, taps, out_channels, tile, depth, splits)
     atomic = atomic and splits > 1
     make = torch.zeros if atomic else torch.empty
     partial = make(1 if atomic else splits, out_channels, taps, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
@@ -287,6 +417,56 @@ def _conv_weight_grad(
     )
     total = partial[0] if partial.shape[0] == 1 else partial.sum(0)
     return total.view(w_shape).to(x.dtype)
+
+
+class GradsLaunch(NamedTuple):
+    """How `_conv_grads` launches both gradients of a convolution as one grid (CANDIDATES["grads"])."""
+
+    input_tile: int  # input-gradient pixels per program
+    input_depth: int  # its taps per step
+    input_splits: int  # programs its sum is split over
+    weight_tile: int  # weight-gradient pixels per step (its sum is split to fill the GPU, as _conv_weight_grad's)
+    weight_depth: int  # its taps per tile
+    warps: int = 4
+    stages: int = 1
+    atomic: bool = True  # split sums added into zeroed fp32 outputs (unordered), else slabs summed after
+
+
+def _conv_grads(
+    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, input_tile: int = 64, input_depth: int = 32,
+    input_splits: int = 1, weight_tile: int = 64, weight_depth: int = 32, warps: int = 4, stages: int = 1, atomic: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dw) of one convolution from one launch of _grads_kernel: the tilings of _conv_input_grad and
+    _conv_weight_grad, their programs side by side in one grid."""
+    batch, channels, height, width = x.shape
+    out_channels, _, kernel_h, kernel_w = w.shape
+    out_h, out_w = dy.shape[2:]
+    sums = torch.promote_types(x.dtype, torch.float32)
+    d_pixels, d_taps = batch * height * width, out_channels * kernel_h * kernel_w  # the input gradient's GEMM
+    d_bn, d_bk = _block(channels, 64), _block(d_taps, input_depth)
+    d_steps, d_splits = _split_steps(d_taps, d_bk, input_splits, 0 if atomic else d_pixels * channels)
+    d_atomic = atomic and d_splits > 1
+    w_pixels, w_taps = batch * out_h * out_w, channels * kernel_h * kernel_w  # the weight gradient's
+    w_bn, w_bk, per_split, w_splits = _weight_split(w_pixels, w_taps, out_channels, weight_tile, weight_depth, 0)
+    w_atomic = atomic and w_splits > 1
+    dx_sums = _sum_buffer(1 if d_atomic else d_splits, tuple(x.shape), dy, zeroed=d_atomic)
+    dw_sums = (torch.zeros if w_atomic else torch.empty)(1 if w_atomic else w_splits, out_channels, w_taps, device=x.device, dtype=sums)
+    d_tiles_m, d_tiles_n = triton.cdiv(d_pixels, input_tile), triton.cdiv(channels, d_bn)
+    w_tiles_n, w_tiles_k = triton.cdiv(out_channels, w_bn), triton.cdiv(w_taps, w_bk)
+    grid = (d_tiles_m * d_tiles_n * d_splits + w_tiles_n * w_tiles_k * w_splits,)
+    _grads_kernel[grid](
+        dy, w, x, dx_sums, dw_sums, height, width, out_h, out_w, channels, out_channels, d_pixels, d_taps, w_pixels, w_taps,
+        d_tiles_m, d_tiles_n, d_splits, w_tiles_n, w_tiles_k, KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding,
+        D_BM=input_tile, D_BN=d_bn, D_BK=d_bk, D_STEPS=d_steps, D_ATOMIC=d_atomic,
+        W_BM=weight_tile, W_BN=w_bn, W_BK=w_bk, W_STEPS=per_split // weight_tile, W_ATOMIC=w_atomic,
+        PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype), num_warps=warps, num_stages=stages,
+    )
+    if d_atomic:
+        dx = dx_sums[0].to(dy.dtype)
+    else:
+        dx = dx_sums if d_splits == 1 else dx_sums.sum(0).to(dy.dtype)
+    dw = dw_sums[0] if dw_sums.shape[0] == 1 else dw_sums.sum(0)
+    return dx, dw.view(w.shape).to(x.dtype)
 
 
 def _torch_forward(x, w, stride, padding):
@@ -301,6 +481,12 @@ def _torch_input_grad(dy, w, x_shape, stride, padding):
 def _torch_weight_grad(dy, x, w_shape, stride, padding):
     w = torch.empty(w_shape, device=x.device, dtype=x.dtype)  # only its shape is read
     return torch.ops.aten.convolution_backward(dy, x, w, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1, [False, True, False])[1]
+
+
+def _separate_grads(dy, x, w, stride, padding):
+    """Both gradients as two operations, each on its own choice (cuDNN or a Triton launch): what a fused launch of
+    _conv_grads must beat."""
+    return _run("input_grad", dy, w, list(x.shape), stride, padding), _run("weight_grad", dy, x, list(w.shape), stride, padding)
 
 
 # Per operation: torch's kernel (cuDNN) and the Triton launches tried (Launch's fields in order; the rest default).
@@ -321,24 +507,35 @@ CANDIDATES = {
     )),
     "input_grad": (_torch_input_grad, _conv_input_grad, (
         (64, 32, 1), (64, 32, 1, 4, 1), (32, 32, 1, 2, 1), (32, 32, 4), Launch(32, 32, 4, 8, 1, True), Launch(32, 32, 4, 2, 1, True),
+        # the strided layers' input gradients, which cuDNN still won: by sub-pixel classes (not yet measured)
+        Launch(64, 32, 1, 4, 1, subpixel=True), Launch(32, 32, 1, 2, 1, subpixel=True), Launch(32, 32, 1, 4, 3, subpixel=True),
     )),
     "weight_grad": (_torch_weight_grad, _conv_weight_grad, (
         (64, 32), (128, 64), Launch(64, 32, 0, atomic=True), Launch(64, 32, 0, 4, 1, True), Launch(128, 64, 0, atomic=True),
         Launch(128, 64, 0, 4, 1, True),
+    )),
+    # Both gradients of a layer that needs both (the encoder's), in one launch, against the two separately. The
+    # tilings are the sweep's best for the two apart at layer1 and layer2 (not yet measured together).
+    "grads": (_separate_grads, _conv_grads, (
+        GradsLaunch(64, 32, 1, 64, 32, 4, 1), GradsLaunch(32, 32, 1, 64, 32, 2, 1), GradsLaunch(32, 32, 4, 64, 32, 2, 1),
+        GradsLaunch(32, 32, 4, 64, 32, 4, 1), GradsLaunch(64, 32, 1, 64, 32, 4, 1, atomic=False),
     )),
 }
 
 
 def label(launch: tuple) -> str:
     """A launch as the choice log prints it: "64x32x4" (tile, depth, splits as given), then "w8", "s2" where the
-    warps or stages differ from Triton's defaults, and "atomic"."""
+    warps or stages differ from Triton's defaults, and "atomic"; both gradients' as "dx 64x32x1 + dw 64x32 ..."."""
+    if isinstance(launch, GradsLaunch):
+        inputs = f"dx {launch.input_tile}x{launch.input_depth}x{launch.input_splits} + dw {launch.weight_tile}x{launch.weight_depth}"
+        return label(Launch(0, 0, 0, launch.warps, launch.stages, launch.atomic)).replace("0x0x0", inputs)
     fields = Launch(*launch) if len(launch) > 2 else Launch(*launch, 0)
     text = "x".join(map(str, launch[:3]))
     if fields.warps != 4:
         text += f" w{fields.warps}"
     if fields.stages != 3:
         text += f" s{fields.stages}"
-    return text + (" atomic" if fields.atomic else "")
+    return text + (" atomic" if fields.atomic else "") + (" subpixel" if fields.subpixel else "")
 
 
 def operation_arguments(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, stride: int, padding: int) -> dict[str, tuple]:
@@ -348,6 +545,7 @@ def operation_arguments(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, stri
         "forward": (x, w, stride, padding),
         "input_grad": (dy, w, list(x.shape), stride, padding),
         "weight_grad": (dy, x, list(w.shape), stride, padding),
+        "grads": (dy, x, w, stride, padding),
     }
 
 
@@ -389,7 +587,7 @@ def _run(operation: str, *args):
         if INTERPRET or torch.cuda.is_current_stream_capturing():
             return triton_call(*args) if INTERPRET else torch_call(*args)
         deterministic = torch.are_deterministic_algorithms_enabled()
-        launches = [tile for tile in tiles if not (deterministic and isinstance(tile, Launch) and tile.atomic)]
+        launches = [tile for tile in tiles if not (deterministic and getattr(tile, "atomic", False))]
         launches = _agreeing(triton_call, args, launches, torch_call(*args), key)
         times = {None: graph_seconds(lambda: torch_call(*args))}
         for tile in launches:
@@ -423,17 +621,27 @@ def _agreeing(triton_call, args, launches: list, expected: torch.Tensor, key: tu
 
     with concurrent.futures.ThreadPoolExecutor(max(1, min(len(launches), os.cpu_count() or 1))) as pool:
         results = list(pool.map(run, launches))
-    tolerance = 1e-2 if expected.dtype in (torch.float32, torch.float64) else 5e-2
-    scale = float(expected.abs().max()) if expected.numel() else 0.0
     kept = []
     for launch, result in zip(launches, results, strict=True):
         if isinstance(result, Exception):
             _warn_once(result, launch, key)
-        elif result.shape != expected.shape or not float((result.float() - expected.float()).abs().max()) <= tolerance * scale + 1e-6:
+        elif not _close(result, expected):
             _warn_once(LaunchDisagrees("its result differs from torch's convolution"), launch, key)
         else:
             kept.append(launch)
     return kept
+
+
+def _close(result, expected) -> bool:
+    """Whether `result` (a tensor or a tuple of them) is `expected` up to TF32's or bf16's rounding: relative to the
+    largest value, as a sum of products rounds (a wrong kernel is off by far more)."""
+    if isinstance(expected, tuple):
+        return isinstance(result, tuple) and len(result) == len(expected) and all(map(_close, result, expected))
+    if not isinstance(result, torch.Tensor) or result.shape != expected.shape:
+        return False
+    tolerance = 1e-2 if expected.dtype in (torch.float32, torch.float64) else 5e-2
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    return float((result.float() - expected.float()).abs().max()) <= tolerance * scale + 1e-6
 
 
 class LaunchDisagrees(Exception):
@@ -453,8 +661,9 @@ def _warn_once(error: Exception, tile: tuple[int, ...], key: tuple) -> None:
 
 
 def choices() -> dict[tuple, str]:
-    """What `_run` chose so far, readable: key -> "torch" or "triton " + label(launch)."""
-    return {key: "torch" if tile is None else "triton " + label(tile) for key, tile in _CHOSEN.items()}
+    """What `_run` chose so far, readable: key -> "torch" (for "grads": "separate") or "triton " + label(launch)."""
+    unfused = {"grads": "separate"}  # both gradients as two operations, each on its own choice
+    return {key: unfused.get(key[0], "torch") if tile is None else "triton " + label(tile) for key, tile in _CHOSEN.items()}
 
 
 @torch.library.custom_op("tta::conv2d", mutates_args=())
@@ -473,6 +682,12 @@ def conv2d_weight_grad(dy: torch.Tensor, x: torch.Tensor, w_shape: list[int], st
     return _run("weight_grad", dy.contiguous(), x.contiguous(), w_shape, stride, padding)
 
 
+@torch.library.custom_op("tta::conv2d_grads", mutates_args=())
+def conv2d_grads(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both gradients, for layers that need both: one launch where that is faster than two."""
+    return _run("grads", dy.contiguous(), x.contiguous(), weight.contiguous(), stride, padding)
+
+
 @conv2d.register_fake
 def _(x, weight, stride, padding):
     out_h, out_w = _geometry(x.shape, weight.shape, stride, padding)
@@ -489,6 +704,11 @@ def _(dy, x, w_shape, stride, padding):
     return x.new_empty(w_shape)
 
 
+@conv2d_grads.register_fake
+def _(dy, x, weight, stride, padding):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, stride, padding = inputs
     ctx.save_for_backward(x, weight)
@@ -497,6 +717,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[1]:
+        dx, dw = conv2d_grads(grad, x, weight, ctx.stride, ctx.padding)
+        return dx, dw, None, None
     dx = dw = None
     if ctx.needs_input_grad[0]:
         dx = conv2d_input_grad(grad, weight, list(x.shape), ctx.stride, ctx.padding)
