@@ -149,7 +149,7 @@ def experiments(flags):
 
 
 KINDS = (  # kernel kind by name: first match wins (inductor's before cuDNN's: its names can hold "conv2d")
-    ("conv, Triton (tta)", ("_forward_kernel", "_input_grad_kernel", "_weight_grad_kernel")),
+    ("conv, Triton (tta)", ("forward_kernel", "input_grad_kernel", "weight_grad_kernel", "grads_kernel", "input_grad_subpixel_kernel")),
     ("layout transposes (cuDNN)", ("nchwToNhwc", "nhwcToNchw")),
     ("fused by inductor", ("triton_",)),
     ("conv, cuDNN", ("conv", "cudnn", "xmma", "implicit_gemm", "dgrad", "wgrad", "fprop", "cutlass", "gemm", "sm90_", "sm80_")),

@@ -1,4 +1,5 @@
-"""2-D convolution (forward, input gradient, weight gradient) as Triton implicit-GEMM kernels on NCHW tensors.
+"""2-D convolution (forward, input gradient, weight gradient) as Triton implicit-GEMM kernels on NCHW tensors: their
+tilings, the choice between them and cuDNN per shape, and the torch ops (the kernels are in conv_kernels.py).
 
 Why: the online step of the reference ResNet-26 convolves 32 images of 16-64 channels at 8-32 px. cuDNN runs
 each such convolution in ~15 us (with NCHW<->NHWC transposes around its kernels), far above what its ~2 MB of
@@ -27,11 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # torch wheels without triton: the op falls back to torch's convolution
-    triton = None
+from tta_cli.models.conv_kernels import tl, triton
+
+if triton is not None:
+    from tta_cli.models.conv_kernels import forward_kernel, grads_kernel, input_grad_kernel, input_grad_subpixel_kernel, weight_grad_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Where the kernels are even tried. They were written and measured for the CIFAR ResNets' latency-bound convolutions
@@ -47,214 +47,6 @@ MAX_ELEMENTS = 2**20
 def available(device: torch.device) -> bool:
     """Whether the kernels can run for tensors on `device` (CUDA with triton, or the interpreter on the CPU)."""
     return triton is not None and (device.type == "cuda" or INTERPRET)
-
-
-if triton is not None:
-
-    @triton.jit
-    def _patch_offsets(pixels, taps, H, W, OH, OW, C, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, M, K):
-        """Offsets into x (B, C, H, W) and a validity mask of the (pixels, taps) tile of its im2col matrix:
-        pixel m = (b, oh, ow) of the output, tap k = (c, kh, kw) of the kernel."""
-        b = pixels // (OH * OW)
-        rest = pixels % (OH * OW)
-        ih = (rest // OW)[:, None] * STRIDE - PAD + ((taps % (KH * KW)) // KW)[None, :]
-        iw = (rest % OW)[:, None] * STRIDE - PAD + (taps % KW)[None, :]
-        c = taps // (KH * KW)
-        valid = (pixels < M)[:, None] & (taps < K)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        offsets = b[:, None] * (C * H * W) + c[None, :] * (H * W) + ih * W + iw
-        return offsets, valid
-
-    @triton.jit
-    def _store_or_add(result, offsets, slab, acc, mask, ATOMIC: tl.constexpr):
-        """A program's tile of sums: added in place into `result` (zeroed, 32- or 64-bit float) with ATOMIC, else
-        stored at `slab` elements in (a split's own slab of partial sums, or the output itself)."""
-        if ATOMIC:
-            tl.atomic_add(result + offsets, acc, mask=mask, sem="relaxed")
-        else:
-            tl.store(result + slab + offsets, acc.to(result.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _forward_kernel(
-        x, w, out, H, W, OH, OW, C, N, M, K,
-        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        ATOMIC: tl.constexpr,
-    ):
-        """out[m, n] = sum_k patches[m, k] * w[n, k], stored at out (B, N, OH, OW); split s of the taps (program
-        axis 2, STEPS steps of BK each) stores its partial sum at out[s], or with ATOMIC adds it into out."""
-        pixels = tl.program_id(0) * BM + tl.arange(0, BM)
-        channels = tl.program_id(1) * BN + tl.arange(0, BN)
-        split = tl.program_id(2)
-        acc = tl.zeros((BM, BN), dtype=ACC)
-        for step in range(STEPS):  # a compile-time trip count (older interpreters cannot loop to a runtime bound)
-            taps = (split * STEPS + step) * BK + tl.arange(0, BK)
-            offsets, valid = _patch_offsets(pixels, taps, H, W, OH, OW, C, KH, KW, STRIDE, PAD, M, K)
-            patches = tl.load(x + offsets, mask=valid, other=0.0)
-            weights = tl.load(w + channels[None, :] * K + taps[:, None], mask=(taps < K)[:, None] & (channels < N)[None, :], other=0.0)
-            acc = tl.dot(patches, weights, acc, input_precision=PRECISION, out_dtype=ACC)
-        b = pixels // (OH * OW)
-        rest = pixels % (OH * OW)
-        target = b[:, None] * (N * OH * OW) + channels[None, :] * (OH * OW) + rest[:, None]
-        _store_or_add(out, target, split * (M * N), acc, (pixels < M)[:, None] & (channels < N)[None, :], ATOMIC)
-
-    @triton.jit
-    def _input_grad_kernel(
-        dy, w, dx, H, W, OH, OW, C, N, M, K,
-        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        ATOMIC: tl.constexpr,
-    ):
-        """dx[b, c, ih, iw] = sum over (n, kh, kw) of dy[b, n, oh, ow] * w[n, c, kh, kw], where oh * STRIDE =
-        ih + PAD - kh (and the same for columns): pixel m = (b, ih, iw) of the input, tap k = (n, kh, kw),
-        channel = c. Taps whose output position is fractional or outside dy are masked out. Split s of the taps
-        (program axis 2) stores its partial sum at dx[s], or with ATOMIC adds it into dx."""
-        _input_grad_tile(
-            dy, w, dx, tl.program_id(0), tl.program_id(1), tl.program_id(2), H, W, OH, OW, C, N, M, K,
-            KH, KW, STRIDE, PAD, BM, BN, BK, STEPS, PRECISION, ACC, ATOMIC,
-        )
-
-    @triton.jit
-    def _input_grad_tile(
-        dy, w, dx, tile_m, tile_n, split, H, W, OH, OW, C, N, M, K,
-        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        ATOMIC: tl.constexpr,
-    ):
-        """_input_grad_kernel's work for one (pixel tile, channel tile, split)."""
-        pixels = tile_m * BM + tl.arange(0, BM)
-        channels = tile_n * BN + tl.arange(0, BN)
-        b = pixels // (H * W)
-        rest = pixels % (H * W)
-        acc = tl.zeros((BM, BN), dtype=ACC)
-        for step in range(STEPS):  # a compile-time trip count (older interpreters cannot loop to a runtime bound)
-            taps = (split * STEPS + step) * BK + tl.arange(0, BK)
-            n = taps // (KH * KW)
-            kernel_h = (taps % (KH * KW)) // KW
-            kernel_w = taps % KW
-            th = (rest // W)[:, None] + PAD - kernel_h[None, :]
-            tw = (rest % W)[:, None] + PAD - kernel_w[None, :]
-            th_safe = tl.where(th >= 0, th, 0)  # integer division truncates: keep it on non-negative numbers
-            tw_safe = tl.where(tw >= 0, tw, 0)
-            oh = th_safe // STRIDE
-            ow = tw_safe // STRIDE
-            valid = (th >= 0) & (tw >= 0) & (th_safe % STRIDE == 0) & (tw_safe % STRIDE == 0) & (oh < OH) & (ow < OW)
-            valid = valid & (pixels < M)[:, None] & (taps < K)[None, :]
-            grads = tl.load(dy + b[:, None] * (N * OH * OW) + n[None, :] * (OH * OW) + oh * OW + ow, mask=valid, other=0.0)
-            weight_offsets = n[:, None] * (C * KH * KW) + channels[None, :] * (KH * KW) + (taps % (KH * KW))[:, None]
-            weights = tl.load(w + weight_offsets, mask=(taps < K)[:, None] & (channels < C)[None, :], other=0.0)
-            acc = tl.dot(grads, weights, acc, input_precision=PRECISION, out_dtype=ACC)
-        target = b[:, None] * (C * H * W) + channels[None, :] * (H * W) + rest[:, None]
-        _store_or_add(dx, target, split * (M * C), acc, (pixels < M)[:, None] & (channels < C)[None, :], ATOMIC)
-
-    @triton.jit
-    def _input_grad_subpixel_kernel(
-        dy, w, dx, B, H, W, OH, OW, C, N,
-        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
-    ):
-        """The input gradient of a strided convolution by sub-pixel classes (program axis 2): the input pixels with
-        (ih + PAD) % STRIDE == rh (and rw for columns) only meet the kernel rows kh = rh, rh + STRIDE, ... So each
-        class is a plain GEMM over N x TAPS_H x TAPS_W taps (TAPS_H = cdiv(KH, STRIDE); rows past KH masked), where
-        the gathered implicit GEMM (_input_grad_kernel) steps through all N x KH x KW taps and masks 3 in 4 of
-        them at stride 2. Program axis 0 covers the largest class; the others mask their last pixels."""
-        cls = tl.program_id(2)
-        rh = cls // STRIDE
-        rw = cls % STRIDE
-        first_h = ((rh - PAD) % STRIDE + STRIDE) % STRIDE  # the class's first input row and column
-        first_w = ((rw - PAD) % STRIDE + STRIDE) % STRIDE
-        rows = (H - first_h + STRIDE - 1) // STRIDE
-        columns = (W - first_w + STRIDE - 1) // STRIDE
-        pixels = tl.program_id(0) * BM + tl.arange(0, BM)
-        channels = tl.program_id(1) * BN + tl.arange(0, BN)
-        b = pixels // (rows * columns)
-        i = (pixels // columns) % rows
-        j = pixels % columns
-        inside = pixels < B * rows * columns
-        acc = tl.zeros((BM, BN), dtype=ACC)
-        for step in range(STEPS):
-            taps = step * BK + tl.arange(0, BK)
-            n = taps // (TAPS_H * TAPS_W)
-            a = (taps % (TAPS_H * TAPS_W)) // TAPS_W
-            e = taps % TAPS_W
-            kernel_h = rh + a * STRIDE
-            kernel_w = rw + e * STRIDE
-            tap_ok = (n < N) & (kernel_h < KH) & (kernel_w < KW)
-            oh = (first_h + PAD - rh) // STRIDE + i[:, None] - a[None, :]
-            ow = (first_w + PAD - rw) // STRIDE + j[:, None] - e[None, :]
-            valid = inside[:, None] & tap_ok[None, :] & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
-            grads = tl.load(dy + b[:, None] * (N * OH * OW) + n[None, :] * (OH * OW) + oh * OW + ow, mask=valid, other=0.0)
-            weight_offsets = n[:, None] * (C * KH * KW) + channels[None, :] * (KH * KW) + (kernel_h * KW + kernel_w)[:, None]
-            weights = tl.load(w + weight_offsets, mask=tap_ok[:, None] & (channels < C)[None, :], other=0.0)
-            acc = tl.dot(grads, weights, acc, input_precision=PRECISION, out_dtype=ACC)
-        ih = first_h + i * STRIDE
-        iw = first_w + j * STRIDE
-        target = dx + b[:, None] * (C * H * W) + channels[None, :] * (H * W) + (ih * W + iw)[:, None]
-        tl.store(target, acc.to(dx.dtype.element_ty), mask=inside[:, None] & (channels < C)[None, :])
-
-    @triton.jit
-    def _weight_grad_kernel(
-        dy, x, partial, H, W, OH, OW, C, N, M, K,
-        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        ATOMIC: tl.constexpr,
-    ):
-        """partial[s, n, k] = sum over the pixels m of split s of dy[m, n] * patches[m, k]; the splits are summed
-        afterwards (deterministic), or with ATOMIC added into partial[0] as they finish (in no fixed order)."""
-        _weight_grad_tile(
-            dy, x, partial, tl.program_id(0), tl.program_id(1), tl.program_id(2), H, W, OH, OW, C, N, M, K,
-            KH, KW, STRIDE, PAD, BM, BN, BK, STEPS, PRECISION, ACC, ATOMIC,
-        )
-
-    @triton.jit
-    def _weight_grad_tile(
-        dy, x, partial, tile_n, tile_k, split, H, W, OH, OW, C, N, M, K,
-        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        ATOMIC: tl.constexpr,
-    ):
-        """_weight_grad_kernel's work for one (channel tile, tap tile, split)."""
-        channels = tile_n * BN + tl.arange(0, BN)
-        taps = tile_k * BK + tl.arange(0, BK)
-        acc = tl.zeros((BN, BK), dtype=ACC)
-        for step in range(STEPS):  # STEPS * BM pixels per split
-            pixels = split * (STEPS * BM) + step * BM + tl.arange(0, BM)
-            offsets, valid = _patch_offsets(pixels, taps, H, W, OH, OW, C, KH, KW, STRIDE, PAD, M, K)
-            patches = tl.load(x + offsets, mask=valid, other=0.0)
-            b = pixels // (OH * OW)
-            rest = pixels % (OH * OW)
-            grads = tl.load(
-                dy + b[None, :] * (N * OH * OW) + channels[:, None] * (OH * OW) + rest[None, :],
-                mask=(pixels < M)[None, :] & (channels < N)[:, None], other=0.0,
-            )
-            acc = tl.dot(grads, patches, acc, input_precision=PRECISION, out_dtype=ACC)
-        _store_or_add(partial, channels[:, None] * K + taps[None, :], split * (N * K), acc, (channels < N)[:, None] & (taps < K)[None, :], ATOMIC)
-
-
-    @triton.jit
-    def _grads_kernel(
-        dy, w, x, dx, dw, H, W, OH, OW, C, N, D_M, D_K, W_M, W_K, D_TILES_M, D_TILES_N, D_SPLITS, W_TILES_N, W_TILES_K,
-        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        D_BM: tl.constexpr, D_BN: tl.constexpr, D_BK: tl.constexpr, D_STEPS: tl.constexpr, D_ATOMIC: tl.constexpr,
-        W_BM: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr, W_STEPS: tl.constexpr, W_ATOMIC: tl.constexpr,
-        PRECISION: tl.constexpr, ACC: tl.constexpr,
-    ):
-        """Both gradients of one convolution in one launch: the first D_TILES_M x D_TILES_N x D_SPLITS programs
-        compute input-gradient tiles, the rest weight-gradient tiles. Each alone leaves most of the GPU idle for
-        a few dependent steps; side by side they fill it, with one launch instead of two."""
-        pid = tl.program_id(0)
-        input_programs = D_TILES_M * D_TILES_N * D_SPLITS
-        if pid < input_programs:
-            _input_grad_tile(
-                dy, w, dx, pid % D_TILES_M, (pid // D_TILES_M) % D_TILES_N, pid // (D_TILES_M * D_TILES_N),
-                H, W, OH, OW, C, N, D_M, D_K, KH, KW, STRIDE, PAD, D_BM, D_BN, D_BK, D_STEPS, PRECISION, ACC, D_ATOMIC,
-            )
-        else:
-            q = pid - input_programs
-            _weight_grad_tile(
-                dy, x, dw, q % W_TILES_N, (q // W_TILES_N) % W_TILES_K, q // (W_TILES_N * W_TILES_K),
-                H, W, OH, OW, C, N, W_M, W_K, KH, KW, STRIDE, PAD, W_BM, W_BN, W_BK, W_STEPS, PRECISION, ACC, W_ATOMIC,
-            )
 
 
 def _block(size: int, largest: int) -> int:
@@ -291,7 +83,7 @@ def _conv_forward(
         raise ValueError("sub-pixel classes are for the input gradient only")
     out_shape = (x.shape[0], w.shape[0], *_geometry(x.shape, w.shape, stride, padding))
     launch = Launch(tile, depth, splits, warps, stages, atomic)
-    return _launch_gathered(_forward_kernel, x, w, tuple(x.shape), out_shape, out_shape, stride, padding, launch)
+    return _launch_gathered(forward_kernel, x, w, tuple(x.shape), out_shape, out_shape, stride, padding, launch)
 
 
 def _conv_input_grad(
@@ -303,7 +95,7 @@ def _conv_input_grad(
     if subpixel:
         return _conv_input_grad_subpixel(dy, w, x_shape, stride, padding, tile, depth, warps, stages)
     launch = Launch(tile, depth, splits, warps, stages, atomic)
-    return _launch_gathered(_input_grad_kernel, dy, w, tuple(x_shape), tuple(dy.shape), tuple(x_shape), stride, padding, launch)
+    return _launch_gathered(input_grad_kernel, dy, w, tuple(x_shape), tuple(dy.shape), tuple(x_shape), stride, padding, launch)
 
 
 class Launch(NamedTuple):
@@ -315,7 +107,7 @@ class Launch(NamedTuple):
     warps: int = 4  # Triton's num_warps
     stages: int = 3  # Triton's num_stages (software pipelining of the loads)
     atomic: bool = False  # split sums added into a zeroed fp32 output as they finish (no reduction kernel after; unordered)
-    subpixel: bool = False  # input gradient only: by sub-pixel classes (_input_grad_subpixel_kernel), for strided layers
+    subpixel: bool = False  # input gradient only: by sub-pixel classes (input_grad_subpixel_kernel), for strided layers
 
 
 def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, padding, launch: Launch) -> torch.Tensor:
@@ -345,7 +137,7 @@ def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, 
 def _conv_input_grad_subpixel(
     dy: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, tile: int = 64, depth: int = 32, warps: int = 4, stages: int = 3,
 ) -> torch.Tensor:
-    """The input gradient by sub-pixel classes (_input_grad_subpixel_kernel): for strided convolutions."""
+    """The input gradient by sub-pixel classes (input_grad_subpixel_kernel): for strided convolutions."""
     batch, channels, height, width = x_shape
     out_channels, _, kernel_h, kernel_w = w.shape
     taps_h, taps_w = triton.cdiv(kernel_h, stride), triton.cdiv(kernel_w, stride)
@@ -354,7 +146,7 @@ def _conv_input_grad_subpixel(
     dx = torch.empty(tuple(x_shape), device=dy.device, dtype=dy.dtype)
     largest = batch * triton.cdiv(height, stride) * triton.cdiv(width, stride)  # the class with the most pixels
     grid = (triton.cdiv(largest, tile), triton.cdiv(channels, bn), stride * stride)
-    _input_grad_subpixel_kernel[grid](
+    input_grad_subpixel_kernel[grid](
         dy, w, dx, batch, height, width, dy.shape[2], dy.shape[3], channels, out_channels,
         KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, STEPS=steps,
         PRECISION=_precision(dy.dtype), ACC=_accumulator(dy.dtype), TAPS_H=taps_h, TAPS_W=taps_w, num_warps=warps, num_stages=stages,
@@ -410,7 +202,7 @@ def _conv_weight_grad(
     make = torch.zeros if atomic else torch.empty
     partial = make(1 if atomic else splits, out_channels, taps, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
     grid = (triton.cdiv(out_channels, bn), triton.cdiv(taps, bk), splits)
-    _weight_grad_kernel[grid](
+    weight_grad_kernel[grid](
         dy, x, partial, height, width, out_h, out_w, channels, out_channels, pixels, taps,
         KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, STEPS=per_split // tile,
         PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype), ATOMIC=atomic, num_warps=warps, num_stages=stages,
@@ -436,7 +228,7 @@ def _conv_grads(
     dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, input_tile: int = 64, input_depth: int = 32,
     input_splits: int = 1, weight_tile: int = 64, weight_depth: int = 32, warps: int = 4, stages: int = 1, atomic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx, dw) of one convolution from one launch of _grads_kernel: the tilings of _conv_input_grad and
+    """(dx, dw) of one convolution from one launch of grads_kernel: the tilings of _conv_input_grad and
     _conv_weight_grad, their programs side by side in one grid."""
     batch, channels, height, width = x.shape
     out_channels, _, kernel_h, kernel_w = w.shape
@@ -454,7 +246,7 @@ def _conv_grads(
     d_tiles_m, d_tiles_n = triton.cdiv(d_pixels, input_tile), triton.cdiv(channels, d_bn)
     w_tiles_n, w_tiles_k = triton.cdiv(out_channels, w_bn), triton.cdiv(w_taps, w_bk)
     grid = (d_tiles_m * d_tiles_n * d_splits + w_tiles_n * w_tiles_k * w_splits,)
-    _grads_kernel[grid](
+    grads_kernel[grid](
         dy, w, x, dx_sums, dw_sums, height, width, out_h, out_w, channels, out_channels, d_pixels, d_taps, w_pixels, w_taps,
         d_tiles_m, d_tiles_n, d_splits, w_tiles_n, w_tiles_k, KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding,
         D_BM=input_tile, D_BN=d_bn, D_BK=d_bk, D_STEPS=d_steps, D_ATOMIC=d_atomic,
