@@ -153,6 +153,22 @@ def test_prediction_window_detects_collapse():
     assert bool(window.collapsed(0.5))
 
 
+def test_the_ungated_update_equals_a_gate_that_always_passes():
+    """_apply_gradient's two branches (no gate; a gate tensor) are one momentum update: a confidence gate of 1.0
+    passes every step, so both give the same weights, counting updates alike."""
+    model, task = tiny(torch.float64)
+    images = torch.rand(4, 1, 3, 32, 32, dtype=torch.float64)
+    runs = []
+    for skip_above in (None, 1.0):
+        config = OnlineConfig(copies=4, lr=0.05, momentum=0.9, amp=False, skip_above=skip_above)
+        method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(6))
+        logits = torch.cat([method.adapt(image) for image in images])
+        runs.append((logits, encoder_vector(method.model), method.counters()["updates"]))
+    (logits, weights, updates), (gated_logits, gated_weights, gated_updates) = runs
+    assert torch.equal(gated_weights, weights) and torch.equal(gated_logits, logits)
+    assert not torch.equal(weights, encoder_vector(model)) and updates == gated_updates == 4
+
+
 def test_compiled_online_step_equals_eager():
     model, task = tiny()
     images = torch.rand(3, 1, 3, 32, 32)

@@ -422,11 +422,11 @@ class OnlineTTT:
         grad = self.weights.flatten(grads)
         if gate is None:
             self.velocity.mul_(config.momentum).add_(grad)
-            flat.sub_(config.lr * self.velocity)
+            flat.sub_(self.velocity, alpha=config.lr)
             counts["updates"] += 1
             return
         self.velocity.copy_(torch.where(gate > 0, self.velocity * config.momentum + grad, self.velocity))
-        flat.sub_(config.lr * gate * self.velocity)
+        flat.sub_(gate * self.velocity, alpha=config.lr)  # (lr as given: a float32 gate times lr would round it)
         counts["updates"] += gate.long()
         counts["skipped"] += (1 - gate).long()
 
