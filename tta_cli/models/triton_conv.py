@@ -392,12 +392,27 @@ def _run(operation: str, *args):
     return torch_call(*args) if tile is None else triton_call(*args, *tile)
 
 
-def _agreeing(triton_call, args, launches: list, expected: torch.Tensor, key: tuple) -> list:
-    """The launches whose result on `args` matches torch's (`expected`), each run once first. The runs go side by
-    side on a pool of threads, on the caller's device and stream: a launch's first run at a new shape compiles it
-    (~1 s each, most of a shape's first-use cost), and Triton's compiler leaves Python's lock free for most of it
-    (2.2x on 2 cores, 8 compiles). A launch that fails or disagrees (beyond TF32's or bf16's rounding: a kernel bug
-    on this GPU or Triton version) is left out with a warning; the timing sees only the rest."""
+def _agreeing(triton_call, args, launches: list, expected, key: tuple) -> list:
+    """The launches whose result on `args` matches torch's (`expected`), each run once first, side by side
+    (run_side_by_side: their first runs at a new shape are their compiles). A launch that fails or disagrees
+    (beyond TF32's or bf16's rounding: a kernel bug on this GPU or Triton version) is left out with a warning;
+    the timing sees only the rest."""
+    kept = []
+    for launch, result in zip(launches, run_side_by_side(triton_call, args, launches), strict=True):
+        if isinstance(result, Exception):
+            _warn_once(result, launch, key)
+        elif not _close(result, expected):
+            _warn_once(LaunchDisagrees("its result differs from torch's convolution"), launch, key)
+        else:
+            kept.append(launch)
+    return kept
+
+
+def run_side_by_side(call, args, launches: list) -> list:
+    """`call(*args, *launch)` for each launch, on a pool of threads, on the caller's device and stream; each
+    result, or the exception it raised. A launch's first run at a new shape compiles it (~1 s each, most of a
+    shape's first-use cost), and Triton's compiler leaves Python's lock free for most of it (2.2x on 2 cores, 8
+    compiles), so the compiles overlap."""
     device = args[0].device
     caller = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
@@ -407,21 +422,12 @@ def _agreeing(triton_call, args, launches: list, expected: torch.Tensor, key: tu
                 stack.enter_context(torch.cuda.device(device))
                 stack.enter_context(torch.cuda.stream(caller))
             try:
-                return triton_call(*args, *launch)
-            except Exception as error:  # reported below, on the caller's thread
+                return call(*args, *launch)
+            except Exception as error:  # the caller decides what a failure means
                 return error
 
     with concurrent.futures.ThreadPoolExecutor(max(1, min(len(launches), os.cpu_count() or 1))) as pool:
-        results = list(pool.map(run, launches))
-    kept = []
-    for launch, result in zip(launches, results, strict=True):
-        if isinstance(result, Exception):
-            _warn_once(result, launch, key)
-        elif not _close(result, expected):
-            _warn_once(LaunchDisagrees("its result differs from torch's convolution"), launch, key)
-        else:
-            kept.append(launch)
-    return kept
+        return list(pool.map(run, launches))
 
 
 def _close(result, expected) -> bool:
