@@ -135,6 +135,22 @@ def test_input_gradient_by_subpixel_classes_equals_torch(shape):
         assert torch.allclose(got, expected, atol=1e-12), (tile, depth)
 
 
+def test_ordered_split_sums_leave_their_counters_zeroed_for_the_next_launch():
+    """The last program of each tile sums the splits and resets its counter: a second launch (and another shape)
+    finds them zeroed and sums right again."""
+    generator = torch.Generator().manual_seed(6)
+    for _ in range(2):
+        for batch, cin, cout, size in ((2, 64, 64, 8), (1, 20, 18, 6)):
+            x = torch.randn(batch, cin, size, size, dtype=torch.float64, generator=generator)
+            w = torch.randn(cout, cin, 3, 3, dtype=torch.float64, generator=generator)
+            dy = torch.randn(batch, cout, size, size, dtype=torch.float64, generator=generator)
+            got = triton_conv._conv_forward(x, w, 1, 1, 32, 32, 4, ordered=True)
+            assert torch.allclose(got, F.conv2d(x, w, None, 1, 1), atol=1e-12)
+            got = triton_conv._conv_input_grad(dy, w, list(x.shape), 1, 1, 16, 32, 3, ordered=True)
+            assert torch.allclose(got, triton_conv._torch_input_grad(dy, w, list(x.shape), 1, 1), atol=1e-12)
+            assert all(int(counters.abs().sum()) == 0 for counters in triton_conv._COUNTERS.values())
+
+
 def test_taps_split_unevenly_over_programs_still_sum_to_the_whole():
     """A 64-channel 8 px layer (18 steps of 32 taps) over 4 splits of 5 steps: the last split runs past the taps."""
     generator = torch.Generator().manual_seed(3)

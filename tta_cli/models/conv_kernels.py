@@ -38,14 +38,35 @@ if triton is not None:
             tl.store(result + slab + offsets, acc.to(result.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _store_split(out, partials, counters, offsets, split, slab, acc, mask, ATOMIC: tl.constexpr, ORDERED: tl.constexpr, SPLITS: tl.constexpr):
+        """A program's tile of sums, split `split` of SPLITS: as _store_or_add, or with ORDERED into `partials` (one
+        slab of `slab` elements per split), after which the last program of the tile to arrive (a counter per tile,
+        which it resets) adds the SPLITS parts in split order into `out`: deterministic, and no zeroed output, at the
+        price of one program reading SPLITS tiles at the end."""
+        if ORDERED:
+            tl.store(partials + split * slab + offsets, acc, mask=mask)
+            tl.debug_barrier()  # every thread's part is written before the one atomic below releases them
+            tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            arrived = tl.atomic_add(counters + tile, 1, sem="acq_rel")
+            if arrived == SPLITS - 1:
+                total = tl.zeros_like(acc)
+                for part in tl.static_range(SPLITS):
+                    total += tl.load(partials + part * slab + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out + offsets, total.to(out.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(counters + tile, 0)
+        else:
+            _store_or_add(out, offsets, split * slab, acc, mask, ATOMIC)
+
+    @triton.jit
     def forward_kernel(
-        x, w, out, H, W, OH, OW, C, N, M, K,
+        x, w, out, partials, counters, H, W, OH, OW, C, N, M, K,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        ATOMIC: tl.constexpr,
+        ATOMIC: tl.constexpr, ORDERED: tl.constexpr, SPLITS: tl.constexpr,
     ):
         """out[m, n] = sum_k patches[m, k] * w[n, k], stored at out (B, N, OH, OW); split s of the taps (program
-        axis 2, STEPS steps of BK each) stores its partial sum at out[s], or with ATOMIC adds it into out."""
+        axis 2, STEPS steps of BK each) stores its partial sum at out[s], or with ATOMIC adds it into out, or with
+        ORDERED leaves it in `partials` for the tile's last program (_store_split)."""
         pixels = tl.program_id(0) * BM + tl.arange(0, BM)
         channels = tl.program_id(1) * BN + tl.arange(0, BN)
         split = tl.program_id(2)
@@ -59,30 +80,31 @@ if triton is not None:
         b = pixels // (OH * OW)
         rest = pixels % (OH * OW)
         target = b[:, None] * (N * OH * OW) + channels[None, :] * (OH * OW) + rest[:, None]
-        _store_or_add(out, target, split * (M * N), acc, (pixels < M)[:, None] & (channels < N)[None, :], ATOMIC)
+        _store_split(out, partials, counters, target, split, M * N, acc, (pixels < M)[:, None] & (channels < N)[None, :], ATOMIC, ORDERED, SPLITS)
 
     @triton.jit
     def input_grad_kernel(
-        dy, w, dx, H, W, OH, OW, C, N, M, K,
+        dy, w, dx, partials, counters, H, W, OH, OW, C, N, M, K,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        ATOMIC: tl.constexpr,
+        ATOMIC: tl.constexpr, ORDERED: tl.constexpr, SPLITS: tl.constexpr,
     ):
         """dx[b, c, ih, iw] = sum over (n, kh, kw) of dy[b, n, oh, ow] * w[n, c, kh, kw], where oh * STRIDE =
         ih + PAD - kh (and the same for columns): pixel m = (b, ih, iw) of the input, tap k = (n, kh, kw),
         channel = c. Taps whose output position is fractional or outside dy are masked out. Split s of the taps
-        (program axis 2) stores its partial sum at dx[s], or with ATOMIC adds it into dx."""
+        (program axis 2) stores its partial sum at dx[s], or with ATOMIC adds it into dx, or ORDERED (as the
+        forward's)."""
         _input_grad_tile(
-            dy, w, dx, tl.program_id(0), tl.program_id(1), tl.program_id(2), H, W, OH, OW, C, N, M, K,
-            KH, KW, STRIDE, PAD, BM, BN, BK, STEPS, PRECISION, ACC, ATOMIC,
+            dy, w, dx, partials, counters, tl.program_id(0), tl.program_id(1), tl.program_id(2), H, W, OH, OW, C, N, M, K,
+            KH, KW, STRIDE, PAD, BM, BN, BK, STEPS, PRECISION, ACC, ATOMIC, ORDERED, SPLITS,
         )
 
     @triton.jit
     def _input_grad_tile(
-        dy, w, dx, tile_m, tile_n, split, H, W, OH, OW, C, N, M, K,
+        dy, w, dx, partials, counters, tile_m, tile_n, split, H, W, OH, OW, C, N, M, K,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        ATOMIC: tl.constexpr,
+        ATOMIC: tl.constexpr, ORDERED: tl.constexpr, SPLITS: tl.constexpr,
     ):
         """input_grad_kernel's work for one (pixel tile, channel tile, split)."""
         pixels = tile_m * BM + tl.arange(0, BM)
@@ -108,7 +130,7 @@ if triton is not None:
             weights = tl.load(w + weight_offsets, mask=(taps < K)[:, None] & (channels < C)[None, :], other=0.0)
             acc = tl.dot(grads, weights, acc, input_precision=PRECISION, out_dtype=ACC)
         target = b[:, None] * (C * H * W) + channels[None, :] * (H * W) + rest[:, None]
-        _store_or_add(dx, target, split * (M * C), acc, (pixels < M)[:, None] & (channels < C)[None, :], ATOMIC)
+        _store_split(dx, partials, counters, target, split, M * C, acc, (pixels < M)[:, None] & (channels < C)[None, :], ATOMIC, ORDERED, SPLITS)
 
     @triton.jit
     def input_grad_subpixel_kernel(
@@ -210,8 +232,8 @@ if triton is not None:
         input_programs = D_TILES_M * D_TILES_N * D_SPLITS
         if pid < input_programs:
             _input_grad_tile(
-                dy, w, dx, pid % D_TILES_M, (pid // D_TILES_M) % D_TILES_N, pid // (D_TILES_M * D_TILES_N),
-                H, W, OH, OW, C, N, D_M, D_K, KH, KW, STRIDE, PAD, D_BM, D_BN, D_BK, D_STEPS, PRECISION, ACC, D_ATOMIC,
+                dy, w, dx, dx, dx, pid % D_TILES_M, (pid // D_TILES_M) % D_TILES_N, pid // (D_TILES_M * D_TILES_N),
+                H, W, OH, OW, C, N, D_M, D_K, KH, KW, STRIDE, PAD, D_BM, D_BN, D_BK, D_STEPS, PRECISION, ACC, D_ATOMIC, False, 1,
             )
         else:
             q = pid - input_programs

@@ -74,7 +74,7 @@ def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, int]:
 
 def _conv_forward(
     x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, tile: int = 64, depth: int = 32, splits: int = 1,
-    warps: int = 4, stages: int = 3, atomic: bool = False, subpixel: bool = False,
+    warps: int = 4, stages: int = 3, atomic: bool = False, subpixel: bool = False, ordered: bool = False,
 ) -> torch.Tensor:
     """`tile` output pixels x up to 64 output channels per program, `depth` taps per step of the sum, the taps
     split over `splits` programs (for grids too small to fill the GPU), whose partial sums are added after (or,
@@ -82,19 +82,19 @@ def _conv_forward(
     if subpixel:
         raise ValueError("sub-pixel classes are for the input gradient only")
     out_shape = (x.shape[0], w.shape[0], *_geometry(x.shape, w.shape, stride, padding))
-    launch = Launch(tile, depth, splits, warps, stages, atomic)
+    launch = Launch(tile, depth, splits, warps, stages, atomic, ordered=ordered)
     return _launch_gathered(forward_kernel, x, w, tuple(x.shape), out_shape, out_shape, stride, padding, launch)
 
 
 def _conv_input_grad(
     dy: torch.Tensor, w: torch.Tensor, x_shape, stride: int, padding: int, tile: int = 64, depth: int = 32, splits: int = 1,
-    warps: int = 4, stages: int = 3, atomic: bool = False, subpixel: bool = False,
+    warps: int = 4, stages: int = 3, atomic: bool = False, subpixel: bool = False, ordered: bool = False,
 ) -> torch.Tensor:
     """The same tiling over the input's pixels and channels, the taps gathered from dy (or, `subpixel`, one GEMM
     per sub-pixel class of the input, without the taps a stride leaves out; no splits)."""
     if subpixel:
         return _conv_input_grad_subpixel(dy, w, x_shape, stride, padding, tile, depth, warps, stages)
-    launch = Launch(tile, depth, splits, warps, stages, atomic)
+    launch = Launch(tile, depth, splits, warps, stages, atomic, ordered=ordered)
     return _launch_gathered(input_grad_kernel, dy, w, tuple(x_shape), tuple(dy.shape), tuple(x_shape), stride, padding, launch)
 
 
@@ -108,6 +108,7 @@ class Launch(NamedTuple):
     stages: int = 3  # Triton's num_stages (software pipelining of the loads)
     atomic: bool = False  # split sums added into a zeroed fp32 output as they finish (no reduction kernel after; unordered)
     subpixel: bool = False  # input gradient only: by sub-pixel classes (input_grad_subpixel_kernel), for strided layers
+    ordered: bool = False  # forward and input gradient: split sums added by each tile's last program, in order (deterministic)
 
 
 def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, padding, launch: Launch) -> torch.Tensor:
@@ -121,17 +122,43 @@ def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, 
     bn, bk = _block(columns, 64), _block(taps, launch.depth)
     steps, splits = _split_steps(taps, bk, launch.splits, 0 if launch.atomic else pixels * columns)
     atomic = launch.atomic and splits > 1
-    result = _sum_buffer(1 if atomic else splits, result_shape, source, zeroed=atomic)
+    ordered = launch.ordered and splits > 1 and not atomic
+    tiles = triton.cdiv(pixels, launch.tile) * triton.cdiv(columns, bn)
+    if ordered:  # the output itself, the splits' slabs beside it, a counter per tile
+        result = torch.empty(result_shape, device=source.device, dtype=source.dtype)
+        partials = _sum_buffer(splits, result_shape, source)
+        counters = _tile_counters(source.device, tiles)
+    else:
+        result = _sum_buffer(1 if atomic else splits, result_shape, source, zeroed=atomic)
+        partials = counters = result  # (not read)
     grid = (triton.cdiv(pixels, launch.tile), triton.cdiv(columns, bn), splits)
     kernel[grid](
-        source, w, result, height, width, y_shape[2], y_shape[3], channels, out_channels, pixels, taps,
+        source, w, result, partials, counters, height, width, y_shape[2], y_shape[3], channels, out_channels, pixels, taps,
         KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=launch.tile, BN=bn, BK=bk, STEPS=steps,
-        PRECISION=_precision(source.dtype), ACC=_accumulator(source.dtype), ATOMIC=atomic,
+        PRECISION=_precision(source.dtype), ACC=_accumulator(source.dtype), ATOMIC=atomic, ORDERED=ordered, SPLITS=splits,
         num_warps=launch.warps, num_stages=launch.stages,
     )
     if atomic:
         return result[0].to(source.dtype)
-    return result if splits == 1 else result.sum(0).to(source.dtype)
+    return result if splits == 1 or ordered else result.sum(0).to(source.dtype)
+
+
+COUNTER_SLOTS = 1 << 14  # tiles one ordered launch may have (the ResNet's largest grid is ~1,000)
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The zeroed int32 counters ordered launches count their arrived splits in, one set per device and stream:
+    launches on one stream run one after another and each leaves them zeroed, while launches on two streams (a
+    prediction beside an update) may run at once. Made at a stream's first ordered launch (inside a CUDA graph
+    capture, its zeroing becomes a node of the graph, which is harmless)."""
+    if tiles > COUNTER_SLOTS:
+        raise ValueError(f"an ordered launch of {tiles} tiles needs more than the {COUNTER_SLOTS} counters")
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(COUNTER_SLOTS, device=device, dtype=torch.int32)
+    return _COUNTERS[key]
 
 
 def _conv_input_grad_subpixel(
@@ -187,12 +214,12 @@ def _weight_split(pixels: int, taps: int, out_channels: int, tile: int, depth: i
 
 def _conv_weight_grad(
     dy: torch.Tensor, x: torch.Tensor, w_shape, stride: int, padding: int, tile: int = 64, depth: int = 64, splits: int = 0,
-    warps: int = 4, stages: int = 3, atomic: bool = False, subpixel: bool = False,
+    warps: int = 4, stages: int = 3, atomic: bool = False, subpixel: bool = False, ordered: bool = False,
 ) -> torch.Tensor:
     """Tiles of the weight (output channels x taps), the pixel sum split over `splits` programs per tile (0: as many
     as make WEIGHT_GRAD_PROGRAMS in all), summed after or, `atomic`, added into a zeroed fp32 weight."""
-    if subpixel:
-        raise ValueError("sub-pixel classes are for the input gradient only")
+    if subpixel or ordered:
+        raise ValueError("sub-pixel classes are for the input gradient only, ordered sums for the gathered GEMMs")
     batch, channels, height, width = x.shape
     out_channels, _, kernel_h, kernel_w = w_shape
     out_h, out_w = dy.shape[2:]
@@ -292,15 +319,20 @@ def _separate_grads(dy, x, w, stride, padding):
 # launches the stream step and a ResNet-50 chose on an H200 (in any of three runs) out of benchmarks/conv_sweep.py's winners (72 launches
 # per operation at every shape; docs/results.md, seventh session): no pipelining (stages 1) and 2 or 8 warps often
 # beat Triton's defaults. Each launch tried costs a compile (~1 s) at each new shape on a machine's first run.
+# The chosen atomic split launches again, their sums in order by each tile's last program instead: no zeroed output
+# (the fills were 65 kernels, 59 us, of the seventh session's frame) and deterministic (not yet measured).
+_ORDERED = (Launch(32, 32, 4, 8, 1, ordered=True), Launch(32, 32, 4, 2, 1, ordered=True), Launch(32, 32, 4, ordered=True))
 CANDIDATES = {
     "forward": (_torch_forward, _conv_forward, (
         (64, 32, 1), (128, 32, 1), (128, 32, 1, 2, 1), (32, 32, 1, 4, 1), (32, 32, 4),
         Launch(32, 32, 4, atomic=True), Launch(32, 32, 4, 8, 1, True), Launch(64, 32, 4, 8, 3, True), Launch(64, 32, 4, 2, 1, True),
+        *_ORDERED,
     )),
     "input_grad": (_torch_input_grad, _conv_input_grad, (
         (64, 32, 1), (64, 32, 1, 4, 1), (32, 32, 1, 2, 1), (32, 32, 4), Launch(32, 32, 4, 8, 1, True), Launch(32, 32, 4, 2, 1, True),
         # the strided layers' input gradients, which cuDNN still won: by sub-pixel classes (not yet measured)
         Launch(64, 32, 1, 4, 1, subpixel=True), Launch(32, 32, 1, 2, 1, subpixel=True), Launch(32, 32, 1, 4, 3, subpixel=True),
+        *_ORDERED,
     )),
     "weight_grad": (_torch_weight_grad, _conv_weight_grad, (
         (64, 32), (128, 64), Launch(64, 32, 0, atomic=True), Launch(64, 32, 0, 4, 1, True), Launch(128, 64, 0, atomic=True),
@@ -327,7 +359,7 @@ def label(launch: tuple) -> str:
         text += f" w{fields.warps}"
     if fields.stages != 3:
         text += f" s{fields.stages}"
-    return text + (" atomic" if fields.atomic else "") + (" subpixel" if fields.subpixel else "")
+    return text + (" atomic" if fields.atomic else "") + (" subpixel" if fields.subpixel else "") + (" ordered" if fields.ordered else "")
 
 
 def operation_arguments(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, stride: int, padding: int) -> dict[str, tuple]:
