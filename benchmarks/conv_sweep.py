@@ -1,5 +1,5 @@
 """Which Triton launch wins each convolution of the stream step: a grid of tiles x warps x pipeline stages (and
-atomic split sums, and sub-pixel input gradients) against the launches the automatic choice tries now (triton_conv.CANDIDATES) and cuDNN.
+atomic and ordered split sums, and sub-pixel input gradients) against the launches the automatic choice tries now (triton_conv.CANDIDATES) and cuDNN.
 
 Each launch is timed as triton_conv's choice times it (a CUDA graph of `--reps` calls, best of three replays), at
 the reference ResNet-26's shapes (benchmarks/conv_speed.py's SHAPES) for a batch of 32 views, and for the forward
@@ -39,8 +39,12 @@ def grid(operation: str) -> list[Launch]:
     else:
         sizes = [(tile, depth, 1, False) for tile, depth in ((32, 32), (64, 32), (128, 32), (32, 64))]
         sizes += [(tile, depth, 4, atomic) for tile, depth in ((32, 32), (64, 32)) for atomic in (False, True)]
+        sizes += [(tile, depth, 4, "ordered") for tile, depth in ((32, 32), (64, 32))]
     options = itertools.product(sizes, WARPS, STAGES)
-    launches = [Launch(tile, depth, splits, warps, stages, atomic) for (tile, depth, splits, atomic), warps, stages in options]
+    launches = [
+        Launch(tile, depth, splits, warps, stages, atomic=sums is True, ordered=sums == "ordered")
+        for (tile, depth, splits, sums), warps, stages in options
+    ]
     if operation == "input_grad":  # by sub-pixel classes too (for the strided layers)
         subpixel = itertools.product(((32, 32), (64, 32), (128, 32)), WARPS, STAGES)
         launches += [Launch(tile, depth, 1, warps, stages, subpixel=True) for (tile, depth), warps, stages in subpixel]
