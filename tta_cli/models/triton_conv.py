@@ -399,8 +399,9 @@ def graph_seconds(call, reps: int = 10) -> float:
 
 
 def _run(operation: str, *args):
-    """`operation` by its fastest implementation for these shapes: timed once per shape on first use (outside a
-    CUDA graph capture; a shape first seen during a capture runs torch's kernel, uncached)."""
+    """`operation` by its fastest implementation for these shapes: at a shape's first use (outside a CUDA graph
+    capture; a shape first seen during a capture runs torch's kernel, uncached) each launch is run once and checked
+    against torch's result (_agreeing), then timed against it."""
     torch_call, triton_call, tiles = CANDIDATES[operation]
     largest = max(a.numel() if isinstance(a, torch.Tensor) else math.prod(a) if isinstance(a, list) else 0 for a in args)
     if not available(args[0].device) or largest > MAX_ELEMENTS:  # (the kernels' 32-bit indexing needs < 2^31 too)
