@@ -70,10 +70,10 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="FRAMES",
                         help="also print a kernel profile of FRAMES frames of each run: kernels and device time per frame, by kind")
     parser.add_argument("--variants", default="fp32:compile,fp32:compile:serial,fp32:compile:torch,bf16:compile",
-                        help="comma list of precision:compile|eager[:cl][:triton|:torch][:serial][:grid][:noatomic][:nofuse][:combo] "
+                        help="comma list of precision:compile|eager[:cl][:triton|:torch][:serial][:grid][:noatomic][:nofuse][:combo][:nosplit] "
                         "(bf16/fp32 autocast, torch.compile, channels_last, the convolutions' kernels: Triton where faster, or "
                         "torch's only, default: the stream's default; serial: each prediction after its frame's update instead of "
-                        "beside the next update; grid, noatomic, nofuse, combo: experiments(), below)")
+                        "beside the next update; grid, noatomic, nofuse, combo, nosplit: experiments(), below)")
     args = parser.parse_args()
     device = torch.device(args.device)
     warmup = args.warmup if args.warmup is not None else max(1, min(32, args.frames // 4))
@@ -110,7 +110,7 @@ def main() -> None:
                     triton = uses_triton_convs(settings.conv_kernels, device)
                     run += " triton" if triton else ""
                     run += " serial" if settings.adapting and not summary["overlapped_predictions"] else ""  # what ran, not what was asked
-                    run += "".join(f" {flag}" for flag in ("grid", "noatomic", "nofuse", "combo") if flag in layout)
+                    run += "".join(f" {flag}" for flag in ("grid", "noatomic", "nofuse", "combo", "nosplit") if flag in layout)
                     rows.append((label, run, summary, goal if mode != "none" else None))
                     print(f"{label:<28} {run:<44} {summary['fps']:>10.1f} frames/s", flush=True)
                     if triton:  # the choices this run made (a run of other candidates starts from none)
@@ -127,7 +127,8 @@ def experiments(flags):
     """Settings no flag of `tta stream` has, for one run, to measure a change against what it replaced: `grid`, the
     choice tries every launch of benchmarks/conv_sweep.py as well as its own; `noatomic`, none of the atomic
     launches; `nofuse`, no launch of both gradients at once; `combo`, inductor fuses independent kernels side by
-    side (torch._inductor.config.combo_kernels)."""
+    side (torch._inductor.config.combo_kernels); `nosplit`, inductor keeps each reduction in one kernel
+    (split_reductions off: the norms' statistics over 32 images are small grids it may split in two)."""
     candidates = dict(triton_conv.CANDIDATES)
     for operation, (torch_call, triton_call, tiles) in candidates.items():
         tiles = tuple(tiles) + (tuple(grid(operation)) if "grid" in flags and operation != "grads" else ())
@@ -140,7 +141,7 @@ def experiments(flags):
     if changed:
         triton_conv._CHOSEN.clear()
     try:
-        with torch._inductor.config.patch(combo_kernels="combo" in flags):
+        with torch._inductor.config.patch(combo_kernels="combo" in flags, split_reductions="nosplit" not in flags):
             yield
     finally:
         triton_conv.CANDIDATES.update(candidates)
