@@ -42,6 +42,10 @@ run_stage() {
     smoke)
       timeout "$(cap ${SMOKE_TIMEOUT:-400})" python3 -m pytest -q -x -p no:cacheprovider tests/test_augment.py tests/test_corrupt.py tests/test_adapt_episodic.py \
         tests/test_adapt_online.py tests/test_adapt_online_parallel.py tests/test_adapt_cuda.py tests/test_stream_loop.py tests/test_triton_conv.py 2>&1 | tail -15 ;;
+    kernel-tests)
+      # The CUDA tests of the Triton convolutions, the compiled step and the stream's graphs only (the smoke stage runs more)
+      timeout "$(cap ${KERNEL_TESTS_TIMEOUT:-300})" python3 -m pytest -q -rf -p no:cacheprovider tests/test_adapt_cuda.py tests/test_stream_loop.py \
+        -k "triton or overlapped or views or compiled_online or cuda_stream" 2>&1 | tail -15 ;;
     train-fast)
       # The fast recipe on the full archive; if it fails for another reason than the time limit, once more eagerly.
       : > "$WORK/train-fast.log"
