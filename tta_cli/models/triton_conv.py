@@ -129,7 +129,7 @@ def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, 
         partials = _sum_buffer(splits, result_shape, source)
         counters = _tile_counters(source.device, tiles)
     else:
-        result = _sum_buffer(1 if atomic else splits, result_shape, source, zeroed=atomic)
+        result = _sum_buffer(splits, result_shape, source, atomic)
         partials = counters = result  # (not read)
     grid = (triton.cdiv(pixels, launch.tile), triton.cdiv(columns, bn), splits)
     kernel[grid](
@@ -138,9 +138,7 @@ def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, 
         PRECISION=_precision(source.dtype), ACC=_accumulator(source.dtype), ATOMIC=atomic, ORDERED=ordered, SPLITS=splits,
         num_warps=launch.warps, num_stages=launch.stages,
     )
-    if atomic:
-        return result[0].to(source.dtype)
-    return result if splits == 1 or ordered else result.sum(0).to(source.dtype)
+    return result if ordered else _summed(result, splits, atomic, source.dtype)
 
 
 COUNTER_SLOTS = 1 << 14  # tiles one ordered launch may have (the ResNet's largest grid is ~1,000)
@@ -190,13 +188,21 @@ def _split_steps(taps: int, depth: int, splits: int, numel: int = 0) -> tuple[in
     return steps, triton.cdiv(triton.cdiv(taps, depth), steps)
 
 
-def _sum_buffer(splits: int, shape: tuple[int, ...], like: torch.Tensor, zeroed: bool = False) -> torch.Tensor:
-    """Where the kernels write their sums: the output itself for one split; otherwise one fp32 (or float64) slab
-    per split, summed afterwards. `zeroed`: a single fp32 slab the splits add into."""
-    if splits == 1 and not zeroed:
+def _sum_buffer(splits: int, shape: tuple[int, ...], like: torch.Tensor, atomic: bool = False) -> torch.Tensor:
+    """Where a launch writes its sums: the output itself for one split; otherwise one fp32 (or float64) slab per
+    split, summed afterwards (_summed); `atomic`: a single zeroed fp32 slab the splits add into."""
+    if atomic:
+        return torch.zeros(1, *shape, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
+    if splits == 1:
         return torch.empty(shape, device=like.device, dtype=like.dtype)
-    make = torch.zeros if zeroed else torch.empty
-    return make(splits, *shape, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
+    return torch.empty(splits, *shape, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
+
+
+def _summed(sums: torch.Tensor, splits: int, atomic: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The result in `dtype` from what a launch wrote into _sum_buffer(splits, ..., atomic)."""
+    if atomic:
+        return sums[0].to(dtype)
+    return sums if splits == 1 else sums.sum(0).to(dtype)
 
 
 WEIGHT_GRAD_PROGRAMS = 256  # programs the pixel sum is split over (with the tiles of the weight), to fill the GPU
@@ -226,16 +232,14 @@ def _conv_weight_grad(
     pixels, taps = batch * out_h * out_w, channels * kernel_h * kernel_w
     bn, bk, per_split, splits = _weight_split(pixels, taps, out_channels, tile, depth, splits)
     atomic = atomic and splits > 1
-    make = torch.zeros if atomic else torch.empty
-    partial = make(1 if atomic else splits, out_channels, taps, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    partial = _sum_buffer(splits, (out_channels, taps), x, atomic)
     grid = (triton.cdiv(out_channels, bn), triton.cdiv(taps, bk), splits)
     weight_grad_kernel[grid](
         dy, x, partial, height, width, out_h, out_w, channels, out_channels, pixels, taps,
         KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, STEPS=per_split // tile,
         PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype), ATOMIC=atomic, num_warps=warps, num_stages=stages,
     )
-    total = partial[0] if partial.shape[0] == 1 else partial.sum(0)
-    return total.view(w_shape).to(x.dtype)
+    return _summed(partial, splits, atomic, x.dtype).view(w_shape)
 
 
 class GradsLaunch(NamedTuple):
@@ -260,7 +264,6 @@ def _conv_grads(
     batch, channels, height, width = x.shape
     out_channels, _, kernel_h, kernel_w = w.shape
     out_h, out_w = dy.shape[2:]
-    sums = torch.promote_types(x.dtype, torch.float32)
     d_pixels, d_taps = batch * height * width, out_channels * kernel_h * kernel_w  # the input gradient's GEMM
     d_bn, d_bk = _block(channels, 64), _block(d_taps, input_depth)
     d_steps, d_splits = _split_steps(d_taps, d_bk, input_splits, 0 if atomic else d_pixels * channels)
@@ -268,8 +271,8 @@ def _conv_grads(
     w_pixels, w_taps = batch * out_h * out_w, channels * kernel_h * kernel_w  # the weight gradient's
     w_bn, w_bk, per_split, w_splits = _weight_split(w_pixels, w_taps, out_channels, weight_tile, weight_depth, 0)
     w_atomic = atomic and w_splits > 1
-    dx_sums = _sum_buffer(1 if d_atomic else d_splits, tuple(x.shape), dy, zeroed=d_atomic)
-    dw_sums = (torch.zeros if w_atomic else torch.empty)(1 if w_atomic else w_splits, out_channels, w_taps, device=x.device, dtype=sums)
+    dx_sums = _sum_buffer(d_splits, tuple(x.shape), dy, d_atomic)
+    dw_sums = _sum_buffer(w_splits, (out_channels, w_taps), x, w_atomic)
     d_tiles_m, d_tiles_n = triton.cdiv(d_pixels, input_tile), triton.cdiv(channels, d_bn)
     w_tiles_n, w_tiles_k = triton.cdiv(out_channels, w_bn), triton.cdiv(w_taps, w_bk)
     grid = (d_tiles_m * d_tiles_n * d_splits + w_tiles_n * w_tiles_k * w_splits,)
@@ -280,12 +283,7 @@ def _conv_grads(
         W_BM=weight_tile, W_BN=w_bn, W_BK=w_bk, W_STEPS=per_split // weight_tile, W_ATOMIC=w_atomic,
         PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype), num_warps=warps, num_stages=stages,
     )
-    if d_atomic:
-        dx = dx_sums[0].to(dy.dtype)
-    else:
-        dx = dx_sums if d_splits == 1 else dx_sums.sum(0).to(dy.dtype)
-    dw = dw_sums[0] if dw_sums.shape[0] == 1 else dw_sums.sum(0)
-    return dx, dw.view(w.shape).to(x.dtype)
+    return _summed(dx_sums, d_splits, d_atomic, dy.dtype), _summed(dw_sums, w_splits, w_atomic, x.dtype).view(w.shape)
 
 
 def _torch_forward(x, w, stride, padding):
