@@ -182,7 +182,6 @@ class OnlineTTT:
         if uses_triton_convs(config.conv_kernels, self.device):
             triton_conv.use_triton_convs(model)
         self._memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
-        self._ssl_forward = self._forward("ssl")
         self._main_forward = self._forward("main")
         self._both_forward = maybe_compile(self._forward_both, config.compile, config.compile_backend)
         # The glue around the passes, compiled too: in the stream step it was ~70 small eager kernels a frame (the
@@ -437,7 +436,7 @@ class OnlineTTT:
 
     def _ssl_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), autocast_bf16(self.device, self.config.amp):
-            return self.task.loss(self._ssl_forward(inputs), targets)
+            return self._ssl_outputs_and_loss(inputs, targets)[1]
 
     def _check_update(self, inputs, targets, loss_before, gate) -> None:
         """Roll back an update that raised the ssl loss by more than the margin, measured on fresh
