@@ -424,7 +424,8 @@ def _run(operation: str, *args):
 
 
 def _agreeing(triton_call, args, launches: list, expected, key: tuple) -> list:
-    """The launches whose result on `args` matches torch's (`expected`), each run once first, side by side
+    """The launches whose result on `args` matches `expected` (torch's convolution; for both gradients at once, the
+    two apart, each already checked so), each run once first, side by side
     (run_side_by_side: their first runs at a new shape are their compiles). A launch that fails or disagrees
     (beyond TF32's or bf16's rounding: a kernel bug on this GPU or Triton version) is left out with a warning;
     the timing sees only the rest."""
