@@ -9,6 +9,8 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TTA_CACHE_DIR=$PWD/.work/tta-cache
 # calls while the machine stays warm (a call made soon after the last one finds the corrupted sets and kernels there);
 # the kernels can also come in as .carry/inductor.tgz, when an earlier call saved them (stage save-cache).
 export TORCHINDUCTOR_CACHE_DIR=$PWD/.work/inductor-cache
+# and the tta convolutions' own Triton kernels (@triton.jit, cached by Triton itself) inside it, so save-cache keeps both
+export TRITON_CACHE_DIR=$TORCHINDUCTOR_CACHE_DIR/tta-triton
 [ -f .carry/inductor.tgz ] && mkdir -p $TORCHINDUCTOR_CACHE_DIR && tar xzf .carry/inductor.tgz -C $TORCHINDUCTOR_CACHE_DIR
 OUT=${OUT:-gpu-out}
 WORK=${WORK:-$PWD/.work/tta-work}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import time
 
 import torch
 from conv_sweep import grid
@@ -44,14 +45,19 @@ def synthetic_frames(count: int, size: int, device: torch.device) -> torch.Tenso
 
 
 def measure(model, task, frames: torch.Tensor, settings: StreamSettings, warmup: int, device: torch.device) -> dict:
-    """A short warm-up stream (kernel selection, allocator), then the timed stream; run_stream's own summary."""
+    """A short warm-up stream (kernel selection, allocator), then the timed stream; run_stream's own summary, with
+    the warm-up's wall seconds (on a fresh machine: the compiles and the convolutions' choice, the cold start)."""
+    start = time.perf_counter()
     if warmup:
         run_stream(model, task, enumerate(frames[:warmup]), dataclasses.replace(settings, max_frames=warmup), CLASSES, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    warmup_seconds = time.perf_counter() - start
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     summary = run_stream(model, task, enumerate(frames), settings, CLASSES, device).summary
     summary["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    summary["warmup_s"] = warmup_seconds
     return summary
 
 
@@ -70,10 +76,10 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="FRAMES",
                         help="also print a kernel profile of FRAMES frames of each run: kernels and device time per frame, by kind")
     parser.add_argument("--variants", default="fp32:compile,fp32:compile:serial,fp32:compile:torch,bf16:compile",
-                        help="comma list of precision:compile|eager[:cl][:triton|:torch][:serial][:grid][:noatomic][:nofuse][:combo][:nosplit] "
+                        help="comma list of precision:compile|eager[:cl][:triton|:torch][:serial][:EXPERIMENT]... "
                         "(bf16/fp32 autocast, torch.compile, channels_last, the convolutions' kernels: Triton where faster, or "
                         "torch's only, default: the stream's default; serial: each prediction after its frame's update instead of "
-                        "beside the next update; grid, noatomic, nofuse, combo, nosplit: experiments(), below)")
+                        f"beside the next update; EXPERIMENT: one of {', '.join(EXPERIMENTS)}, see experiments() below)")
     args = parser.parse_args()
     device = torch.device(args.device)
     warmup = args.warmup if args.warmup is not None else max(1, min(32, args.frames // 4))
@@ -110,9 +116,9 @@ def main() -> None:
                     triton = uses_triton_convs(settings.conv_kernels, device)
                     run += " triton" if triton else ""
                     run += " serial" if settings.adapting and not summary["overlapped_predictions"] else ""  # what ran, not what was asked
-                    run += "".join(f" {flag}" for flag in ("grid", "noatomic", "nofuse", "combo", "nosplit") if flag in layout)
+                    run += "".join(f" {flag}" for flag in EXPERIMENTS if flag in layout)
                     rows.append((label, run, summary, goal if mode != "none" else None))
-                    print(f"{label:<28} {run:<44} {summary['fps']:>10.1f} frames/s", flush=True)
+                    print(f"{label:<28} {run:<44} {summary['fps']:>10.1f} frames/s (warm-up {summary['warmup_s']:.0f} s)", flush=True)
                     if triton:  # the choices this run made (a run of other candidates starts from none)
                         for shapes, choice in triton_conv.choices().items():
                             print(f"    chose {choice:<14} for {shapes}")
@@ -122,11 +128,15 @@ def main() -> None:
     print_table(rows, args, device)
 
 
+EXPERIMENTS = ("grid", "noatomic", "nofuse", "noordered", "nosubpixel", "combo", "nosplit")
+
+
 @contextlib.contextmanager
 def experiments(flags):
     """Settings no flag of `tta stream` has, for one run, to measure a change against what it replaced: `grid`, the
     choice tries every launch of benchmarks/conv_sweep.py as well as its own; `noatomic`, none of the atomic
-    launches; `nofuse`, no launch of both gradients at once; `combo`, inductor fuses independent kernels side by
+    launches; `nofuse`, no launch of both gradients at once; `noordered`, none of the ordered split sums;
+    `nosubpixel`, none of the sub-pixel input gradients; `combo`, inductor fuses independent kernels side by
     side (torch._inductor.config.combo_kernels); `nosplit`, inductor keeps each reduction in one kernel
     (split_reductions off: the norms' statistics over 32 images are small grids it may split in two)."""
     candidates = dict(triton_conv.CANDIDATES)
@@ -136,8 +146,11 @@ def experiments(flags):
             tiles = tuple(tile for tile in tiles if not getattr(tile, "atomic", False))
         if "nofuse" in flags and operation == "grads":
             tiles = ()
+        for flag, field in (("noordered", "ordered"), ("nosubpixel", "subpixel")):
+            if flag in flags:
+                tiles = tuple(tile for tile in tiles if not getattr(tile, field, False))
         triton_conv.CANDIDATES[operation] = (torch_call, triton_call, tiles)
-    changed = bool({"grid", "noatomic", "nofuse"} & set(flags))
+    changed = bool({"grid", "noatomic", "nofuse", "noordered", "nosubpixel"} & set(flags))
     if changed:
         triton_conv._CHOSEN.clear()
     try:
