@@ -128,7 +128,7 @@ def main() -> None:
     print_table(rows, args, device)
 
 
-EXPERIMENTS = ("grid", "noatomic", "nofuse", "noordered", "nosubpixel", "nopdl", "pdl", "combo", "nosplit")
+EXPERIMENTS = ("grid", "noatomic", "nofuse", "noordered", "nosubpixel", "combo", "nosplit")
 
 
 @contextlib.contextmanager
@@ -136,10 +136,9 @@ def experiments(flags):
     """Settings no flag of `tta stream` has, for one run, to measure a change against what it replaced: `grid`, the
     choice tries every launch of benchmarks/conv_sweep.py as well as its own; `noatomic`, none of the atomic
     launches; `nofuse`, no launch of both gradients at once; `noordered`, none of the ordered split sums;
-    `nosubpixel`, none of the sub-pixel input gradients; `nopdl`, tta's kernels launched without programmatic
-    dependent launch; `pdl`, inductor's kernels launched with it (torch._inductor.config.triton.enable_pdl);
-    `combo`, inductor fuses independent kernels side by side (torch._inductor.config.combo_kernels); `nosplit`,
-    inductor keeps each reduction in one kernel (split_reductions off: the norms' statistics over 32 images are small grids it may split in two)."""
+    `nosubpixel`, none of the sub-pixel input gradients; `combo`, inductor fuses independent kernels side by
+    side (torch._inductor.config.combo_kernels); `nosplit`, inductor keeps each reduction in one kernel
+    (split_reductions off: the norms' statistics over 32 images are small grids it may split in two)."""
     candidates = dict(triton_conv.CANDIDATES)
     for operation, (torch_call, triton_call, tiles) in candidates.items():
         tiles = tuple(tiles) + (tuple(grid(operation)) if "grid" in flags and operation != "grads" else ())
@@ -151,19 +150,13 @@ def experiments(flags):
             if flag in flags:
                 tiles = tuple(tile for tile in tiles if not getattr(tile, field, False))
         triton_conv.CANDIDATES[operation] = (torch_call, triton_call, tiles)
-    changed = bool({"grid", "noatomic", "nofuse", "noordered", "nosubpixel", "nopdl"} & set(flags))
+    changed = bool({"grid", "noatomic", "nofuse", "noordered", "nosubpixel"} & set(flags))
     if changed:
         triton_conv._CHOSEN.clear()
-    pdl = triton_conv.PDL
-    triton_conv.PDL = pdl and "nopdl" not in flags
-    inductor = {"combo_kernels": "combo" in flags, "split_reductions": "nosplit" not in flags}
-    if "pdl" in flags:
-        inductor["triton.enable_pdl"] = True  # (an unknown key, on a torch without it, fails here)
     try:
-        with torch._inductor.config.patch(inductor):
+        with torch._inductor.config.patch(combo_kernels="combo" in flags, split_reductions="nosplit" not in flags):
             yield
     finally:
-        triton_conv.PDL = pdl
         triton_conv.CANDIDATES.update(candidates)
         if changed:
             triton_conv._CHOSEN.clear()

@@ -16,15 +16,6 @@ except ImportError:  # torch wheels without triton: triton_conv falls back to to
 if triton is not None:
 
     @triton.jit
-    def _await_inputs(PDL: tl.constexpr):
-        """With PDL (programmatic dependent launch, Hopper on): wait until the kernel before this one is done and
-        its writes are visible, then let the kernel after this one start launching. Each kernel calls it first, so
-        no program reads or writes memory before the last kernel has finished; what PDL saves is the launch gap."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-
-    @triton.jit
     def _patch_offsets(pixels, taps, H, W, OH, OW, C, KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, M, K):
         """Offsets into x (B, C, H, W) and a validity mask of the (pixels, taps) tile of its im2col matrix:
         pixel m = (b, oh, ow) of the output, tap k = (c, kh, kw) of the kernel."""
@@ -71,12 +62,11 @@ if triton is not None:
         x, w, out, partials, counters, H, W, OH, OW, C, N, M, K,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        ATOMIC: tl.constexpr, ORDERED: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
+        ATOMIC: tl.constexpr, ORDERED: tl.constexpr, SPLITS: tl.constexpr,
     ):
         """out[m, n] = sum_k patches[m, k] * w[n, k], stored at out (B, N, OH, OW); split s of the taps (program
         axis 2, STEPS steps of BK each) stores its partial sum at out[s], or with ATOMIC adds it into out, or with
         ORDERED leaves it in `partials` for the tile's last program (_store_split)."""
-        _await_inputs(PDL)
         pixels = tl.program_id(0) * BM + tl.arange(0, BM)
         channels = tl.program_id(1) * BN + tl.arange(0, BN)
         split = tl.program_id(2)
@@ -97,14 +87,13 @@ if triton is not None:
         dy, w, dx, partials, counters, H, W, OH, OW, C, N, M, K,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        ATOMIC: tl.constexpr, ORDERED: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
+        ATOMIC: tl.constexpr, ORDERED: tl.constexpr, SPLITS: tl.constexpr,
     ):
         """dx[b, c, ih, iw] = sum over (n, kh, kw) of dy[b, n, oh, ow] * w[n, c, kh, kw], where oh * STRIDE =
         ih + PAD - kh (and the same for columns): pixel m = (b, ih, iw) of the input, tap k = (n, kh, kw),
         channel = c. Taps whose output position is fractional or outside dy are masked out. Split s of the taps
         (program axis 2) stores its partial sum at dx[s], or with ATOMIC adds it into dx, or ORDERED (as the
         forward's)."""
-        _await_inputs(PDL)
         _input_grad_tile(
             dy, w, dx, partials, counters, tl.program_id(0), tl.program_id(1), tl.program_id(2), H, W, OH, OW, C, N, M, K,
             KH, KW, STRIDE, PAD, BM, BN, BK, STEPS, PRECISION, ACC, ATOMIC, ORDERED, SPLITS,
@@ -148,14 +137,13 @@ if triton is not None:
         dy, w, dx, B, H, W, OH, OW, C, N,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        TAPS_H: tl.constexpr, TAPS_W: tl.constexpr, PDL: tl.constexpr,
+        TAPS_H: tl.constexpr, TAPS_W: tl.constexpr,
     ):
         """The input gradient of a strided convolution by sub-pixel classes (program axis 2): the input pixels with
         (ih + PAD) % STRIDE == rh (and rw for columns) only meet the kernel rows kh = rh, rh + STRIDE, ... So each
         class is a plain GEMM over N x TAPS_H x TAPS_W taps (TAPS_H = cdiv(KH, STRIDE); rows past KH masked), where
         the gathered implicit GEMM (input_grad_kernel) steps through all N x KH x KW taps and masks 3 in 4 of
         them at stride 2. Program axis 0 covers the largest class; the others mask their last pixels."""
-        _await_inputs(PDL)
         cls = tl.program_id(2)
         rh = cls // STRIDE
         rw = cls % STRIDE
@@ -195,11 +183,10 @@ if triton is not None:
         dy, x, partial, H, W, OH, OW, C, N, M, K,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        ATOMIC: tl.constexpr, PDL: tl.constexpr,
+        ATOMIC: tl.constexpr,
     ):
         """partial[s, n, k] = sum over the pixels m of split s of dy[m, n] * patches[m, k]; the splits are summed
         afterwards (deterministic), or with ATOMIC added into partial[0] as they finish (in no fixed order)."""
-        _await_inputs(PDL)
         _weight_grad_tile(
             dy, x, partial, tl.program_id(0), tl.program_id(1), tl.program_id(2), H, W, OH, OW, C, N, M, K,
             KH, KW, STRIDE, PAD, BM, BN, BK, STEPS, PRECISION, ACC, ATOMIC,
@@ -236,12 +223,11 @@ if triton is not None:
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         D_BM: tl.constexpr, D_BN: tl.constexpr, D_BK: tl.constexpr, D_STEPS: tl.constexpr, D_ATOMIC: tl.constexpr,
         W_BM: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr, W_STEPS: tl.constexpr, W_ATOMIC: tl.constexpr,
-        PRECISION: tl.constexpr, ACC: tl.constexpr, PDL: tl.constexpr,
+        PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
         """Both gradients of one convolution in one launch: the first D_TILES_M x D_TILES_N x D_SPLITS programs
         compute input-gradient tiles, the rest weight-gradient tiles. Each alone leaves most of the GPU idle for
         a few dependent steps; side by side they fill it, with one launch instead of two."""
-        _await_inputs(PDL)
         pid = tl.program_id(0)
         input_programs = D_TILES_M * D_TILES_N * D_SPLITS
         if pid < input_programs:

@@ -111,23 +111,6 @@ class Launch(NamedTuple):
     ordered: bool = False  # forward and input gradient: split sums added by each tile's last program, in order (deterministic)
 
 
-PDL = os.environ.get("TTA_PDL", "1") != "0"  # programmatic dependent launch where the GPU has it (TTA_PDL=0: off)
-_PDL_DEVICES: dict[str, bool] = {}
-
-
-def _pdl(device: torch.device) -> dict:
-    """The launch options for programmatic dependent launch (Hopper and later, CUDA 12.3+): each kernel may start
-    launching while the one before it finishes, and waits inside (conv_kernels._await_inputs) before touching
-    memory. It saves the gap between two small kernels, which at the stream step's sizes is much of their time.
-    Off under Triton's interpreter and on older GPUs, whose compiler has no such instruction."""
-    if not PDL or INTERPRET or device.type != "cuda":
-        return {"PDL": False}
-    key = str(device)
-    if key not in _PDL_DEVICES:
-        _PDL_DEVICES[key] = torch.cuda.get_device_capability(device)[0] >= 9
-    return {"PDL": True, "launch_pdl": True} if _PDL_DEVICES[key] else {"PDL": False}
-
-
 def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, padding, launch: Launch) -> torch.Tensor:
     """Either gathered GEMM (forward: x -> y, input gradient: dy -> dx) over `result_shape` (B, columns, H', W'):
     its pixels are the GEMM's rows, its channels the columns, and `source`'s channels x kH x kW the taps."""
@@ -153,7 +136,7 @@ def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, 
         source, w, result, partials, counters, height, width, y_shape[2], y_shape[3], channels, out_channels, pixels, taps,
         KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=launch.tile, BN=bn, BK=bk, STEPS=steps,
         PRECISION=_precision(source.dtype), ACC=_accumulator(source.dtype), ATOMIC=atomic, ORDERED=ordered, SPLITS=splits,
-        num_warps=launch.warps, num_stages=launch.stages, **_pdl(source.device),
+        num_warps=launch.warps, num_stages=launch.stages,
     )
     return result if ordered else _summed(result, splits, atomic, source.dtype)
 
@@ -192,7 +175,6 @@ def _conv_input_grad_subpixel(
         dy, w, dx, batch, height, width, dy.shape[2], dy.shape[3], channels, out_channels,
         KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, STEPS=steps,
         PRECISION=_precision(dy.dtype), ACC=_accumulator(dy.dtype), TAPS_H=taps_h, TAPS_W=taps_w, num_warps=warps, num_stages=stages,
-        **_pdl(dy.device),
     )
     return dx
 
@@ -256,7 +238,6 @@ def _conv_weight_grad(
         dy, x, partial, height, width, out_h, out_w, channels, out_channels, pixels, taps,
         KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, STEPS=per_split // tile,
         PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype), ATOMIC=atomic, num_warps=warps, num_stages=stages,
-        **_pdl(x.device),
     )
     return _summed(partial, splits, atomic, x.dtype).view(w_shape)
 
@@ -300,7 +281,7 @@ def _conv_grads(
         d_tiles_m, d_tiles_n, d_splits, w_tiles_n, w_tiles_k, KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding,
         D_BM=input_tile, D_BN=d_bn, D_BK=d_bk, D_STEPS=d_steps, D_ATOMIC=d_atomic,
         W_BM=weight_tile, W_BN=w_bn, W_BK=w_bk, W_STEPS=per_split // weight_tile, W_ATOMIC=w_atomic,
-        PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype), num_warps=warps, num_stages=stages, **_pdl(x.device),
+        PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype), num_warps=warps, num_stages=stages,
     )
     return _summed(dx_sums, d_splits, d_atomic, dy.dtype), _summed(dw_sums, w_splits, w_atomic, x.dtype).view(w.shape)
 
