@@ -76,10 +76,11 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="FRAMES",
                         help="also print a kernel profile of FRAMES frames of each run: kernels and device time per frame, by kind")
     parser.add_argument("--variants", default="fp32:compile,fp32:compile:serial,fp32:compile:torch,bf16:compile",
-                        help="comma list of precision:compile|eager[:cl][:triton|:torch][:serial][:EXPERIMENT]... "
+                        help="comma list of precision:compile|eager[:cl][:triton|:torch][:serial|:fold][:EXPERIMENT]... "
                         "(bf16/fp32 autocast, torch.compile, channels_last, the convolutions' kernels: Triton where faster, or "
                         "torch's only, default: the stream's default; serial: each prediction after its frame's update instead of "
-                        f"beside the next update; EXPERIMENT: one of {', '.join(EXPERIMENTS)}, see experiments() below)")
+                        "beside the next update; fold: inside the next update's forward pass through the encoder; "
+                        f"EXPERIMENT: one of {', '.join(EXPERIMENTS)}, see experiments() below)")
     args = parser.parse_args()
     device = torch.device(args.device)
     warmup = args.warmup if args.warmup is not None else max(1, min(32, args.frames // 4))
@@ -104,6 +105,7 @@ def main() -> None:
                     compile=compiled == "compile",
                     channels_last="cl" in layout,
                     overlap="serial" not in layout,
+                    fold="fold" in layout,
                     conv_kernels="triton" if "triton" in layout else "torch" if "torch" in layout else StreamSettings.conv_kernels,
                 )
                 with experiments(layout):
@@ -116,6 +118,7 @@ def main() -> None:
                     triton = uses_triton_convs(settings.conv_kernels, device)
                     run += " triton" if triton else ""
                     run += " serial" if settings.adapting and not summary["overlapped_predictions"] else ""  # what ran, not what was asked
+                    run += " fold" if settings.fold and summary["overlapped_predictions"] else ""
                     run += "".join(f" {flag}" for flag in EXPERIMENTS if flag in layout)
                     rows.append((label, run, summary, goal if mode != "none" else None))
                     print(f"{label:<28} {run:<44} {summary['fps']:>10.1f} frames/s (warm-up {summary['warmup_s']:.0f} s)", flush=True)

@@ -222,6 +222,19 @@ def test_overlapped_predictions_equal_the_plain_loop(tiny, mode):
     assert not run(tiny, frames[:3], mode=mode, rollback=True).summary["overlapped_predictions"]  # rollback acts in between
 
 
+@pytest.mark.parametrize("mode", ["implicit", "explicit"])
+def test_folded_predictions_follow_the_plain_loop(tiny, mode):
+    """Each frame's prediction inside the next update's forward pass (StreamSettings.fold): the plain loop's
+    predictions and losses, up to the rounding of a batch one image larger."""
+    frames = random_frames(21)
+    plain = run(tiny, frames, mode=mode, lr=0.05, overlap=False)
+    folded = run(tiny, frames, mode=mode, lr=0.05, fold=True)
+    assert np.array_equal(folded.columns["predicted"], plain.columns["predicted"])
+    for name in ("confidence", "ssl_loss"):
+        assert np.allclose(folded.columns[name], plain.columns[name], rtol=1e-4, atol=1e-5), name
+    assert len(folded) == 21 and folded.summary["overlapped_predictions"]
+
+
 def test_ctrl_c_ends_the_stream_and_keeps_the_frames_so_far(tiny):
     def interrupted_frames():
         yield from random_frames(7)

@@ -192,6 +192,7 @@ class OnlineTTT:
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # overlapped predictions
         self._calls = {
             "step": self.step, "predict": self._predict, "update": self._update, "pipelined": self._pipelined, "overlapped": self._overlapped,
+            "folded": self._pipelined,  # adapt_overlapped(fold=True): the prediction inside the update's first forward pass
         }
 
     def _outputs_and_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,12 +208,16 @@ class OnlineTTT:
 
         return maybe_compile(forward, self.config.compile, self.config.compile_backend)
 
-    def _forward_both(self, earlier: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One encoder pass over [earlier; inputs]: main-head logits of `earlier`, ssl outputs of `inputs`. Exact
-        because every normalization here is per sample (GroupNorm, LayerNorm, BatchNorm in eval mode)."""
+    def _forward_both(
+        self, earlier: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One encoder pass over [earlier; inputs]: main-head logits of `earlier`, ssl outputs of `inputs` and the
+        task's loss on them. Exact because every normalization here is per sample (GroupNorm, LayerNorm, BatchNorm
+        in eval mode)."""
         features = self.model.features(torch.cat([earlier, inputs]).contiguous(memory_format=self._memory_format))
         count = earlier.shape[0]
-        return self.model.main_head(features[:count]).detach(), self.model.ssl_head(features[count:])
+        outputs = self.model.ssl_head(features[count:])
+        return self.model.main_head(features[:count]).detach(), outputs, self.task.loss(outputs, targets)
 
     # ---- the interface ----------------------------------------------------------------------
     def reset(self) -> None:
@@ -287,14 +292,16 @@ class OnlineTTT:
         weights before that update's own write, while the prediction may still be reading them (a shift reset)."""
         return self.config.steps > 0 and self.detector is None and self._predictions_can_wait()
 
-    def adapt_overlapped(self, images: torch.Tensor, earlier: torch.Tensor | None) -> torch.Tensor | None:
+    def adapt_overlapped(self, images: torch.Tensor, earlier: torch.Tensor | None, fold: bool = False) -> torch.Tensor | None:
         """Update on `images` (counted as new samples) and return the logits of `earlier` on the weights before that
         update (None: no prediction).
 
         On CUDA the prediction runs on a side stream beside the update's forward and backward passes, which leave
         most of the chip idle, and joins before the weights change: one CUDA graph holds both. Elsewhere it simply
-        runs first. A stream predicting each frame after its update can so hand frame t's prediction to frame t+1's
-        call: the same weights, the same logits (tests/test_stream_loop.py), the prediction off the critical path.
+        runs first. With `fold`, `earlier` instead joins the batch of the update's first forward pass through the
+        encoder (as adapt_sequence's pipeline does), so only the main head runs apart. A stream predicting each
+        frame after its update can so hand frame t's prediction to frame t+1's call: the same weights, the same
+        logits (tests/test_stream_loop.py), the prediction off the critical path.
         """
         if not self.can_overlap():
             raise ValueError("adapt_overlapped needs steps > 0 and no rollback, pre-update, every:N or shift reset (can_overlap)")
@@ -302,7 +309,7 @@ class OnlineTTT:
         if earlier is None:
             self._run("update", images)
             return None
-        return self._run("overlapped", earlier, images)
+        return self._run("folded" if fold else "overlapped", earlier, images)
 
     def can_pipeline(self) -> bool:
         """Whether adapt_sequence may fold predictions into the next update: asked for, on the paper's views (no
@@ -386,9 +393,8 @@ class OnlineTTT:
             inputs, targets = self._make_views(images)
             with autocast_bf16(self.device, self.config.amp):
                 if earlier is not None and step_index == 0:
-                    earlier_logits, outputs = self._both_forward(earlier, inputs)
+                    earlier_logits, outputs, loss = self._both_forward(earlier, inputs, targets)
                     earlier_logits = full_precision(earlier_logits)
-                    loss = self.task.loss(outputs, targets)
                 else:
                     outputs, loss = self._ssl_outputs_and_loss(inputs, targets)
             if step_index == 0:
