@@ -131,7 +131,7 @@ def main() -> None:
     print_table(rows, args, device)
 
 
-EXPERIMENTS = ("grid", "noatomic", "nofuse", "noordered", "nosubpixel", "combo", "nosplit")
+EXPERIMENTS = ("grid", "noatomic", "nofuse", "noordered", "nosubpixel", "combo", "nosplit", "cdt")
 
 
 @contextlib.contextmanager
@@ -141,7 +141,8 @@ def experiments(flags):
     launches; `nofuse`, no launch of both gradients at once; `noordered`, none of the ordered split sums;
     `nosubpixel`, none of the sub-pixel input gradients; `combo`, inductor fuses independent kernels side by
     side (torch._inductor.config.combo_kernels); `nosplit`, inductor keeps each reduction in one kernel
-    (split_reductions off: the norms' statistics over 32 images are small grids it may split in two)."""
+    (split_reductions off: the norms' statistics over 32 images are small grids it may split in two); `cdt`,
+    inductor tunes each of its kernels' block sizes by timing them (coordinate_descent_tuning)."""
     candidates = dict(triton_conv.CANDIDATES)
     for operation, (torch_call, triton_call, tiles) in candidates.items():
         tiles = tuple(tiles) + (tuple(grid(operation)) if "grid" in flags and operation != "grads" else ())
@@ -157,7 +158,9 @@ def experiments(flags):
     if changed:
         triton_conv._CHOSEN.clear()
     try:
-        with torch._inductor.config.patch(combo_kernels="combo" in flags, split_reductions="nosplit" not in flags):
+        with torch._inductor.config.patch(
+            combo_kernels="combo" in flags, split_reductions="nosplit" not in flags, coordinate_descent_tuning="cdt" in flags
+        ):
             yield
     finally:
         triton_conv.CANDIDATES.update(candidates)

@@ -290,15 +290,17 @@ def test_cuda_stream_logs_every_frame_with_device_timing(tiny, cuda_graph):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_stream_overlapped_predictions_follow_the_plain_loop(tiny):
-    """The side-stream prediction inside the update's CUDA graph against the plain loop's step graph, TF32 off. The
-    first frames agree to ~1e-8 (kernels in other graphs); over 40 updates that grows, so the bound is 1e-3."""
+@pytest.mark.parametrize("fold", [False, True], ids=["side-stream", "folded"])
+def test_cuda_stream_overlapped_predictions_follow_the_plain_loop(tiny, fold):
+    """The side-stream (or folded) prediction inside the update's CUDA graph against the plain loop's step graph,
+    TF32 off. The first frames agree to ~1e-8 (kernels in other graphs); over 40 updates that grows, so the bound
+    is 1e-3."""
     model, task = tiny
     device = torch.device("cuda")
     frames = random_frames(40)
     previous, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
     try:
-        runs = [run_stream(model, task, frames, settings(lr=0.01, overlap=overlap), CLASSES, device) for overlap in (False, True)]
+        runs = [run_stream(model, task, frames, settings(lr=0.01, overlap=overlap, fold=fold), CLASSES, device) for overlap in (False, True)]
     finally:
         torch.backends.cudnn.allow_tf32 = previous
     assert (runs[0].columns["predicted"] == runs[1].columns["predicted"]).mean() >= 0.95
