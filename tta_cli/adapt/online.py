@@ -114,6 +114,9 @@ class FlatParameters:
         return torch.cat(pieces).to(self.flat.dtype)
 
 
+TWO_INPUTS = ("overlapped", "folded", "pipelined")  # calls on (earlier, images): a prediction of earlier, an update on images
+
+
 class OnlineTTT:
     """Online TTT behind the common method interface (`adapt(images) -> logits`, `reset()`).
 
@@ -268,11 +271,11 @@ class OnlineTTT:
 
     def prepare(self, images: torch.Tensor, kinds: tuple[str, ...] = ("step", "predict")) -> None:
         """Capture the CUDA graphs of `kinds` for inputs shaped like `images` now, so the first real input does not
-        pay for it ("overlapped" takes two such inputs)."""
+        pay for it (the kinds in TWO_INPUTS take two such inputs: the earlier frame and this one)."""
         if self._use_graph(images):
             for kind in kinds:
                 if kind not in self._graphs:
-                    inputs = [images, images] if kind == "overlapped" else [images]
+                    inputs = [images, images] if kind in TWO_INPUTS else [images]
                     self._graphs[kind] = CapturedCall(self._calls[kind], inputs, self._state_tensors())
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
