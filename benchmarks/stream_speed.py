@@ -76,11 +76,10 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="FRAMES",
                         help="also print a kernel profile of FRAMES frames of each run: kernels and device time per frame, by kind")
     parser.add_argument("--variants", default="fp32:compile,fp32:compile:serial,fp32:compile:torch,bf16:compile",
-                        help="comma list of precision:compile|eager[:cl][:triton|:torch][:serial|:fold][:EXPERIMENT]... "
+                        help="comma list of precision:compile|eager[:cl][:triton|:torch][:serial][:EXPERIMENT]... "
                         "(bf16/fp32 autocast, torch.compile, channels_last, the convolutions' kernels: Triton where faster, or "
                         "torch's only, default: the stream's default; serial: each prediction after its frame's update instead of "
-                        "beside the next update; fold: inside the next update's forward pass through the encoder; "
-                        f"EXPERIMENT: one of {', '.join(EXPERIMENTS)}, see experiments() below)")
+                        f"beside the next update; EXPERIMENT: one of {', '.join(EXPERIMENTS)}, see experiments() below)")
     args = parser.parse_args()
     device = torch.device(args.device)
     warmup = args.warmup if args.warmup is not None else max(1, min(32, args.frames // 4))
@@ -105,7 +104,6 @@ def main() -> None:
                     compile=compiled == "compile",
                     channels_last="cl" in layout,
                     overlap="serial" not in layout,
-                    fold="fold" in layout,
                     conv_kernels="triton" if "triton" in layout else "torch" if "torch" in layout else StreamSettings.conv_kernels,
                 )
                 with experiments(layout):
@@ -118,7 +116,6 @@ def main() -> None:
                     triton = uses_triton_convs(settings.conv_kernels, device)
                     run += " triton" if triton else ""
                     run += " serial" if settings.adapting and not summary["overlapped_predictions"] else ""  # what ran, not what was asked
-                    run += " fold" if settings.fold and summary["overlapped_predictions"] else ""
                     run += "".join(f" {flag}" for flag in EXPERIMENTS if flag in layout)
                     rows.append((label, run, summary, goal if mode != "none" else None))
                     print(f"{label:<28} {run:<44} {summary['fps']:>10.1f} frames/s (warm-up {summary['warmup_s']:.0f} s)", flush=True)
@@ -142,7 +139,9 @@ def experiments(flags):
     `nosubpixel`, none of the sub-pixel input gradients; `combo`, inductor fuses independent kernels side by
     side (torch._inductor.config.combo_kernels); `nosplit`, inductor keeps each reduction in one kernel
     (split_reductions off: the norms' statistics over 32 images are small grids it may split in two); `cdt`,
-    inductor tunes each of its kernels' block sizes by timing them (coordinate_descent_tuning)."""
+    inductor tunes each of its kernels' block sizes by timing them (coordinate_descent_tuning). Every run starts
+    from an empty torch.compile cache: dynamo reuses a graph compiled for an earlier run of the same process
+    whatever inductor's settings now are (an eighth-session `nosplit` and `cdt` so measured nothing, warm-up 0 s)."""
     candidates = dict(triton_conv.CANDIDATES)
     for operation, (torch_call, triton_call, tiles) in candidates.items():
         tiles = tuple(tiles) + (tuple(grid(operation)) if "grid" in flags and operation != "grads" else ())
@@ -157,6 +156,7 @@ def experiments(flags):
     changed = bool({"grid", "noatomic", "nofuse", "noordered", "nosubpixel"} & set(flags))
     if changed:
         triton_conv._CHOSEN.clear()
+    torch._dynamo.reset()  # (inductor's on-disk cache still serves a run whose settings it has compiled before)
     try:
         with torch._inductor.config.patch(
             combo_kernels="combo" in flags, split_reductions="nosplit" not in flags, coordinate_descent_tuning="cdt" in flags
