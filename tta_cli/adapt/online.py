@@ -114,7 +114,7 @@ class FlatParameters:
         return torch.cat(pieces).to(self.flat.dtype)
 
 
-TWO_INPUTS = ("overlapped", "folded", "pipelined")  # calls on (earlier, images): a prediction of earlier, an update on images
+TWO_INPUTS = ("overlapped", "pipelined")  # calls on (earlier, images): a prediction of earlier, an update on images
 
 
 class OnlineTTT:
@@ -195,7 +195,6 @@ class OnlineTTT:
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # overlapped predictions
         self._calls = {
             "step": self.step, "predict": self._predict, "update": self._update, "pipelined": self._pipelined, "overlapped": self._overlapped,
-            "folded": self._pipelined,  # adapt_overlapped(fold=True): the prediction inside the update's first forward pass
         }
 
     def _outputs_and_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,16 +294,17 @@ class OnlineTTT:
         weights before that update's own write, while the prediction may still be reading them (a shift reset)."""
         return self.config.steps > 0 and self.detector is None and self._predictions_can_wait()
 
-    def adapt_overlapped(self, images: torch.Tensor, earlier: torch.Tensor | None, fold: bool = False) -> torch.Tensor | None:
+    def adapt_overlapped(self, images: torch.Tensor, earlier: torch.Tensor | None) -> torch.Tensor | None:
         """Update on `images` (counted as new samples) and return the logits of `earlier` on the weights before that
         update (None: no prediction).
 
         On CUDA the prediction runs on a side stream beside the update's forward and backward passes, which leave
         most of the chip idle, and joins before the weights change: one CUDA graph holds both. Elsewhere it simply
-        runs first. With `fold`, `earlier` instead joins the batch of the update's first forward pass through the
-        encoder (as adapt_sequence's pipeline does), so only the main head runs apart. A stream predicting each
-        frame after its update can so hand frame t's prediction to frame t+1's call: the same weights, the same
-        logits (tests/test_stream_loop.py), the prediction off the critical path.
+        runs first. A stream predicting each frame after its update can so hand frame t's prediction to frame t+1's
+        call: the same weights, the same logits (tests/test_stream_loop.py), the prediction off the critical path.
+        (Folding `earlier` into the update's first forward pass instead, as adapt_sequence's pipeline does, ran the
+        stream step at 0.93x this on an H200: the encoder's backward then also runs on one more image, and the main
+        head's 1-image pass runs in line; docs/speed-notes.md.)
         """
         if not self.can_overlap():
             raise ValueError("adapt_overlapped needs steps > 0 and no rollback, pre-update, every:N or shift reset (can_overlap)")
@@ -312,7 +312,7 @@ class OnlineTTT:
         if earlier is None:
             self._run("update", images)
             return None
-        return self._run("folded" if fold else "overlapped", earlier, images)
+        return self._run("overlapped", earlier, images)
 
     def can_pipeline(self) -> bool:
         """Whether adapt_sequence may fold predictions into the next update: asked for, on the paper's views (no

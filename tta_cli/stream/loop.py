@@ -80,9 +80,6 @@ class StreamSettings:
     # after its update) runs on a side stream beside frame t+1's update, in one CUDA graph (OnlineTTT.adapt_overlapped);
     # the same logits, the prediction off the critical path. Off: each frame's update, then its prediction.
     overlap: bool = True
-    # with the overlap: frame t's prediction joins the batch of frame t+1's first forward pass through the encoder
-    # instead (adapt_overlapped(fold=True)); only the main head runs apart.
-    fold: bool = False
     block: int = 64  # frames per device-to-host copy of the per-frame log
     view_every: float = 0.5  # seconds between progress reports at most
     max_inflight: int = 2  # paced CUDA runs: frames queued on the GPU before the loop waits
@@ -409,7 +406,7 @@ def run_stream(
                 window.push(image[0])
             resets_before = method.scheduled_resets
             if overlap:  # the previous frame's prediction beside this frame's update
-                logits = method.adapt_overlapped(image, None if pending is None else pending[1], fold=settings.fold)
+                logits = method.adapt_overlapped(image, None if pending is None else pending[1])
                 if pending is not None:
                     log.record_prediction(pending[0], logits)
                 pending = (log.filled, image)
@@ -450,7 +447,7 @@ def graph_kinds(settings: StreamSettings, method: OnlineTTT, overlap: bool) -> t
     the update (the step, whose collapse check needs logits, with rollback); else the step and a prediction (frames
     a paced run is too late to adapt on)."""
     if overlap:
-        return ("update", "folded" if settings.fold else "overlapped", "predict")
+        return ("update", "overlapped", "predict")
     if settings.pre_update:
         return ("predict", "step" if method.config.rollback.enabled else "update")
     return ("step", "predict")
