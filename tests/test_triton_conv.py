@@ -222,3 +222,51 @@ def test_the_choice_runs_every_launch_once_first_and_drops_those_that_disagree_w
     assert sorted(events[:first_timing]) == [("run", (32, 32)), ("run", wrong)]
     assert ("run", wrong) not in events[first_timing:]
     assert list(triton_conv.choices().values()) == ["triton 32x32"]
+
+
+def norm_and_conv(channels=8, groups=4, out_channels=6, stride=1, seed=0):
+    """A float64 affine GroupNorm (random scale and shift) and a TritonConv2d after it."""
+    torch.manual_seed(seed)
+    norm = torch.nn.GroupNorm(groups, channels).double()
+    torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+    torch.nn.init.normal_(norm.bias, 0.0, 0.3)
+    conv = torch.nn.Conv2d(channels, out_channels, 3, stride, 1, bias=False).double()
+    swapped = torch.nn.Sequential(conv)
+    triton_conv.use_triton_convs(swapped)
+    return norm, swapped[0]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_the_norm_inside_the_convolution_equals_norm_relu_then_convolution_with_gradients(stride):
+    """conv2d_gn_relu (the norm applied as the convolution loads its input) against GroupNorm, ReLU and the
+    convolution as three ops, in float64: the output and the gradients of x, the norm's scale and shift and the
+    weight (those of x through the statistics too)."""
+    norm, conv = norm_and_conv(stride=stride)
+    x = torch.randn(3, 8, 7, 7, dtype=torch.float64, requires_grad=True)
+    fused = conv.after_norm_relu(norm, x)
+    expected = torch.nn.functional.conv2d(torch.relu(norm(x)), conv.weight, None, stride, 1)
+    assert torch.allclose(fused, expected, atol=1e-12)
+    grad = torch.randn_like(expected)
+    inputs = (x, norm.weight, norm.bias, conv.weight)
+    for got, want in zip(torch.autograd.grad(fused, inputs, grad), torch.autograd.grad(expected, inputs, grad), strict=True):
+        assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_the_norm_inside_the_convolution_has_the_gradients_of_its_own_inputs():
+    """gradcheck of the op itself, its statistics taken as free inputs: the hand-written backward through the ReLU,
+    the normalization and its statistics (group_norm_relu_backward) against finite differences."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, generator=generator)
+    mean, rstd = triton_conv.group_statistics(x, 2, 1e-5)
+    tensors = [x, mean + 0.1, rstd * 0.9, torch.randn(4, dtype=torch.float64, generator=generator),
+               torch.randn(4, dtype=torch.float64, generator=generator), torch.randn(3, 4, 3, 3, dtype=torch.float64, generator=generator)]
+    tensors = [t.detach().requires_grad_() for t in tensors]
+    assert torch.autograd.gradcheck(lambda *t: triton_conv.conv2d_gn_relu(*t, 1, 1), tensors)
+
+
+def test_a_norm_the_convolution_cannot_apply_runs_as_before():
+    """BatchNorm (or FUSE_NORM off): after_norm_relu is the plain conv(relu(norm(x)))."""
+    _, conv = norm_and_conv()
+    batch_norm = torch.nn.BatchNorm2d(8).double().eval()
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    assert torch.equal(conv.after_norm_relu(batch_norm, x), conv(torch.relu(batch_norm(x))))
