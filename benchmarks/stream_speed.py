@@ -128,7 +128,7 @@ def main() -> None:
     print_table(rows, args, device)
 
 
-EXPERIMENTS = ("grid", "noatomic", "nofuse", "noordered", "nosubpixel", "nonorm", "combo", "nosplit", "cdt")
+EXPERIMENTS = ("grid", "noatomic", "nofuse", "noordered", "nosubpixel", "combo", "nosplit", "cdt")
 
 
 @contextlib.contextmanager
@@ -136,8 +136,7 @@ def experiments(flags):
     """Settings no flag of `tta stream` has, for one run, to measure a change against what it replaced: `grid`, the
     choice tries every launch of benchmarks/conv_sweep.py as well as its own; `noatomic`, none of the atomic
     launches; `nofuse`, no launch of both gradients at once; `noordered`, none of the ordered split sums;
-    `nosubpixel`, none of the sub-pixel input gradients; `nonorm`, each GroupNorm + ReLU before a convolution
-    as its own ops again (triton_conv.FUSE_NORM off); `combo`, inductor fuses independent kernels side by
+    `nosubpixel`, none of the sub-pixel input gradients; `combo`, inductor fuses independent kernels side by
     side (torch._inductor.config.combo_kernels); `nosplit`, inductor keeps each reduction in one kernel
     (split_reductions off: the norms' statistics over 32 images are small grids it may split in two); `cdt`,
     inductor tunes each of its kernels' block sizes by timing them (coordinate_descent_tuning). Every run starts
@@ -145,11 +144,10 @@ def experiments(flags):
     whatever inductor's settings now are (an eighth-session `nosplit` and `cdt` so measured nothing, warm-up 0 s)."""
     candidates = dict(triton_conv.CANDIDATES)
     for operation, (torch_call, triton_call, tiles) in candidates.items():
-        swept = operation.removesuffix("_norm")  # the sweep's launches of the plain operation fit its norm variant
-        tiles = tuple(tiles) + (tuple(grid(swept)) if "grid" in flags and swept != "grads" else ())
+        tiles = tuple(tiles) + (tuple(grid(operation)) if "grid" in flags and operation != "grads" else ())
         if "noatomic" in flags:
             tiles = tuple(tile for tile in tiles if not getattr(tile, "atomic", False))
-        if "nofuse" in flags and swept == "grads":
+        if "nofuse" in flags and operation == "grads":
             tiles = ()
         for flag, field in (("noordered", "ordered"), ("nosubpixel", "subpixel")):
             if flag in flags:
@@ -159,15 +157,12 @@ def experiments(flags):
     if changed:
         triton_conv._CHOSEN.clear()
     torch._dynamo.reset()  # (inductor's on-disk cache still serves a run whose settings it has compiled before)
-    fuse_norm = triton_conv.FUSE_NORM
-    triton_conv.FUSE_NORM = "nonorm" not in flags
     try:
         with torch._inductor.config.patch(
             combo_kernels="combo" in flags, split_reductions="nosplit" not in flags, coordinate_descent_tuning="cdt" in flags
         ):
             yield
     finally:
-        triton_conv.FUSE_NORM = fuse_norm
         triton_conv.CANDIDATES.update(candidates)
         if changed:
             triton_conv._CHOSEN.clear()

@@ -29,22 +29,6 @@ if triton is not None:
         return offsets, valid
 
     @triton.jit
-    def _normalized(patches, valid, pixels, taps, mean, rstd, gamma, beta, OH, OW, C, GROUP_CHANNELS, KH: tl.constexpr, KW: tl.constexpr,
-                    ACC: tl.constexpr):
-        """The (pixels, taps) tile of patches after GroupNorm and ReLU: relu((x - mean) * rstd * gamma + beta) per
-        sample b and channel c (mean, rstd: (B, groups); gamma, beta: (C,)), in ACC precision, back in x's type.
-        The padding stays zero: it pads the normalized input, not x."""
-        b = pixels // (OH * OW)
-        c = taps // (KH * KW)
-        stat = b[:, None] * (C // GROUP_CHANNELS) + (c // GROUP_CHANNELS)[None, :]
-        mu = tl.load(mean + stat, mask=valid, other=0.0)
-        r = tl.load(rstd + stat, mask=valid, other=0.0)
-        scale = tl.load(gamma + c, mask=c < C, other=0.0)
-        shift = tl.load(beta + c, mask=c < C, other=0.0)
-        z = (patches.to(ACC) - mu) * r * scale[None, :] + shift[None, :]
-        return tl.where(valid, tl.maximum(z, 0.0), 0.0).to(patches.dtype)
-
-    @triton.jit
     def _store_or_add(result, offsets, slab, acc, mask, ATOMIC: tl.constexpr):
         """A program's tile of sums: added in place into `result` (zeroed, 32- or 64-bit float) with ATOMIC, else
         stored at `slab` elements in (a split's own slab of partial sums, or the output itself)."""
@@ -79,12 +63,10 @@ if triton is not None:
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
         ATOMIC: tl.constexpr, ORDERED: tl.constexpr, SPLITS: tl.constexpr,
-        mean, rstd, gamma, beta, GROUP_CHANNELS, NORM: tl.constexpr,
     ):
         """out[m, n] = sum_k patches[m, k] * w[n, k], stored at out (B, N, OH, OW); split s of the taps (program
         axis 2, STEPS steps of BK each) stores its partial sum at out[s], or with ATOMIC adds it into out, or with
-        ORDERED leaves it in `partials` for the tile's last program (_store_split). With NORM the patches are
-        those of relu(group_norm(x)) (_normalized), which so never exists in memory."""
+        ORDERED leaves it in `partials` for the tile's last program (_store_split)."""
         pixels = tl.program_id(0) * BM + tl.arange(0, BM)
         channels = tl.program_id(1) * BN + tl.arange(0, BN)
         split = tl.program_id(2)
@@ -93,8 +75,6 @@ if triton is not None:
             taps = (split * STEPS + step) * BK + tl.arange(0, BK)
             offsets, valid = _patch_offsets(pixels, taps, H, W, OH, OW, C, KH, KW, STRIDE, PAD, M, K)
             patches = tl.load(x + offsets, mask=valid, other=0.0)
-            if NORM:
-                patches = _normalized(patches, valid, pixels, taps, mean, rstd, gamma, beta, OH, OW, C, GROUP_CHANNELS, KH, KW, ACC)
             weights = tl.load(w + channels[None, :] * K + taps[:, None], mask=(taps < K)[:, None] & (channels < N)[None, :], other=0.0)
             acc = tl.dot(patches, weights, acc, input_precision=PRECISION, out_dtype=ACC)
         b = pixels // (OH * OW)
@@ -203,14 +183,13 @@ if triton is not None:
         dy, x, partial, H, W, OH, OW, C, N, M, K,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        ATOMIC: tl.constexpr, mean, rstd, gamma, beta, GROUP_CHANNELS, NORM: tl.constexpr,
+        ATOMIC: tl.constexpr,
     ):
         """partial[s, n, k] = sum over the pixels m of split s of dy[m, n] * patches[m, k]; the splits are summed
-        afterwards (deterministic), or with ATOMIC added into partial[0] as they finish (in no fixed order). NORM:
-        the patches of relu(group_norm(x)), as the forward's."""
+        afterwards (deterministic), or with ATOMIC added into partial[0] as they finish (in no fixed order)."""
         _weight_grad_tile(
             dy, x, partial, tl.program_id(0), tl.program_id(1), tl.program_id(2), H, W, OH, OW, C, N, M, K,
-            KH, KW, STRIDE, PAD, BM, BN, BK, STEPS, PRECISION, ACC, ATOMIC, mean, rstd, gamma, beta, GROUP_CHANNELS, NORM,
+            KH, KW, STRIDE, PAD, BM, BN, BK, STEPS, PRECISION, ACC, ATOMIC,
         )
 
     @triton.jit
@@ -218,7 +197,7 @@ if triton is not None:
         dy, x, partial, tile_n, tile_k, split, H, W, OH, OW, C, N, M, K,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        ATOMIC: tl.constexpr, mean, rstd, gamma, beta, GROUP_CHANNELS, NORM: tl.constexpr,
+        ATOMIC: tl.constexpr,
     ):
         """weight_grad_kernel's work for one (channel tile, tap tile, split)."""
         channels = tile_n * BN + tl.arange(0, BN)
@@ -228,8 +207,6 @@ if triton is not None:
             pixels = split * (STEPS * BM) + step * BM + tl.arange(0, BM)
             offsets, valid = _patch_offsets(pixels, taps, H, W, OH, OW, C, KH, KW, STRIDE, PAD, M, K)
             patches = tl.load(x + offsets, mask=valid, other=0.0)
-            if NORM:
-                patches = _normalized(patches, valid, pixels, taps, mean, rstd, gamma, beta, OH, OW, C, GROUP_CHANNELS, KH, KW, ACC)
             b = pixels // (OH * OW)
             rest = pixels % (OH * OW)
             grads = tl.load(
@@ -246,12 +223,11 @@ if triton is not None:
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         D_BM: tl.constexpr, D_BN: tl.constexpr, D_BK: tl.constexpr, D_STEPS: tl.constexpr, D_ATOMIC: tl.constexpr,
         W_BM: tl.constexpr, W_BN: tl.constexpr, W_BK: tl.constexpr, W_STEPS: tl.constexpr, W_ATOMIC: tl.constexpr,
-        PRECISION: tl.constexpr, ACC: tl.constexpr, mean, rstd, gamma, beta, GROUP_CHANNELS, NORM: tl.constexpr,
+        PRECISION: tl.constexpr, ACC: tl.constexpr,
     ):
         """Both gradients of one convolution in one launch: the first D_TILES_M x D_TILES_N x D_SPLITS programs
         compute input-gradient tiles, the rest weight-gradient tiles. Each alone leaves most of the GPU idle for
-        a few dependent steps; side by side they fill it, with one launch instead of two. NORM: the convolution of
-        relu(group_norm(x)) (the input gradient is then that of the normalized input)."""
+        a few dependent steps; side by side they fill it, with one launch instead of two."""
         pid = tl.program_id(0)
         input_programs = D_TILES_M * D_TILES_N * D_SPLITS
         if pid < input_programs:
@@ -264,5 +240,4 @@ if triton is not None:
             _weight_grad_tile(
                 dy, x, dw, q % W_TILES_N, (q // W_TILES_N) % W_TILES_K, q // (W_TILES_N * W_TILES_K),
                 H, W, OH, OW, C, N, W_M, W_K, KH, KW, STRIDE, PAD, W_BM, W_BN, W_BK, W_STEPS, PRECISION, ACC, W_ATOMIC,
-                mean, rstd, gamma, beta, GROUP_CHANNELS, NORM,
             )

@@ -39,17 +39,10 @@ class PreActBlock(nn.Module):
         self.shortcut = Downsample(in_planes, planes, stride) if stride != 1 or in_planes != planes else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = norm_relu_conv(self.norm1, self.conv1, x)
-        residual = norm_relu_conv(self.norm2, self.conv2, residual)
+        residual = self.conv1(torch.relu(self.norm1(x)))
+        residual = self.conv2(torch.relu(self.norm2(residual)))
         shortcut = x if self.shortcut is None else self.shortcut(x)
         return shortcut + residual
-
-
-def norm_relu_conv(norm: nn.Module, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """conv(relu(norm(x))), as one op where the convolution offers it (triton_conv.TritonConv2d.after_norm_relu:
-    the norm applied inside the convolution's kernels)."""
-    fused = getattr(conv, "after_norm_relu", None)
-    return conv(torch.relu(norm(x))) if fused is None else fused(norm, x)
 
 
 class Downsample(nn.Module):

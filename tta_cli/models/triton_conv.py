@@ -74,32 +74,16 @@ def _geometry(x_shape, w_shape, stride: int, padding: int) -> tuple[int, int]:
 
 def _conv_forward(
     x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, tile: int = 64, depth: int = 32, splits: int = 1,
-    warps: int = 4, stages: int = 3, atomic: bool = False, subpixel: bool = False, ordered: bool = False, norm: tuple | None = None,
+    warps: int = 4, stages: int = 3, atomic: bool = False, subpixel: bool = False, ordered: bool = False,
 ) -> torch.Tensor:
     """`tile` output pixels x up to 64 output channels per program, `depth` taps per step of the sum, the taps
     split over `splits` programs (for grids too small to fill the GPU), whose partial sums are added after (or,
-    `atomic`, into the zeroed output as each finishes). `warps` and `stages` are Triton's launch options. `norm`
-    (mean, rstd, gamma, beta): the convolution of relu(group_norm(x)) instead (_norm_arguments)."""
+    `atomic`, into the zeroed output as each finishes). `warps` and `stages` are Triton's launch options."""
     if subpixel:
         raise ValueError("sub-pixel classes are for the input gradient only")
     out_shape = (x.shape[0], w.shape[0], *_geometry(x.shape, w.shape, stride, padding))
     launch = Launch(tile, depth, splits, warps, stages, atomic, ordered=ordered)
-    return _launch_gathered(forward_kernel, x, w, tuple(x.shape), out_shape, out_shape, stride, padding, launch, _norm_arguments(x, norm))
-
-
-def _norm_arguments(x: torch.Tensor, norm: tuple | None) -> dict:
-    """The forward and weight-gradient kernels' norm arguments: with `norm` = (mean, rstd, gamma, beta) (the
-    statistics (B, groups) and the affine parameters (C,) of a GroupNorm), they convolve relu(group_norm(x)),
-    computed as they load x; without, NORM is off and x stands in for the pointers, which are not read."""
-    if norm is None:
-        return {"mean": x, "rstd": x, "gamma": x, "beta": x, "GROUP_CHANNELS": 1, "NORM": False}
-    mean, rstd, gamma, beta = norm
-    return {"mean": mean, "rstd": rstd, "gamma": gamma, "beta": beta, "GROUP_CHANNELS": x.shape[1] // mean.shape[1], "NORM": True}
-
-
-def _conv_forward_norm(x, mean, rstd, gamma, beta, w, stride: int, padding: int, *launch) -> torch.Tensor:
-    """conv2d(relu(group_norm(x)), w) by _conv_forward's launches (CANDIDATES["forward_norm"])."""
-    return _conv_forward(x, w, stride, padding, *launch, norm=(mean, rstd, gamma, beta))
+    return _launch_gathered(forward_kernel, x, w, tuple(x.shape), out_shape, out_shape, stride, padding, launch)
 
 
 def _conv_input_grad(
@@ -127,12 +111,9 @@ class Launch(NamedTuple):
     ordered: bool = False  # forward and input gradient: split sums added by each tile's last program, in order (deterministic)
 
 
-def _launch_gathered(
-    kernel, source, w, x_shape, y_shape, result_shape, stride, padding, launch: Launch, extra: dict | None = None
-) -> torch.Tensor:
+def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, padding, launch: Launch) -> torch.Tensor:
     """Either gathered GEMM (forward: x -> y, input gradient: dy -> dx) over `result_shape` (B, columns, H', W'):
-    its pixels are the GEMM's rows, its channels the columns, and `source`'s channels x kH x kW the taps. `extra`:
-    more of the kernel's arguments, by name."""
+    its pixels are the GEMM's rows, its channels the columns, and `source`'s channels x kH x kW the taps."""
     batch, channels, height, width = x_shape
     out_channels, _, kernel_h, kernel_w = w.shape
     columns = result_shape[1]
@@ -155,7 +136,7 @@ def _launch_gathered(
         source, w, result, partials, counters, height, width, y_shape[2], y_shape[3], channels, out_channels, pixels, taps,
         KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=launch.tile, BN=bn, BK=bk, STEPS=steps,
         PRECISION=_precision(source.dtype), ACC=_accumulator(source.dtype), ATOMIC=atomic, ORDERED=ordered, SPLITS=splits,
-        num_warps=launch.warps, num_stages=launch.stages, **(extra or {}),
+        num_warps=launch.warps, num_stages=launch.stages,
     )
     return result if ordered else _summed(result, splits, atomic, source.dtype)
 
@@ -239,11 +220,10 @@ def _weight_split(pixels: int, taps: int, out_channels: int, tile: int, depth: i
 
 def _conv_weight_grad(
     dy: torch.Tensor, x: torch.Tensor, w_shape, stride: int, padding: int, tile: int = 64, depth: int = 64, splits: int = 0,
-    warps: int = 4, stages: int = 3, atomic: bool = False, subpixel: bool = False, ordered: bool = False, norm: tuple | None = None,
+    warps: int = 4, stages: int = 3, atomic: bool = False, subpixel: bool = False, ordered: bool = False,
 ) -> torch.Tensor:
     """Tiles of the weight (output channels x taps), the pixel sum split over `splits` programs per tile (0: as many
-    as make WEIGHT_GRAD_PROGRAMS in all), summed after or, `atomic`, added into a zeroed fp32 weight. `norm`: the
-    weight gradient of a convolution of relu(group_norm(x)), as _conv_forward's."""
+    as make WEIGHT_GRAD_PROGRAMS in all), summed after or, `atomic`, added into a zeroed fp32 weight."""
     if subpixel or ordered:
         raise ValueError("sub-pixel classes are for the input gradient only, ordered sums for the gathered GEMMs")
     batch, channels, height, width = x.shape
@@ -258,14 +238,8 @@ def _conv_weight_grad(
         dy, x, partial, height, width, out_h, out_w, channels, out_channels, pixels, taps,
         KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=tile, BN=bn, BK=bk, STEPS=per_split // tile,
         PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype), ATOMIC=atomic, num_warps=warps, num_stages=stages,
-        **_norm_arguments(x, norm),
     )
     return _summed(partial, splits, atomic, x.dtype).view(w_shape)
-
-
-def _conv_weight_grad_norm(dy, x, mean, rstd, gamma, beta, w_shape, stride: int, padding: int, *launch) -> torch.Tensor:
-    """The weight gradient of conv2d(relu(group_norm(x)), w) by _conv_weight_grad's launches."""
-    return _conv_weight_grad(dy, x, w_shape, stride, padding, *launch, norm=(mean, rstd, gamma, beta))
 
 
 class GradsLaunch(NamedTuple):
@@ -284,11 +258,9 @@ class GradsLaunch(NamedTuple):
 def _conv_grads(
     dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, input_tile: int = 64, input_depth: int = 32,
     input_splits: int = 1, weight_tile: int = 64, weight_depth: int = 32, warps: int = 4, stages: int = 1, atomic: bool = True,
-    norm: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dw) of one convolution from one launch of grads_kernel: the tilings of _conv_input_grad and
-    _conv_weight_grad, their programs side by side in one grid. `norm`: of a convolution of relu(group_norm(x)),
-    dx then being the gradient of that normalized input."""
+    _conv_weight_grad, their programs side by side in one grid."""
     batch, channels, height, width = x.shape
     out_channels, _, kernel_h, kernel_w = w.shape
     out_h, out_w = dy.shape[2:]
@@ -309,14 +281,9 @@ def _conv_grads(
         d_tiles_m, d_tiles_n, d_splits, w_tiles_n, w_tiles_k, KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding,
         D_BM=input_tile, D_BN=d_bn, D_BK=d_bk, D_STEPS=d_steps, D_ATOMIC=d_atomic,
         W_BM=weight_tile, W_BN=w_bn, W_BK=w_bk, W_STEPS=per_split // weight_tile, W_ATOMIC=w_atomic,
-        PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype), num_warps=warps, num_stages=stages, **_norm_arguments(x, norm),
+        PRECISION=_precision(x.dtype), ACC=_accumulator(x.dtype), num_warps=warps, num_stages=stages,
     )
     return _summed(dx_sums, d_splits, d_atomic, dy.dtype), _summed(dw_sums, w_splits, w_atomic, x.dtype).view(w.shape)
-
-
-def _conv_grads_norm(dy, x, mean, rstd, gamma, beta, w, stride: int, padding: int, *launch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both gradients of conv2d(relu(group_norm(x)), w) by _conv_grads's launches (dx: of the normalized input)."""
-    return _conv_grads(dy, x, w, stride, padding, *launch, norm=(mean, rstd, gamma, beta))
 
 
 def _torch_forward(x, w, stride, padding):
@@ -337,40 +304,6 @@ def _separate_grads(dy, x, w, stride, padding):
     """Both gradients as two operations, each on its own choice (cuDNN or a Triton launch): what a fused launch of
     _conv_grads must beat."""
     return _run("input_grad", dy, w, list(x.shape), stride, padding), _run("weight_grad", dy, x, list(w.shape), stride, padding)
-
-
-def group_statistics(x: torch.Tensor, groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """GroupNorm's statistics of x (B, C, ...): mean and 1 / sqrt(variance + eps), (B, groups) each, in float32 at
-    least (as autocast runs group_norm)."""
-    grouped = x.reshape(x.shape[0], groups, -1).to(torch.promote_types(x.dtype, torch.float32))
-    variance, mean = torch.var_mean(grouped, dim=-1, correction=0)
-    return mean, torch.rsqrt(variance + eps)
-
-
-def group_norm_relu(x, mean, rstd, gamma, beta) -> torch.Tensor:
-    """relu(group_norm(x)) from the norm's statistics (B, groups) and affine parameters (C,), in the statistics'
-    precision: what the kernels compute as they load x (their NORM), written out."""
-    batch, channels = x.shape[:2]
-    grouped = x.reshape(batch, mean.shape[1], -1).to(mean.dtype)
-    normalized = ((grouped - mean[..., None]) * rstd[..., None]).view(x.shape)
-    affine = (1, channels) + (1,) * (x.dim() - 2)
-    return torch.relu(normalized * gamma.view(affine) + beta.view(affine))
-
-
-def _torch_forward_norm(x, mean, rstd, gamma, beta, w, stride, padding):
-    return _torch_forward(group_norm_relu(x, mean, rstd, gamma, beta).to(x.dtype), w, stride, padding)
-
-
-def _torch_weight_grad_norm(dy, x, mean, rstd, gamma, beta, w_shape, stride, padding):
-    return _torch_weight_grad(dy, group_norm_relu(x, mean, rstd, gamma, beta).to(x.dtype), w_shape, stride, padding)
-
-
-def _separate_grads_norm(dy, x, mean, rstd, gamma, beta, w, stride, padding):
-    """As _separate_grads, for a convolution of relu(group_norm(x)) (the input gradient does not see the norm)."""
-    return (
-        _run("input_grad", dy, w, list(x.shape), stride, padding),
-        _run("weight_grad_norm", dy, x, mean, rstd, gamma, beta, list(w.shape), stride, padding),
-    )
 
 
 # Per operation: torch's kernel (cuDNN) and the Triton launches tried (Launch's fields in order; the rest default).
@@ -411,12 +344,6 @@ CANDIDATES = {
     )),
 }
 
-# The same launches for a convolution of relu(group_norm(x)), the norm applied as the kernels load x (FUSE_NORM):
-# against torch's norm written out, then its convolution. Not yet measured on a GPU.
-CANDIDATES["forward_norm"] = (_torch_forward_norm, _conv_forward_norm, CANDIDATES["forward"][2])
-CANDIDATES["weight_grad_norm"] = (_torch_weight_grad_norm, _conv_weight_grad_norm, CANDIDATES["weight_grad"][2])
-CANDIDATES["grads_norm"] = (_separate_grads_norm, _conv_grads_norm, CANDIDATES["grads"][2])
-
 
 def label(launch: tuple) -> str:
     """A launch as the choice log prints it: "64x32x4" (tile, depth, splits as given), then "w8", "s2" where the
@@ -436,29 +363,12 @@ def label(launch: tuple) -> str:
 def operation_arguments(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, stride: int, padding: int) -> dict[str, tuple]:
     """Each operation's arguments as its implementations in CANDIDATES take them, for convolving `x` with `w` (`dy`:
     the gradient of the output): to time or check every implementation at one shape."""
-    channels = x.shape[1]
-    mean, rstd = group_statistics(x, math.gcd(channels, 8), 1e-5)
-    gamma = torch.linspace(0.5, 1.5, channels, device=x.device, dtype=mean.dtype)
-    beta = torch.linspace(-0.5, 0.5, channels, device=x.device, dtype=mean.dtype)
-    norm = (mean, rstd, gamma, beta)
     return {
         "forward": (x, w, stride, padding),
         "input_grad": (dy, w, list(x.shape), stride, padding),
         "weight_grad": (dy, x, list(w.shape), stride, padding),
         "grads": (dy, x, w, stride, padding),
-        "forward_norm": (x, *norm, w, stride, padding),
-        "weight_grad_norm": (dy, x, *norm, list(w.shape), stride, padding),
-        "grads_norm": (dy, x, *norm, w, stride, padding),
     }
-
-
-def torch_reference(operation: str, arguments: dict[str, tuple]):
-    """torch's result for `operation` on operation_arguments' `arguments`, to check a Triton launch against: for
-    both gradients at once, torch's own two (the pair's torch_call would go through the per-operation choice)."""
-    if operation in ("grads", "grads_norm"):
-        weight = "weight_grad_norm" if operation == "grads_norm" else "weight_grad"
-        return _torch_input_grad(*arguments["input_grad"]), CANDIDATES[weight][0](*arguments[weight])
-    return CANDIDATES[operation][0](*arguments[operation])
 
 
 _CHOSEN: dict[tuple, tuple[int, ...] | None] = {}  # (operation, shapes, dtype, stride, padding, TF32) -> tile or None (torch)
@@ -582,7 +492,7 @@ def _warn_once(error: Exception, tile: tuple[int, ...], key: tuple) -> None:
 
 def choices() -> dict[tuple, str]:
     """What `_run` chose so far, readable: key -> "torch" (for "grads": "separate") or "triton " + label(launch)."""
-    unfused = {"grads": "separate", "grads_norm": "separate"}  # both gradients as two operations, each on its own choice
+    unfused = {"grads": "separate"}  # both gradients as two operations, each on its own choice
     return {key: unfused.get(key[0], "torch") if tile is None else "triton " + label(tile) for key, tile in _CHOSEN.items()}
 
 
@@ -651,93 +561,6 @@ def _backward(ctx, grad):
 conv2d.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("tta::conv2d_gn_relu", mutates_args=())
-def conv2d_gn_relu(
-    x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, weight: torch.Tensor,
-    stride: int, padding: int,
-) -> torch.Tensor:
-    """conv2d(relu(group_norm(x)), weight) from the norm's statistics (group_statistics) and affine parameters:
-    the kernels normalize x as they load it, so the normalized input is never written or read back (the
-    pointwise kernel inductor runs between a norm and its convolution goes)."""
-    return _run("forward_norm", *(t.contiguous() for t in (x, mean, rstd, gamma, beta, weight)), stride, padding)
-
-
-@torch.library.custom_op("tta::conv2d_gn_relu_weight_grad", mutates_args=())
-def conv2d_gn_relu_weight_grad(
-    dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-    w_shape: list[int], stride: int, padding: int,
-) -> torch.Tensor:
-    return _run("weight_grad_norm", dy.contiguous(), *(t.contiguous() for t in (x, mean, rstd, gamma, beta)), w_shape, stride, padding)
-
-
-@torch.library.custom_op("tta::conv2d_gn_relu_grads", mutates_args=())
-def conv2d_gn_relu_grads(
-    dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-    weight: torch.Tensor, stride: int, padding: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of the normalized input and of the weight, in one launch where that is faster."""
-    return _run("grads_norm", dy.contiguous(), *(t.contiguous() for t in (x, mean, rstd, gamma, beta, weight)), stride, padding)
-
-
-@conv2d_gn_relu.register_fake
-def _(x, mean, rstd, gamma, beta, weight, stride, padding):
-    out_h, out_w = _geometry(x.shape, weight.shape, stride, padding)
-    return x.new_empty(x.shape[0], weight.shape[0], out_h, out_w)
-
-
-@conv2d_gn_relu_weight_grad.register_fake
-def _(dy, x, mean, rstd, gamma, beta, w_shape, stride, padding):
-    return x.new_empty(w_shape)
-
-
-@conv2d_gn_relu_grads.register_fake
-def _(dy, x, mean, rstd, gamma, beta, weight, stride, padding):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape)
-
-
-def _setup_norm_context(ctx, inputs, output):
-    *tensors, stride, padding = inputs
-    ctx.save_for_backward(*tensors)  # x, mean, rstd, gamma, beta, weight: x stands in for the normalized input
-    ctx.stride, ctx.padding = stride, padding
-
-
-def _norm_backward(ctx, grad):
-    x, mean, rstd, gamma, beta, weight = ctx.saved_tensors
-    needs_norm, needs_weight = any(ctx.needs_input_grad[:5]), ctx.needs_input_grad[5]
-    d_normalized = dw = None
-    if needs_norm and needs_weight:
-        d_normalized, dw = conv2d_gn_relu_grads(grad, x, mean, rstd, gamma, beta, weight, ctx.stride, ctx.padding)
-    elif needs_norm:
-        d_normalized = conv2d_input_grad(grad, weight, list(x.shape), ctx.stride, ctx.padding)
-    elif needs_weight:
-        dw = conv2d_gn_relu_weight_grad(grad, x, mean, rstd, gamma, beta, list(weight.shape), ctx.stride, ctx.padding)
-    norm_grads = (None,) * 5 if d_normalized is None else group_norm_relu_backward(d_normalized, x, mean, rstd, gamma, beta)
-    return (*norm_grads, dw, None, None)
-
-
-def group_norm_relu_backward(d_out, x, mean, rstd, gamma, beta) -> tuple[torch.Tensor, ...]:
-    """The gradients of group_norm_relu's inputs (x, mean, rstd, gamma, beta) from that of its output, in torch
-    ops (compiled with the rest of the backward pass); autograd carries those of mean and rstd on into x."""
-    batch, channels = x.shape[:2]
-    groups = mean.shape[1]
-    affine = (1, channels) + (1,) * (x.dim() - 2)
-    centered = x.reshape(batch, groups, -1).to(mean.dtype) - mean[..., None]
-    normalized = (centered * rstd[..., None]).view(x.shape)
-    d_pre = torch.where(normalized * gamma.view(affine) + beta.view(affine) > 0, d_out.to(mean.dtype), 0.0)  # through the ReLU
-    sums = [0] + list(range(2, x.dim()))  # over the batch and the pixels: per channel
-    d_gamma, d_beta = (d_pre * normalized).sum(sums), d_pre.sum(sums)
-    d_normalized = (d_pre * gamma.view(affine)).reshape(batch, groups, -1)
-    dx = (d_normalized * rstd[..., None]).view(x.shape).to(x.dtype)
-    d_mean = -d_normalized.sum(-1) * rstd
-    d_rstd = (d_normalized * centered).sum(-1)
-    return dx, d_mean, d_rstd, d_gamma.to(gamma.dtype), d_beta.to(beta.dtype)
-
-
-conv2d_gn_relu.register_autograd(_norm_backward, setup_context=_setup_norm_context)
-
-FUSE_NORM = True  # TritonConv2d.after_norm_relu applies a GroupNorm + ReLU inside the convolution's kernels
-
-
 class TritonConv2d(nn.Conv2d):
     """An nn.Conv2d whose forward (and backward) run the kernels above; same parameters, same state dict."""
 
@@ -747,19 +570,6 @@ class TritonConv2d(nn.Conv2d):
             x, weight = x.to(dtype), weight.to(dtype)
         out = conv2d(x, weight, self.stride[0], self.padding[0])
         return out if bias is None else out + bias.view(1, -1, 1, 1).to(out.dtype)
-
-    def after_norm_relu(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """self(relu(norm(x))), in one op (conv2d_gn_relu) where `norm` is an affine GroupNorm and FUSE_NORM is on:
-        the models' pre-activation blocks call this (models/preact_resnet.norm_relu_conv)."""
-        if not (FUSE_NORM and isinstance(norm, nn.GroupNorm) and norm.affine and x.dim() == 4):
-            return self(torch.relu(norm(x)))
-        weight = self.weight
-        if x.is_cuda and torch.is_autocast_enabled("cuda"):
-            dtype = torch.get_autocast_dtype("cuda")
-            x, weight = x.to(dtype), weight.to(dtype)
-        mean, rstd = group_statistics(x, norm.num_groups, norm.eps)
-        out = conv2d_gn_relu(x, mean, rstd, norm.weight, norm.bias, weight, self.stride[0], self.padding[0])
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1).to(out.dtype)
 
 
 def supported(conv: nn.Module) -> bool:
