@@ -318,7 +318,8 @@ def _separate_grads(dy, x, w, stride, padding):
 # per operation at every shape; docs/results.md, seventh session): no pipelining (stages 1) and 2 or 8 warps often
 # beat Triton's defaults. Each launch tried costs a compile (~1 s) at each new shape on a machine's first run.
 # The chosen atomic split launches again, their sums in order by each tile's last program instead: no zeroed output
-# (the fills were 65 kernels, 59 us, of the seventh session's frame) and deterministic (not yet measured).
+# (the fills were 65 kernels, 59 us, of the seventh session's frame) and deterministic. On the H200 (eighth session)
+# they won only the 1-image stem's forward; they stay as the deterministic choice where atomics are not allowed.
 _ORDERED = (Launch(32, 32, 4, 8, 1, ordered=True), Launch(32, 32, 4, 2, 1, ordered=True), Launch(32, 32, 4, ordered=True))
 CANDIDATES = {
     "forward": (_torch_forward, _conv_forward, (
@@ -328,7 +329,7 @@ CANDIDATES = {
     )),
     "input_grad": (_torch_input_grad, _conv_input_grad, (
         (64, 32, 1), (64, 32, 1, 4, 1), (32, 32, 1, 2, 1), (32, 32, 4), Launch(32, 32, 4, 8, 1, True), Launch(32, 32, 4, 2, 1, True),
-        # the strided layers' input gradients, which cuDNN still won: by sub-pixel classes (not yet measured)
+        # the strided layers' input gradients by sub-pixel classes: on the H200 they won both strided layers from cuDNN
         Launch(64, 32, 1, 4, 1, subpixel=True), Launch(32, 32, 1, 2, 1, subpixel=True), Launch(32, 32, 1, 4, 3, subpixel=True),
         *_ORDERED,
     )),
@@ -337,7 +338,8 @@ CANDIDATES = {
         Launch(128, 64, 0, 4, 1, True),
     )),
     # Both gradients of a layer that needs both (the encoder's), in one launch, against the two separately. The
-    # tilings are the sweep's best for the two apart at layer1 and layer2 (not yet measured together).
+    # tilings are the sweep's best for the two apart at layer1 and layer2; together they won layer2's 32-channel
+    # layers on the H200 (conv_speed.py: ~19 us a frame off the fastest launches apart).
     "grads": (_separate_grads, _conv_grads, (
         GradsLaunch(64, 32, 1, 64, 32, 4, 1), GradsLaunch(32, 32, 1, 64, 32, 2, 1), GradsLaunch(32, 32, 4, 64, 32, 2, 1),
         GradsLaunch(32, 32, 4, 64, 32, 4, 1), GradsLaunch(64, 32, 1, 64, 32, 4, 1, atomic=False),
