@@ -169,11 +169,8 @@ def test_every_triton_tile_equals_cudnn_on_cuda(shape, exact_fp32):
     w = torch.randn(cout, cin, 3, 3, device="cuda", generator=generator)
     dy = torch.randn(batch, cout, (size - 1) // stride + 1, (size - 1) // stride + 1, device="cuda", generator=generator)
     arguments = triton_conv.operation_arguments(x, w, dy, stride, 1)
-    for operation, (torch_call, triton_call, tiles) in triton_conv.CANDIDATES.items():
-        if operation == "grads":  # cuDNN's two gradients (its torch_call is the per-operation choice)
-            expected = (triton_conv._torch_input_grad(*arguments["input_grad"]), triton_conv._torch_weight_grad(*arguments["weight_grad"]))
-        else:
-            expected = (torch_call(*arguments[operation]),)
+    for operation, (_, triton_call, tiles) in triton_conv.CANDIDATES.items():
+        expected = triton_conv.torch_reference(operation, arguments)  # cuDNN's (both gradients: its own two)
         results = triton_conv.run_side_by_side(triton_call, arguments[operation], list(tiles))  # the compiles overlap
         for tile, fast in zip(tiles, results, strict=True):
             assert not isinstance(fast, Exception), (operation, tile, fast)

@@ -86,17 +86,14 @@ def test_online_ttt_with_triton_convolutions_equals_torch_convolutions():
 @pytest.mark.parametrize("operation", sorted(triton_conv.CANDIDATES))
 def test_every_candidate_tile_gives_the_same_result(operation):
     """The automatic choice may pick any of these tiles on a GPU: each must compute the same thing."""
-    torch_call, triton_call, tiles = triton_conv.CANDIDATES[operation]
+    _, triton_call, tiles = triton_conv.CANDIDATES[operation]
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(2, 6, 9, 9, dtype=torch.float64, generator=generator)
     w = torch.randn(20, 6, 3, 3, dtype=torch.float64, generator=generator)
     dy = torch.randn(2, 20, 5, 5, dtype=torch.float64, generator=generator)
     arguments = triton_conv.operation_arguments(x, w, dy, 2, 1)
     args = arguments[operation]
-    if operation == "grads":  # torch's own two gradients (its torch_call would run the Triton kernels here)
-        expected = (triton_conv._torch_input_grad(*arguments["input_grad"]), triton_conv._torch_weight_grad(*arguments["weight_grad"]))
-    else:
-        expected = (torch_call(*args),)
+    expected = triton_conv.torch_reference(operation, arguments)  # (for both gradients, not through the Triton kernels)
     for tile in tiles:
         result = triton_call(*args, *tile)
         for got, want in zip(result if operation == "grads" else (result,), expected, strict=True):

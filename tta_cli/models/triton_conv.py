@@ -373,6 +373,15 @@ def operation_arguments(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, stri
     }
 
 
+def torch_reference(operation: str, arguments: dict[str, tuple]) -> tuple[torch.Tensor, ...]:
+    """torch's own result for `operation` on operation_arguments' `arguments`, as a tuple (both gradients: torch's
+    two, where the operation's torch_call would go through the per-operation choice): what a launch is checked
+    against."""
+    if operation == "grads":
+        return _torch_input_grad(*arguments["input_grad"]), _torch_weight_grad(*arguments["weight_grad"])
+    return (CANDIDATES[operation][0](*arguments[operation]),)
+
+
 _CHOSEN: dict[tuple, tuple[int, ...] | None] = {}  # (operation, shapes, dtype, stride, padding, TF32) -> tile or None (torch)
 
 
