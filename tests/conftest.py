@@ -103,3 +103,26 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, "--out", out])
     assert result.exit_code == 0, result.output
     return out
+
+
+class AtomicEverywhere(dict):
+    """A choice table for models/triton_conv.py (`monkeypatch.setattr(triton_conv, "_CHOSEN", AtomicEverywhere())`)
+    that picks an atomic split launch for every operation and shape, where the interpreter's own default and a GPU's
+    timing may pick plain ones: so that every zeroed output of a step comes from models/zeroed_outputs.py."""
+
+    def __init__(self):
+        super().__init__()
+        from tta_cli.models.triton_conv import GradsLaunch, Launch  # (imported here: TRITON_INTERPRET is read at import)
+
+        self.launches = {
+            "forward": Launch(32, 16, 2, atomic=True),
+            "input_grad": Launch(32, 16, 2, atomic=True),
+            "weight_grad": Launch(32, 32, 0, atomic=True),
+            "grads": GradsLaunch(32, 16, 2, 32, 32),
+        }
+
+    def __contains__(self, key):
+        return True
+
+    def __getitem__(self, key):
+        return self.launches[key[0]]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import AtomicEverywhere, run_cli
 
 from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT
 from tta_cli.adapt.grouped import GroupedPerSampleModel
@@ -17,7 +17,7 @@ from tta_cli.adapt.online_parallel import ParallelOnlineTTT
 from tta_cli.adapt.per_sample import adapt_streams_reference
 from tta_cli.config import ModelConfig, TaskConfig
 from tta_cli.data.imageset import to_float_nchw
-from tta_cli.models import build_model, triton_conv
+from tta_cli.models import build_model, triton_conv, zeroed_outputs
 from tta_cli.tasks import build_task
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -230,3 +230,25 @@ def test_overlapped_prediction_in_its_cuda_graph_follows_the_plain_step(compiled
         assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()))
     assert torch.allclose(overlapped.weights.flat, plain.weights.flat, atol=1e-6)
     assert not torch.equal(overlapped.weights.flat, overlapped.source)
+
+
+def test_atomic_launches_on_shared_zeroed_outputs_in_the_overlapped_graph_follow_cudnn(monkeypatch, exact_fp32):
+    """Every convolution on an atomic launch, their zeroed outputs sliced from one fill per stream and call (the
+    update's stream and the side stream's prediction), compiled and captured: the overlapped stream step against
+    cuDNN's over a short stream."""
+    monkeypatch.setattr(triton_conv, "_CHOSEN", AtomicEverywhere())
+    model, task = tiny()
+    images = torch.rand(8, 1, 3, 32, 32, device="cuda")
+    runs = []
+    for kernels in ("torch", "triton"):
+        config = OnlineConfig(copies=8, lr=0.05, amp=False, compile=True, cuda_graph=True, conv_kernels=kernels)
+        method = OnlineTTT(copy.deepcopy(model), task, config, classes=10)
+        method.prepare(images[0], ("update", "overlapped", "predict"))
+        torch.cuda.manual_seed(7)
+        logits = [method.adapt_overlapped(images[0], None)]
+        logits += [method.adapt_overlapped(image, earlier).clone() for earlier, image in zip(images[:-1], images[1:], strict=True)]
+        runs.append((torch.cat(logits[1:] + [method.predict(images[-1])]), method.weights.flat.clone()))
+    assert {key[2] for key in zeroed_outputs._BUFFERS if key[0] == "overlapped"} == {0, 1}  # both streams were served
+    (want, want_weights), (got, got_weights) = runs
+    assert torch.allclose(got, want, atol=1e-3 * float(want.abs().max()))
+    assert torch.allclose(got_weights, want_weights, atol=1e-4)

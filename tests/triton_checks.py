@@ -9,10 +9,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import AtomicEverywhere
 
 from tta_cli.adapt.online import OnlineConfig, OnlineTTT
 from tta_cli.config import ModelConfig, TaskConfig
-from tta_cli.models import build_model, triton_conv
+from tta_cli.models import build_model, triton_conv, zeroed_outputs
 from tta_cli.tasks import build_task
 
 # (batch, in channels, out channels, size, kernel, stride, padding): the ResNet's 3x3 convolutions, strided
@@ -79,6 +80,29 @@ def test_online_ttt_with_triton_convolutions_equals_torch_convolutions():
         runs.append((swapped, logits, torch.cat([p.detach().flatten() for p in method.model.encoder.parameters()])))
     (none, logits, weights), (swapped, triton_logits, triton_weights) = runs
     assert none == 0 and swapped == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert torch.allclose(triton_logits, logits, atol=1e-10)
+    assert torch.allclose(triton_weights, weights, atol=1e-12)
+
+
+def test_online_steps_on_shared_zeroed_outputs_equal_torch_convolutions(monkeypatch):
+    """Atomic launches everywhere, their zeroed outputs slices of buffers zeroed once per call (after the first
+    call has learnt the sizes): updates and predictions still agree with torch's convolutions in float64."""
+    monkeypatch.setattr(triton_conv, "_CHOSEN", AtomicEverywhere())
+    monkeypatch.setattr(triton_conv, "WEIGHT_GRAD_PROGRAMS", 4)
+    monkeypatch.setattr(zeroed_outputs, "_NEEDED", {})
+    monkeypatch.setattr(zeroed_outputs, "_BUFFERS", {})
+    torch.manual_seed(0)
+    task = build_task(TaskConfig(name="rotation"))
+    model = build_model(ModelConfig(depth=8, groups=4, img_size=8), task).to(torch.float64)
+    images = torch.rand(3, 1, 3, 8, 8, dtype=torch.float64)  # the first call learns the sizes, the others use them
+    runs = []
+    for kernels in ("torch", "triton"):
+        config = OnlineConfig(copies=2, lr=0.05, momentum=0.9, amp=False, conv_kernels=kernels, compile=False)
+        method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(3))
+        logits = torch.cat([method.adapt(image) for image in images])
+        runs.append((logits, torch.cat([p.detach().flatten() for p in method.model.encoder.parameters()])))
+    (logits, weights), (triton_logits, triton_weights) = runs
+    assert {key[1] for key in zeroed_outputs._BUFFERS} == {"out", "dx", "dw"}  # every role was served from a buffer
     assert torch.allclose(triton_logits, logits, atol=1e-10)
     assert torch.allclose(triton_weights, weights, atol=1e-12)
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tta_cli.models import zeroed_outputs
 from tta_cli.models.conv_kernels import tl, triton
 
 if triton is not None:
@@ -83,7 +84,7 @@ def _conv_forward(
         raise ValueError("sub-pixel classes are for the input gradient only")
     out_shape = (x.shape[0], w.shape[0], *_geometry(x.shape, w.shape, stride, padding))
     launch = Launch(tile, depth, splits, warps, stages, atomic, ordered=ordered)
-    return _launch_gathered(forward_kernel, x, w, tuple(x.shape), out_shape, out_shape, stride, padding, launch)
+    return _launch_gathered(forward_kernel, x, w, tuple(x.shape), out_shape, out_shape, stride, padding, launch, "out")
 
 
 def _conv_input_grad(
@@ -95,7 +96,7 @@ def _conv_input_grad(
     if subpixel:
         return _conv_input_grad_subpixel(dy, w, x_shape, stride, padding, tile, depth, warps, stages)
     launch = Launch(tile, depth, splits, warps, stages, atomic, ordered=ordered)
-    return _launch_gathered(input_grad_kernel, dy, w, tuple(x_shape), tuple(dy.shape), tuple(x_shape), stride, padding, launch)
+    return _launch_gathered(input_grad_kernel, dy, w, tuple(x_shape), tuple(dy.shape), tuple(x_shape), stride, padding, launch, "dx")
 
 
 class Launch(NamedTuple):
@@ -111,9 +112,10 @@ class Launch(NamedTuple):
     ordered: bool = False  # forward and input gradient: split sums added by each tile's last program, in order (deterministic)
 
 
-def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, padding, launch: Launch) -> torch.Tensor:
+def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, padding, launch: Launch, role: str) -> torch.Tensor:
     """Either gathered GEMM (forward: x -> y, input gradient: dy -> dx) over `result_shape` (B, columns, H', W'):
-    its pixels are the GEMM's rows, its channels the columns, and `source`'s channels x kH x kW the taps."""
+    its pixels are the GEMM's rows, its channels the columns, and `source`'s channels x kH x kW the taps. `role`
+    names the result for zeroed_outputs ("out", "dx")."""
     batch, channels, height, width = x_shape
     out_channels, _, kernel_h, kernel_w = w.shape
     columns = result_shape[1]
@@ -129,7 +131,7 @@ def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, 
         partials = _sum_buffer(splits, result_shape, source)
         counters = _tile_counters(source.device, tiles)
     else:
-        result = _sum_buffer(splits, result_shape, source, atomic)
+        result = _sum_buffer(splits, result_shape, source, atomic, role)
         partials = counters = result  # (not read)
     grid = (triton.cdiv(pixels, launch.tile), triton.cdiv(columns, bn), splits)
     kernel[grid](
@@ -188,11 +190,12 @@ def _split_steps(taps: int, depth: int, splits: int, numel: int = 0) -> tuple[in
     return steps, triton.cdiv(triton.cdiv(taps, depth), steps)
 
 
-def _sum_buffer(splits: int, shape: tuple[int, ...], like: torch.Tensor, atomic: bool = False) -> torch.Tensor:
+def _sum_buffer(splits: int, shape: tuple[int, ...], like: torch.Tensor, atomic: bool = False, role: str = "out") -> torch.Tensor:
     """Where a launch writes its sums: the output itself for one split; otherwise one fp32 (or float64) slab per
-    split, summed afterwards (_summed); `atomic`: a single zeroed fp32 slab the splits add into."""
+    split, summed afterwards (_summed); `atomic`: a single zeroed fp32 slab the splits add into (inside a
+    zeroed_outputs.one_fill, a slice of its `role`'s buffer, zeroed with the call's other outputs)."""
     if atomic:
-        return torch.zeros(1, *shape, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
+        return zeroed_outputs.zeros(role, (1, *shape), like.device, torch.promote_types(like.dtype, torch.float32))
     if splits == 1:
         return torch.empty(shape, device=like.device, dtype=like.dtype)
     return torch.empty(splits, *shape, device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
@@ -232,7 +235,7 @@ def _conv_weight_grad(
     pixels, taps = batch * out_h * out_w, channels * kernel_h * kernel_w
     bn, bk, per_split, splits = _weight_split(pixels, taps, out_channels, tile, depth, splits)
     atomic = atomic and splits > 1
-    partial = _sum_buffer(splits, (out_channels, taps), x, atomic)
+    partial = _sum_buffer(splits, (out_channels, taps), x, atomic, "dw")
     grid = (triton.cdiv(out_channels, bn), triton.cdiv(taps, bk), splits)
     weight_grad_kernel[grid](
         dy, x, partial, height, width, out_h, out_w, channels, out_channels, pixels, taps,
@@ -271,8 +274,8 @@ def _conv_grads(
     w_pixels, w_taps = batch * out_h * out_w, channels * kernel_h * kernel_w  # the weight gradient's
     w_bn, w_bk, per_split, w_splits = _weight_split(w_pixels, w_taps, out_channels, weight_tile, weight_depth, 0)
     w_atomic = atomic and w_splits > 1
-    dx_sums = _sum_buffer(d_splits, tuple(x.shape), dy, d_atomic)
-    dw_sums = _sum_buffer(w_splits, (out_channels, w_taps), x, w_atomic)
+    dx_sums = _sum_buffer(d_splits, tuple(x.shape), dy, d_atomic, "dx")
+    dw_sums = _sum_buffer(w_splits, (out_channels, w_taps), x, w_atomic, "dw")
     d_tiles_m, d_tiles_n = triton.cdiv(d_pixels, input_tile), triton.cdiv(channels, d_bn)
     w_tiles_n, w_tiles_k = triton.cdiv(out_channels, w_bn), triton.cdiv(w_taps, w_bk)
     grid = (d_tiles_m * d_tiles_n * d_splits + w_tiles_n * w_tiles_k * w_splits,)
@@ -411,7 +414,7 @@ def _run(operation: str, *args):
     """`operation` by its fastest implementation for these shapes: at a shape's first use (outside a CUDA graph
     capture; a shape first seen during a capture runs torch's kernel, uncached) each launch is run once and checked
     against torch's result (_agreeing), then timed against it."""
-    torch_call, triton_call, tiles = CANDIDATES[operation]
+    torch_call, triton_call, _ = CANDIDATES[operation]
     largest = max(a.numel() if isinstance(a, torch.Tensor) else math.prod(a) if isinstance(a, list) else 0 for a in args)
     if not available(args[0].device) or largest > MAX_ELEMENTS:  # (the kernels' 32-bit indexing needs < 2^31 too)
         return torch_call(*args)
@@ -420,18 +423,25 @@ def _run(operation: str, *args):
     if key not in _CHOSEN:
         if INTERPRET or torch.cuda.is_current_stream_capturing():
             return triton_call(*args) if INTERPRET else torch_call(*args)
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        launches = [tile for tile in tiles if not (deterministic and getattr(tile, "atomic", False))]
-        launches = _agreeing(triton_call, args, launches, torch_call(*args), key)
-        times = {None: graph_seconds(lambda: torch_call(*args))}
-        for tile in launches:
-            try:
-                times[tile] = graph_seconds(lambda tile=tile: triton_call(*args, *tile))
-            except Exception as error:  # a tile this GPU or triton version cannot compile: the others remain
-                _warn_once(error, tile, key)
-        _CHOSEN[key] = min(times, key=times.get)
+        with zeroed_outputs.suspended():  # each timed launch zeroes its own output, as a lone launch would
+            _CHOSEN[key] = _fastest(operation, args, key)
     tile = _CHOSEN[key]
     return torch_call(*args) if tile is None else triton_call(*args, *tile)
+
+
+def _fastest(operation: str, args: tuple, key: tuple):
+    """The fastest of torch's kernel (None) and the launches that agree with it, timed in CUDA graphs."""
+    torch_call, triton_call, tiles = CANDIDATES[operation]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    launches = [tile for tile in tiles if not (deterministic and getattr(tile, "atomic", False))]
+    launches = _agreeing(triton_call, args, launches, torch_call(*args), key)
+    times = {None: graph_seconds(lambda: torch_call(*args))}
+    for tile in launches:
+        try:
+            times[tile] = graph_seconds(lambda tile=tile: triton_call(*args, *tile))
+        except Exception as error:  # a tile this GPU or triton version cannot compile: the others remain
+            _warn_once(error, tile, key)
+    return min(times, key=times.get)
 
 
 def _agreeing(triton_call, args, launches: list, expected, key: tuple) -> list:
