@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import AtomicEverywhere
+from test_triton_norm import SHAPES as NORM_SHAPES
+from test_triton_norm import reference_and_fused
 
 from tta_cli.adapt.online import OnlineConfig, OnlineTTT
 from tta_cli.config import ModelConfig, TaskConfig
-from tta_cli.models import build_model, triton_conv, zeroed_outputs
+from tta_cli.models import build_model, triton_conv, triton_norm, zeroed_outputs
 from tta_cli.tasks import build_task
 
 # (batch, in channels, out channels, size, kernel, stride, padding): the ResNet's 3x3 convolutions, strided
@@ -80,6 +82,9 @@ def test_online_ttt_with_triton_convolutions_equals_torch_convolutions():
         runs.append((swapped, logits, torch.cat([p.detach().flatten() for p in method.model.encoder.parameters()])))
     (none, logits, weights), (swapped, triton_logits, triton_weights) = runs
     assert none == 0 and swapped == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert sum(isinstance(m, triton_norm.TritonGroupNorm) for m in method.model.modules()) == sum(
+        isinstance(m, torch.nn.GroupNorm) for m in model.modules()
+    )  # the norms went to the fused kernels too
     assert torch.allclose(triton_logits, logits, atol=1e-10)
     assert torch.allclose(triton_weights, weights, atol=1e-12)
 
@@ -198,3 +203,16 @@ def test_streams_side_by_side_keep_torch_convolutions_beside_a_triton_one_stream
     images = (torch.rand(4, 8, 8, 3) * 255).to(torch.uint8)
     logits = method.parallel.adapt_streams(images, [torch.tensor([0, 1]), torch.tensor([2, 3])])
     assert [tuple(part.shape) for part in logits] == [(2, 10), (2, 10)] and all(part.isfinite().all() for part in logits)
+
+
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=str)
+@pytest.mark.parametrize("mode", ["atomic", "deterministic", "input-only"])
+def test_fused_norm_kernels_equal_group_norm_then_relu(shape, mode, monkeypatch):
+    """The GroupNorm + ReLU kernels forward and backward (the weight's and bias's parts added atomically, or
+    summed in order under torch.use_deterministic_algorithms, or not computed), in float64 against torch."""
+    assert triton_norm._uses_kernel(torch.zeros(shape[:4]), shape[4])
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: mode == "deterministic")
+    (want, want_grads), (got, got_grads) = reference_and_fused(shape, weight_grads=mode != "input-only", seed=1)
+    assert torch.allclose(got, want, atol=1e-12)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        assert torch.allclose(got_grad, want_grad, atol=1e-10)

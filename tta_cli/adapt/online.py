@@ -26,7 +26,7 @@ from tta_cli.adapt.params import UpdateConfig, adapted_parameter_names
 from tta_cli.adapt.policies import PredictionWindow, ResetPolicy, RollbackPolicy, ShiftDetector
 from tta_cli.adapt.views import autocast_bf16, full_precision, make_views
 from tta_cli.errors import TTAError
-from tta_cli.models import triton_conv, zeroed_outputs
+from tta_cli.models import triton_conv, triton_norm, zeroed_outputs
 
 
 @dataclass
@@ -195,6 +195,7 @@ class OnlineTTT:
             self.parallel = ParallelOnlineTTT(copy.deepcopy(model), task, twin_config, generator, max_streams=streams)
         if uses_triton_convs(config.conv_kernels, self.device):
             triton_conv.use_triton_convs(model)
+            triton_norm.use_triton_norms(model)
         self._memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self._main_forward = self._forward("main")
         self._both_forward = maybe_compile(self._forward_both, config.compile, config.compile_backend)

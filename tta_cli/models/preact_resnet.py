@@ -39,8 +39,8 @@ class PreActBlock(nn.Module):
         self.shortcut = Downsample(in_planes, planes, stride) if stride != 1 or in_planes != planes else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        residual = self.conv1(torch.relu(self.norm1(x)))
-        residual = self.conv2(torch.relu(self.norm2(residual)))
+        residual = self.conv1(norm_relu(self.norm1, x))
+        residual = self.conv2(norm_relu(self.norm2, residual))
         shortcut = x if self.shortcut is None else self.shortcut(x)
         return shortcut + residual
 
@@ -66,6 +66,15 @@ class NormReLU(nn.Sequential):
 
     def __init__(self, channels: int, norm):
         super().__init__(norm(channels), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return norm_relu(self[0], x)
+
+
+def norm_relu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """relu(norm(x)), as one fused call where the norm offers one (triton_norm.TritonGroupNorm.forward_relu)."""
+    fused = getattr(norm, "forward_relu", None)
+    return torch.relu(norm(x)) if fused is None else fused(x)
 
 
 def make_stage(in_planes: int, planes: int, blocks: int, stride: int, norm) -> nn.Sequential:
