@@ -23,7 +23,7 @@ from conv_sweep import grid
 
 from tta_cli.adapt.online import uses_triton_convs
 from tta_cli.config import ModelConfig, TaskConfig
-from tta_cli.models import build_model, triton_conv, zeroed_outputs
+from tta_cli.models import build_model, triton_conv, triton_norm, zeroed_outputs
 from tta_cli.stream.loop import StreamSettings, run_stream
 from tta_cli.tasks import build_task
 
@@ -128,7 +128,7 @@ def main() -> None:
     print_table(rows, args, device)
 
 
-EXPERIMENTS = ("grid", "noatomic", "nofuse", "noordered", "nosubpixel", "nozeroed", "combo", "nosplit", "cdt")
+EXPERIMENTS = ("grid", "noatomic", "nofuse", "noordered", "nosubpixel", "nozeroed", "nofusednorm", "combo", "nosplit", "cdt")
 
 
 @contextlib.contextmanager
@@ -137,7 +137,8 @@ def experiments(flags):
     choice tries every launch of benchmarks/conv_sweep.py as well as its own; `noatomic`, none of the atomic
     launches; `nofuse`, no launch of both gradients at once; `noordered`, none of the ordered split sums;
     `nosubpixel`, none of the sub-pixel input gradients; `nozeroed`, each atomic launch zeroes its own output (no
-    shared zeroed_outputs buffer per call); `combo`, inductor fuses independent kernels side by
+    shared zeroed_outputs buffer per call); `nofusednorm`, the norms stay torch's (inductor's kernels) beside the
+    Triton convolutions, not triton_norm's fused GroupNorm + ReLU; `combo`, inductor fuses independent kernels side by
     side (torch._inductor.config.combo_kernels); `nosplit`, inductor keeps each reduction in one kernel
     (split_reductions off: the norms' statistics over 32 images are small grids it may split in two); `cdt`,
     inductor tunes each of its kernels' block sizes by timing them (coordinate_descent_tuning). Every run starts
@@ -158,7 +159,9 @@ def experiments(flags):
     if changed:
         triton_conv._CHOSEN.clear()
     torch._dynamo.reset()  # (inductor's on-disk cache still serves a run whose settings it has compiled before)
-    shared_zeros = zeroed_outputs.zeros
+    shared_zeros, swap_norms = zeroed_outputs.zeros, triton_norm.use_triton_norms
+    if "nofusednorm" in flags:
+        triton_norm.use_triton_norms = lambda module: 0
     if "nozeroed" in flags:
         zeroed_outputs.zeros = lambda role, shape, device, dtype: torch.zeros(shape, device=device, dtype=dtype)
     try:
@@ -167,7 +170,7 @@ def experiments(flags):
         ):
             yield
     finally:
-        zeroed_outputs.zeros = shared_zeros
+        zeroed_outputs.zeros, triton_norm.use_triton_norms = shared_zeros, swap_norms
         triton_conv.CANDIDATES.update(candidates)
         if changed:
             triton_conv._CHOSEN.clear()
