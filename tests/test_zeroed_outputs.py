@@ -1,4 +1,4 @@
-"""The shared zeroed outputs of the atomic convolution launches (models/zeroed_outputs.py), on the CPU."""
+"""The zeroed outputs of the atomic launches, zeroed together at a call's start (models/zeroed_outputs.py)."""
 
 import pytest
 import torch
@@ -6,69 +6,79 @@ import torch
 from tta_cli.models import zeroed_outputs
 
 CPU = torch.device("cpu")
+REQUESTS = (("dw", (1, 4, 9)), ("dw", (1, 4, 9)), ("dw", (1, 3)), ("dx", (1, 2, 5, 5)))
 
 
 @pytest.fixture(autouse=True)
-def fresh_state(monkeypatch):
-    monkeypatch.setattr(zeroed_outputs, "_NEEDED", {})
-    monkeypatch.setattr(zeroed_outputs, "_BUFFERS", {})
-    monkeypatch.setattr(zeroed_outputs, "_KEPT", [])
+def fresh_plans(monkeypatch):
+    monkeypatch.setattr(zeroed_outputs, "_PLANS", {})
 
 
-def take_three(name="step"):
+@pytest.fixture
+def fresh_zeros(monkeypatch):
+    """Counts the outputs made by torch.zeros (the fallback) rather than handed out ready."""
+    made = []
+    real = torch.zeros
+
+    def counting(*args, **kwargs):
+        made.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", counting)
+    return made
+
+
+def take(name="step", requests=REQUESTS):
     with zeroed_outputs.one_fill(name):
-        return [zeroed_outputs.zeros(role, shape, CPU, torch.float32) for role, shape in (("dw", (1, 4, 9)), ("dw", (1, 3)), ("dx", (1, 2, 5, 5)))]
+        return [zeroed_outputs.zeros(role, shape, CPU, torch.float32) for role, shape in requests]
 
 
-def test_outside_a_call_each_output_is_its_own_zeroed_tensor():
-    first, second = (zeroed_outputs.zeros("dw", (1, 8), CPU, torch.float32) for _ in range(2))
-    assert first.abs().sum() == 0 and first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+def test_outside_a_call_each_output_is_made_by_torch_zeros(fresh_zeros):
+    output = zeroed_outputs.zeros("dw", (1, 8), CPU, torch.float32)
+    assert len(fresh_zeros) == 1 and output.shape == (1, 8) and int(output.abs().sum()) == 0
 
 
-def test_a_later_call_takes_slices_of_one_buffer_per_role():
-    take_three()  # the first call learns the sizes
-    dw_a, dw_b, dx = take_three()
-    assert dw_a.untyped_storage().data_ptr() == dw_b.untyped_storage().data_ptr() != dx.untyped_storage().data_ptr()
-    assert dw_b.data_ptr() - dw_a.data_ptr() == zeroed_outputs.ALIGN * 4  # 36 elements, rounded up to one aligned block
-    assert [tuple(t.shape) for t in (dw_a, dw_b, dx)] == [(1, 4, 9), (1, 3), (1, 2, 5, 5)]
-
-
-def test_each_call_zeroes_what_the_last_one_wrote():
-    take_three()
+def test_a_later_call_hands_out_outputs_zeroed_at_its_start(fresh_zeros):
+    take()  # the first call learns what it needs
+    assert len(fresh_zeros) == len(REQUESTS)
     for _ in range(3):
-        outputs = take_three()
-        assert all(int(t.abs().sum()) == 0 for t in outputs)
+        outputs = take()
+        assert all(int(t.abs().sum()) == 0 for t in outputs) and [tuple(t.shape) for t in outputs] == [s for _, s in REQUESTS]
         for t in outputs:
             t.add_(7.0)  # what an atomic launch leaves behind
+    assert len(fresh_zeros) == len(REQUESTS)  # none made since the first call
 
 
-def test_a_call_that_needs_more_than_the_last_gets_fresh_zeros_for_the_rest_and_room_next_time():
-    take_three()
-    with zeroed_outputs.one_fill("step"):
-        kept = [zeroed_outputs.zeros("dw", (1, 4, 9), CPU, torch.float32), zeroed_outputs.zeros("dw", (1, 3), CPU, torch.float32)]
-        extra = zeroed_outputs.zeros("dw", (1, 100), CPU, torch.float32)
-    assert extra.untyped_storage().data_ptr() != kept[0].untyped_storage().data_ptr() and int(extra.abs().sum()) == 0
-    with zeroed_outputs.one_fill("step"):
-        *_, again = [zeroed_outputs.zeros("dw", shape, CPU, torch.float32) for shape in ((1, 4, 9), (1, 3), (1, 100))]
-    assert again.untyped_storage().data_ptr() == zeroed_outputs._BUFFERS[("step", "dw", 0, "cpu", torch.float32)].untyped_storage().data_ptr()
+def test_outputs_of_one_call_share_no_storage():
+    take()
+    storages = {t.untyped_storage().data_ptr() for t in take()}
+    assert len(storages) == len(REQUESTS)
 
 
-def test_calls_of_other_names_have_their_own_buffers_and_nested_calls_share_the_outer_one():
-    take_three("step")
-    take_three("predict")
-    step, predict = take_three("step")[0], take_three("predict")[0]
-    assert step.untyped_storage().data_ptr() != predict.untyped_storage().data_ptr()
+def test_a_call_that_needs_more_gets_fresh_zeros_for_the_rest_and_has_them_ready_next_time(fresh_zeros):
+    take()
+    more = (*REQUESTS, ("dw", (1, 3)), ("out", (2, 2)))
+    take(requests=more)
+    assert len(fresh_zeros) == len(REQUESTS) + 2
+    take(requests=more)
+    take()  # fewer than planned: the rest stay unused
+    assert len(fresh_zeros) == len(REQUESTS) + 2
+
+
+def test_calls_of_other_names_plan_apart_and_nested_calls_use_the_outer_one(fresh_zeros):
+    take("step")
+    take("predict", requests=(("out", (3,)),))
     with zeroed_outputs.one_fill("step"), zeroed_outputs.one_fill("inner"):
-        inner = zeroed_outputs.zeros("dw", (1, 4, 9), CPU, torch.float32)
-    assert inner.data_ptr() == step.data_ptr() and not any(key[0] == "inner" for key in zeroed_outputs._NEEDED)
+        for role, shape in REQUESTS:
+            zeroed_outputs.zeros(role, shape, CPU, torch.float32)
+    assert len(fresh_zeros) == len(REQUESTS) + 1 and "inner" not in zeroed_outputs._PLANS
 
 
-def test_suspended_hands_out_fresh_zeros_inside_a_call():
-    take_three()
+def test_suspended_makes_fresh_zeros_and_takes_nothing_ready(fresh_zeros):
+    take()
     with zeroed_outputs.one_fill("step"):
         with zeroed_outputs.suspended():
-            timed = zeroed_outputs.zeros("dw", (1, 4, 9), CPU, torch.float32)
-        served = zeroed_outputs.zeros("dw", (1, 4, 9), CPU, torch.float32)
-    buffer = zeroed_outputs._BUFFERS[("step", "dw", 0, "cpu", torch.float32)]
-    assert timed.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr() == served.untyped_storage().data_ptr()
-    assert served.data_ptr() == buffer.data_ptr()  # the timed launch took no slice
+            zeroed_outputs.zeros("dw", (1, 3), CPU, torch.float32)
+        for role, shape in REQUESTS:
+            zeroed_outputs.zeros(role, shape, CPU, torch.float32)
+    assert len(fresh_zeros) == len(REQUESTS) + 1

@@ -94,8 +94,7 @@ def test_online_steps_on_shared_zeroed_outputs_equal_torch_convolutions(monkeypa
     call has learnt the sizes): updates and predictions still agree with torch's convolutions in float64."""
     monkeypatch.setattr(triton_conv, "_CHOSEN", AtomicEverywhere())
     monkeypatch.setattr(triton_conv, "WEIGHT_GRAD_PROGRAMS", 4)
-    monkeypatch.setattr(zeroed_outputs, "_NEEDED", {})
-    monkeypatch.setattr(zeroed_outputs, "_BUFFERS", {})
+    monkeypatch.setattr(zeroed_outputs, "_PLANS", {})
     torch.manual_seed(0)
     task = build_task(TaskConfig(name="rotation"))
     model = build_model(ModelConfig(depth=8, groups=4, img_size=8), task).to(torch.float64)
@@ -107,7 +106,7 @@ def test_online_steps_on_shared_zeroed_outputs_equal_torch_convolutions(monkeypa
         logits = torch.cat([method.adapt(image) for image in images])
         runs.append((logits, torch.cat([p.detach().flatten() for p in method.model.encoder.parameters()])))
     (logits, weights), (triton_logits, triton_weights) = runs
-    assert {key[1] for key in zeroed_outputs._BUFFERS} == {"out", "dx", "dw"}  # every role was served from a buffer
+    assert {key[0] for key in zeroed_outputs._PLANS["step"]} == {"out", "dx", "dw"}  # every role was planned for
     assert torch.allclose(triton_logits, logits, atol=1e-10)
     assert torch.allclose(triton_weights, weights, atol=1e-12)
 
