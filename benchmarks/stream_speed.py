@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--pre-update", action="store_true", help="predict before each frame's update (lower latency)")
     parser.add_argument("--eager", action="store_true", help="no CUDA graph (to see what the graph saves)")
     parser.add_argument("--profile", type=int, default=0, metavar="FRAMES",
-                        help="also print a kernel profile of FRAMES frames of each run: kernels and device time per frame, by kind")
+                        help="also print a kernel profile of FRAMES frames of each run (at least two blocks of 64; the first is not "
+                        "recorded): kernels and device time per frame, by kind")
     parser.add_argument("--variants", default="fp32:compile,fp32:compile:serial,fp32:compile:torch,bf16:compile",
                         help="comma list of precision:compile|eager[:cl][:triton|:torch][:serial][:EXPERIMENT]... "
                         "(bf16/fp32 autocast, torch.compile, channels_last, the convolutions' kernels: Triton where faster, or "
@@ -108,10 +109,11 @@ def main() -> None:
                 )
                 with experiments(layout):
                     summary = measure(model, task, frames, settings, min(warmup, args.frames), device)
-                    if args.profile:
-                        found = profile_stream(model, task, frames[: args.profile], settings, device)
+                    if args.profile:  # (at least two blocks: the first, which holds the capture, is not recorded)
+                        profiled = frames[: max(args.profile, 2 * settings.block)]
+                        found = profile_stream(model, task, profiled, settings, device)
                         if not found and settings.cuda_graph and device.type == "cuda":  # the profiler missed the graph's kernels
-                            profile_stream(model, task, frames[: args.profile], dataclasses.replace(settings, cuda_graph=False), device)
+                            profile_stream(model, task, profiled, dataclasses.replace(settings, cuda_graph=False), device)
                     run = f"{settings.name} {precision} {compiled}{' cl' if settings.channels_last else ''}"
                     triton = uses_triton_convs(settings.conv_kernels, device)
                     run += " triton" if triton else ""
@@ -178,6 +180,7 @@ def experiments(flags):
 
 KINDS = (  # kernel kind by name: first match wins (inductor's before cuDNN's: its names can hold "conv2d")
     ("conv, Triton (tta)", ("forward_kernel", "input_grad_kernel", "weight_grad_kernel", "grads_kernel", "input_grad_subpixel_kernel")),
+    ("GroupNorm + ReLU, Triton (tta)", ("group_norm_relu",)),
     ("layout transposes (cuDNN)", ("nchwToNhwc", "nhwcToNchw")),
     ("fused by inductor", ("triton_",)),
     ("conv, cuDNN", ("conv", "cudnn", "xmma", "implicit_gemm", "dgrad", "wgrad", "fprop", "cutlass", "gemm", "sm90_", "sm80_")),
