@@ -56,9 +56,10 @@ class OnlineConfig(UpdateConfig):
     # ones), saving the separate prediction pass; exactly the sequential result. 570 vs 534 samples/s on the
     # H200; `tta adapt` turns it on (AdaptSettings.pipeline), the object's own default stays the plain loop.
     pipeline: bool = False
-    # Who runs the one-stream step's convolutions: "torch" (cuDNN on CUDA), "triton" (models/triton_conv.py: per
-    # operation and shape, whichever of cuDNN and its Triton implicit-GEMM kernels timed fastest) or "auto" (triton
-    # on CUDA, torch elsewhere). The parallel streams keep torch's, which vmap needs.
+    # Who runs the one-stream step's convolutions and norms: "torch" (cuDNN and inductor's kernels on CUDA), "triton"
+    # (models/triton_conv.py: per operation and shape, whichever of cuDNN and its Triton implicit-GEMM kernels timed
+    # fastest; and models/triton_norm.py: each GroupNorm + ReLU as one Triton kernel each way) or "auto" (triton on
+    # CUDA, torch elsewhere). The parallel streams keep torch's, which vmap needs.
     conv_kernels: str = "torch"
 
 

@@ -316,7 +316,9 @@ def _separate_grads(dy, x, w, stride, padding):
 # 1-image prediction), whose 64 programs leave most of the GPU idle through 18 steps. Their partial sums cost one
 # more kernel each (46 a frame, 154 us of 1,380 in the sixth session's profile), so most split launches are `atomic`:
 # they add into a zeroed output instead, in no fixed order, so not bitwise reproducible run to run (skipped under
-# torch.use_deterministic_algorithms; one plain split launch per operation remains for that). The lists are the
+# torch.use_deterministic_algorithms; one plain split launch per operation remains for that). Inside OnlineTTT's
+# calls those outputs are zeroed together when the call starts (zeroed_outputs.py: 80 -> 17 fills and copies a
+# stream frame, 866 -> 905 frames/s on the H200); the choice times each atomic launch with its own fill. The lists are the
 # launches the stream step and a ResNet-50 chose on an H200 (in any of three runs) out of benchmarks/conv_sweep.py's winners (72 launches
 # per operation at every shape; docs/results.md, seventh session): no pipelining (stages 1) and 2 or 8 warps often
 # beat Triton's defaults. Each launch tried costs a compile (~1 s) at each new shape on a machine's first run.
