@@ -42,6 +42,21 @@ def test_torch_path_of_the_fused_op_equals_group_norm_then_relu(shape, weight_gr
         assert torch.allclose(got_grad, want_grad, atol=1e-10)
 
 
+def test_torch_path_takes_bf16_inputs_beside_fp32_weights_as_autocast_leaves_them():
+    """A convolution's bf16 output and the norm's fp32 parameters (groups too large for one program land here)."""
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 8, 4, 4, generator=generator).bfloat16().requires_grad_()
+    weight, bias = torch.randn(8, generator=generator).requires_grad_(), torch.randn(8, generator=generator).requires_grad_()
+    out = triton_norm.group_norm_relu(x, weight, bias, 4, 1e-5)[0]
+    grads = torch.autograd.grad(out.float().sum(), (x, weight, bias))
+    want = torch.relu(F.group_norm(x.float(), 4, weight, bias, 1e-5))
+    want_grads = torch.autograd.grad(want.sum(), (x, weight, bias))
+    assert out.dtype == torch.bfloat16 and [g.dtype for g in grads] == [torch.bfloat16, torch.float32, torch.float32]
+    assert torch.allclose(out.float(), want, atol=2e-2)
+    for got, expected in zip(grads, want_grads, strict=True):
+        assert torch.allclose(got.float(), expected.float(), atol=5e-2)
+
+
 def test_swapping_the_norms_keeps_the_state_dict_and_the_outputs():
     task = build_task(TaskConfig(name="rotation"))
     model = build_model(ModelConfig(depth=8, groups=4, img_size=8), task).double().eval()

@@ -14,6 +14,8 @@ it runs torch's group norm and ReLU instead: the slow twin the tests compare it 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -31,12 +33,16 @@ def _statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _pixels(x: torch.Tensor) -> int:
+    return math.prod(x.shape[2:])
+
+
 def _uses_kernel(x: torch.Tensor, groups: int) -> bool:
-    return available(x.device) and x.shape[1] // groups * x[0, 0].numel() <= MAX_GROUP
+    return available(x.device) and x.shape[0] > 0 and x.shape[1] // groups * _pixels(x) <= MAX_GROUP
 
 
 def _tiling(x: torch.Tensor, groups: int) -> dict:
-    per_group, pixels = x.shape[1] // groups, x[0, 0].numel()
+    per_group, pixels = x.shape[1] // groups, _pixels(x)
     block_c, block_hw = triton.next_power_of_2(per_group), triton.next_power_of_2(pixels)
     size = block_c * block_hw
     warps = 1 if INTERPRET else 2 if size <= 512 else 4 if size <= 2048 else 8
@@ -52,14 +58,16 @@ def group_norm_relu(
     float64 x), kept for the backward pass."""
     x = x.contiguous()
     batch, channels = x.shape[:2]
-    if not _uses_kernel(x, groups):
-        out, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, batch, channels, x[0, 0].numel(), groups, eps)
+    if not _uses_kernel(x, groups):  # torch's kernels, in the statistics' precision (bf16 x, fp32 weight: autocast)
         dtype = _statistics_dtype(x.dtype)
-        return torch.relu(out), mean.reshape(-1).to(dtype), rstd.reshape(-1).to(dtype)
+        out, mean, rstd = torch.ops.aten.native_group_norm(
+            x.to(dtype), weight.to(dtype), bias.to(dtype), batch, channels, _pixels(x), groups, eps
+        )
+        return torch.relu(out).to(x.dtype), mean.reshape(-1), rstd.reshape(-1)
     y = torch.empty_like(x)
     mean = torch.empty(batch * groups, device=x.device, dtype=_statistics_dtype(x.dtype))
     rstd = torch.empty_like(mean)
-    group_norm_relu_kernel[(batch * groups,)](x, weight, bias, y, mean, rstd, channels, x[0, 0].numel(), eps, **_tiling(x, groups))
+    group_norm_relu_kernel[(batch * groups,)](x, weight, bias, y, mean, rstd, channels, _pixels(x), eps, **_tiling(x, groups))
     return y, mean, rstd
 
 
@@ -75,8 +83,8 @@ def group_norm_relu_backward(
     groups: int, weight_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, d_weight_and_bias): the gradient of x and, with weight_grads, those of the weight and bias stacked as
-    (2, C) (one tensor: a custom op's outputs may not share storage, and both come from one zeroed buffer), else
-    an empty (0,) tensor."""
+    (2, C) (one zeroed output the kernel adds into: a custom op's outputs may not share storage), else an empty
+    (0,) tensor."""
     dy, x = dy.contiguous(), x.contiguous()
     batch, channels = x.shape[:2]
     if not _uses_kernel(x, groups):
@@ -92,7 +100,7 @@ def group_norm_relu_backward(
         sums = torch.empty(2, batch, channels, device=x.device, dtype=dtype)
     first, second = (sums[0], sums[1]) if weight_grads else (sums, sums)
     group_norm_relu_backward_kernel[(batch * groups,)](
-        dy, x, weight, bias, mean, rstd, dx, first, second, channels, x[0, 0].numel(),
+        dy, x, weight, bias, mean, rstd, dx, first, second, channels, _pixels(x),
         WEIGHT_GRADS=weight_grads, ATOMIC=atomic, **_tiling(x, groups),
     )
     if weight_grads and not atomic:
@@ -106,18 +114,20 @@ def _(dy, x, weight, bias, mean, rstd, groups, weight_grads):
 
 
 def _torch_backward(dy, x, weight, bias, mean, rstd, groups: int, weight_grads: bool):
-    """The backward pass by torch's own kernels: the ReLU's mask from the recomputed pre-activation, then
-    native_group_norm_backward."""
+    """The backward pass by torch's own kernels, in the statistics' precision: the ReLU's mask from the recomputed
+    pre-activation, then native_group_norm_backward."""
     batch, channels = x.shape[:2]
-    statistics = mean.view(batch, groups, 1), rstd.view(batch, groups, 1)
-    normed = ((x.reshape(batch, groups, -1) - statistics[0]) * statistics[1]).view_as(x)
+    x_dtype, weight_dtype, dtype = x.dtype, weight.dtype, mean.dtype
+    x, dy, weight, bias = x.to(dtype), dy.to(dtype), weight.to(dtype), bias.to(dtype)
+    normed = ((x.reshape(batch, groups, -1) - mean.view(batch, groups, 1)) * rstd.view(batch, groups, 1)).view_as(x)
     pre = normed * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
     grad = torch.where(pre > 0, dy, torch.zeros_like(dy))
     dx, dweight, dbias = torch.ops.aten.native_group_norm_backward(
-        grad, x, mean.view(batch, groups).to(x.dtype), rstd.view(batch, groups).to(x.dtype), weight,
-        batch, channels, x[0, 0].numel(), groups, [True, weight_grads, weight_grads],
+        grad, x, mean.view(batch, groups), rstd.view(batch, groups), weight, batch, channels, _pixels(x), groups,
+        [True, weight_grads, weight_grads],
     )
-    return dx, torch.stack([dweight, dbias]) if weight_grads else weight.new_empty(0)
+    sums = torch.stack([dweight, dbias]) if weight_grads else weight.new_empty(0)
+    return dx.to(x_dtype), sums.to(weight_dtype)
 
 
 def _setup_context(ctx, inputs, output):
