@@ -39,7 +39,7 @@ Speed (CUDA): ttt and ttt-online run through torch.compile, so the first call co
 seconds (--set compile=false for short runs); bf16 for ttt and for ttt-online streams side by side,
 fp32 for one ttt-online stream and the rest (--set amp=true|false for all; results.json says which ran).
 One ttt-online stream runs each convolution on the faster of cuDNN and tta's Triton kernels, timed once
-per shape (--set conv_kernels=torch for cuDNN only).
+per shape, and each GroupNorm + ReLU as one Triton kernel (--set conv_kernels=torch for torch's kernels only).
 
 Examples:
 

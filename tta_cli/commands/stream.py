@@ -208,7 +208,8 @@ def run_command(
     --out writes frames.csv and frames.jsonl (one row per frame: time, class, confidence, adapted, rolled back,
     ssl loss, latency) and summary.json (accuracy, latency p50/p95/max, fps, counts). --set takes any
     StreamSettings key (e.g. --set momentum=0.9 --set amp=false). On CUDA each convolution runs on the faster of
-    cuDNN and tta's Triton kernels, timed once per shape (--set conv_kernels=torch for cuDNN only). Unpaced, each
+    cuDNN and tta's Triton kernels, timed once per shape, and each GroupNorm + ReLU as one Triton kernel (--set
+    conv_kernels=torch for torch's kernels only). Unpaced, each
     frame's prediction runs beside the next frame's update on a second CUDA stream, the same weights and logits
     (--set overlap=false: right after its own update). Ctrl-C stops early and still writes the results.
     """

@@ -73,8 +73,9 @@ class StreamSettings:
     # 498 frames/s against bf16's 481 and fp32's 515 (stream_speed.py)
     channels_last: bool = False
     cudnn_benchmark: bool = False
-    # auto | torch | triton: who runs the step's convolutions (OnlineConfig). auto = Triton's where they timed faster
-    # than cuDNN's, on CUDA: 623 vs 515 frames/s for the reference ResNet-26 on the H200 (benchmarks/stream_speed.py)
+    # auto | torch | triton: who runs the step's convolutions and norms (OnlineConfig). auto = Triton's convolutions
+    # where they timed faster than cuDNN's, and the fused GroupNorm + ReLU, on CUDA: 623 vs 515 frames/s for the
+    # reference ResNet-26 on the H200 from the convolutions, 904.8 -> 1,016.5 from the norms (benchmarks/stream_speed.py)
     conv_kernels: str = "auto"
     # unpaced runs that predict after the update, without rollback or resets: frame t's prediction (on the weights
     # after its update) runs on a side stream beside frame t+1's update, in one CUDA graph (OnlineTTT.adapt_overlapped);
