@@ -17,7 +17,7 @@ from tta_cli.adapt.online_parallel import ParallelOnlineTTT
 from tta_cli.adapt.per_sample import adapt_streams_reference
 from tta_cli.config import ModelConfig, TaskConfig
 from tta_cli.data.imageset import to_float_nchw
-from tta_cli.models import build_model, triton_conv, zeroed_outputs
+from tta_cli.models import build_model, triton_conv
 from tta_cli.tasks import build_task
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -240,7 +240,6 @@ def test_atomic_launches_on_shared_zeroed_outputs_in_the_overlapped_graph_follow
     update's stream and the side stream's prediction), compiled and captured: the overlapped stream step against
     cuDNN's over a short stream."""
     monkeypatch.setattr(triton_conv, "_CHOSEN", AtomicEverywhere())
-    monkeypatch.setattr(zeroed_outputs, "_PLANS", {})
     model, task = tiny()
     images = torch.rand(8, 1, 3, 32, 32, device="cuda")
     runs = []
@@ -252,7 +251,7 @@ def test_atomic_launches_on_shared_zeroed_outputs_in_the_overlapped_graph_follow
         logits = [method.adapt_overlapped(images[0], None)]
         logits += [method.adapt_overlapped(image, earlier).clone() for earlier, image in zip(images[:-1], images[1:], strict=True)]
         runs.append((torch.cat(logits[1:] + [method.predict(images[-1])]), method.weights.flat.clone()))
-    assert {key[0] for key in zeroed_outputs._PLANS["overlapped"]} == {"out", "dx", "dw"}  # every role was planned for
+    assert {key[0] for key in method._calls["overlapped"].plan} == {"out", "dx", "dw"}  # every role was planned for
     (want, want_weights), (got, got_weights) = runs
     assert torch.allclose(got, want, atol=1e-3 * float(want.abs().max()))
     assert torch.allclose(got_weights, want_weights, atol=1e-4)

@@ -15,7 +15,7 @@ from test_triton_norm import reference_and_fused
 
 from tta_cli.adapt.online import OnlineConfig, OnlineTTT
 from tta_cli.config import ModelConfig, TaskConfig
-from tta_cli.models import build_model, triton_conv, triton_norm, zeroed_outputs
+from tta_cli.models import build_model, triton_conv, triton_norm
 from tta_cli.tasks import build_task
 
 # (batch, in channels, out channels, size, kernel, stride, padding): the ResNet's 3x3 convolutions, strided
@@ -94,7 +94,6 @@ def test_online_steps_on_shared_zeroed_outputs_equal_torch_convolutions(monkeypa
     call has learnt the sizes): updates and predictions still agree with torch's convolutions in float64."""
     monkeypatch.setattr(triton_conv, "_CHOSEN", AtomicEverywhere())
     monkeypatch.setattr(triton_conv, "WEIGHT_GRAD_PROGRAMS", 4)
-    monkeypatch.setattr(zeroed_outputs, "_PLANS", {})
     torch.manual_seed(0)
     task = build_task(TaskConfig(name="rotation"))
     model = build_model(ModelConfig(depth=8, groups=4, img_size=8), task).to(torch.float64)
@@ -106,7 +105,7 @@ def test_online_steps_on_shared_zeroed_outputs_equal_torch_convolutions(monkeypa
         logits = torch.cat([method.adapt(image) for image in images])
         runs.append((logits, torch.cat([p.detach().flatten() for p in method.model.encoder.parameters()])))
     (logits, weights), (triton_logits, triton_weights) = runs
-    assert {key[0] for key in zeroed_outputs._PLANS["step"]} == {"out", "dx", "dw"}  # every role was planned for
+    assert {key[0] for key in method._calls["step"].plan} == {"out", "dx", "dw"}  # every role was planned for
     assert torch.allclose(triton_logits, logits, atol=1e-10)
     assert torch.allclose(triton_weights, weights, atol=1e-12)
 

@@ -118,14 +118,17 @@ class FlatParameters:
 TWO_INPUTS = ("overlapped", "pipelined")  # calls on (earlier, images): a prediction of earlier, an update on images
 
 
-def _with_one_fill(name: str, call: Callable) -> Callable:
-    """`call` inside zeroed_outputs.one_fill(name): the atomic convolutions' zeroed outputs of one call (a step, a
-    prediction) come from one fill per stream, not one each (65 fills, 60 us of a stream frame's 1,159 us)."""
+def _with_one_fill(call: Callable) -> Callable:
+    """`call` inside zeroed_outputs.one_fill with a plan of its own (`.plan`): the atomic launches' zeroed outputs of
+    one call (a step, a prediction) are zeroed together when it starts, not one fill each (65 fills, 60 us of a
+    stream frame's 1,159 us)."""
+    plan = zeroed_outputs.new_plan()
 
     def run(*inputs):
-        with zeroed_outputs.one_fill(name):
+        with zeroed_outputs.one_fill(plan):
             return call(*inputs)
 
+    run.plan = plan
     return run
 
 
@@ -207,7 +210,7 @@ class OnlineTTT:
         self._apply = maybe_compile(self._apply_gradient, config.compile, config.compile_backend)
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # overlapped predictions
         calls = {"step": self.step, "predict": self._predict, "update": self._update, "pipelined": self._pipelined, "overlapped": self._overlapped}
-        self._calls = {kind: _with_one_fill(kind, call) for kind, call in calls.items()}
+        self._calls = {kind: _with_one_fill(call) for kind, call in calls.items()}
 
     def _outputs_and_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The ssl head's outputs for `inputs` and the task's loss on them (one compiled graph with its backward)."""

@@ -3,7 +3,7 @@ call of a step instead of one fill per launch.
 
 Why: an atomic launch (triton_conv.Launch(atomic=True)) adds its split sums into a zeroed fp32 output, and that
 zeroing was its own fill kernel: 65 fills a frame of the stream step, 60 us of its 1,159 us of kernels on an H200
-(docs/speed-notes.md). Inside `one_fill(name)` the outputs that the last calls of `name` asked for are allocated
+(docs/speed-notes.md). Inside `one_fill(plan)` the outputs that the earlier calls with that plan asked for are allocated
 when the call starts and zeroed by one `torch._foreach_zero_`, and each request takes the next one of its role,
 shape and dtype. A request beyond them (the first call, new shapes) gets torch.zeros, as outside any `one_fill`,
 and the next call has it ready.
@@ -29,7 +29,7 @@ import torch
 
 @dataclass
 class _Call:
-    name: str
+    plan: Counter
     ready: dict[tuple, list[torch.Tensor]]  # (role, shape, device, dtype) -> zeroed outputs not yet handed out
     asked: Counter = field(default_factory=Counter)  # what this call asked for, handed out or not
 
@@ -37,28 +37,33 @@ class _Call:
 # The call in progress: a plain global, not a context variable, since autograd runs a CUDA backward pass on its
 # own worker thread, which sees no context variable of the thread that asked for the gradients.
 _active: _Call | None = None
-_PLANS: dict[str, Counter] = {}  # name -> the most outputs of each (role, shape, device, dtype) one call asked for
+
+
+def new_plan() -> Counter:
+    """What one kind of call needs: the most outputs of each (role, shape, device, dtype) one call asked for. Each
+    caller keeps its own (OnlineTTT one per kind of call), so that two models in one process plan apart."""
+    return Counter()
 
 
 @contextlib.contextmanager
-def one_fill(name: str):
-    """Atomic outputs taken inside come ready zeroed, all zeroed at once here (see the module's doc)."""
+def one_fill(plan: Counter):
+    """Atomic outputs taken inside come ready zeroed, all zeroed at once here, as many as `plan` (new_plan) says
+    the earlier calls with it asked for; this call's requests are added to it (see the module's doc)."""
     global _active
     if _active is not None:  # nested: the outer call's outputs serve
         yield
         return
-    ready = {key: [torch.empty(key[1], device=key[2], dtype=key[3]) for _ in range(count)] for key, count in _PLANS.get(name, {}).items()}
+    ready = {key: [torch.empty(key[1], device=key[2], dtype=key[3]) for _ in range(count)] for key, count in plan.items()}
     alike: dict[tuple, list[torch.Tensor]] = {}  # one multi-tensor kernel per device and dtype
     for (_, _, device, dtype), tensors in ready.items():
         alike.setdefault((device, dtype), []).extend(tensors)
     for tensors in alike.values():
         torch._foreach_zero_(tensors)
-    call = _active = _Call(name, ready)
+    call = _active = _Call(plan, ready)
     try:
         yield
     finally:
         _active = None
-        plan = _PLANS.setdefault(name, Counter())
         for key, count in call.asked.items():
             plan[key] = max(plan[key], count)
 
