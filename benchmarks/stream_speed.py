@@ -138,8 +138,8 @@ def experiments(flags):
     """Settings no flag of `tta stream` has, for one run, to measure a change against what it replaced: `grid`, the
     choice tries every launch of benchmarks/conv_sweep.py as well as its own; `noatomic`, none of the atomic
     launches; `nofuse`, no launch of both gradients at once; `noordered`, none of the ordered split sums;
-    `nosubpixel`, none of the sub-pixel input gradients; `nozeroed`, each atomic launch zeroes its own output (no
-    shared zeroed_outputs buffer per call); `nofusednorm`, the norms stay torch's (inductor's kernels) beside the
+    `nosubpixel`, none of the sub-pixel input gradients; `nozeroed`, each atomic launch zeroes its own output (not
+    zeroed with the call's others when it starts, zeroed_outputs.py); `nofusednorm`, the norms stay torch's (inductor's kernels) beside the
     Triton convolutions, not triton_norm's fused GroupNorm + ReLU; `combo`, inductor fuses independent kernels side by
     side (torch._inductor.config.combo_kernels); `nosplit`, inductor keeps each reduction in one kernel
     (split_reductions off: the norms' statistics over 32 images are small grids it may split in two); `cdt`,

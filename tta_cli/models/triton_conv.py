@@ -193,7 +193,7 @@ def _split_steps(taps: int, depth: int, splits: int, numel: int = 0) -> tuple[in
 def _sum_buffer(splits: int, shape: tuple[int, ...], like: torch.Tensor, atomic: bool = False, role: str = "out") -> torch.Tensor:
     """Where a launch writes its sums: the output itself for one split; otherwise one fp32 (or float64) slab per
     split, summed afterwards (_summed); `atomic`: a single zeroed fp32 slab the splits add into (inside a
-    zeroed_outputs.one_fill, a slice of its `role`'s buffer, zeroed with the call's other outputs)."""
+    zeroed_outputs.one_fill, one zeroed with the call's other outputs when it started)."""
     if atomic:
         return zeroed_outputs.zeros(role, (1, *shape), like.device, torch.promote_types(like.dtype, torch.float32))
     if splits == 1:

@@ -29,7 +29,6 @@ import torch
 
 @dataclass
 class _Call:
-    plan: Counter
     ready: dict[tuple, list[torch.Tensor]]  # (role, shape, device, dtype) -> zeroed outputs not yet handed out
     asked: Counter = field(default_factory=Counter)  # what this call asked for, handed out or not
 
@@ -59,13 +58,12 @@ def one_fill(plan: Counter):
         alike.setdefault((device, dtype), []).extend(tensors)
     for tensors in alike.values():
         torch._foreach_zero_(tensors)
-    call = _active = _Call(plan, ready)
+    call = _active = _Call(ready)
     try:
         yield
     finally:
         _active = None
-        for key, count in call.asked.items():
-            plan[key] = max(plan[key], count)
+        plan |= call.asked  # the larger count of each
 
 
 @contextlib.contextmanager
@@ -82,7 +80,8 @@ def suspended():
 
 def zeros(role: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A zeroed tensor of `shape`: the call's next ready one for (`role`, shape, dtype) when a call is active and
-    has one left, else torch.zeros."""
+    has one left, else torch.zeros. `role` says whose output it is ("out", "dx", "dw": a forward pass, an input or
+    a weight gradient), so that a plan says what it holds."""
     call = _active
     if call is None or math.prod(shape) == 0:
         return torch.zeros(shape, device=device, dtype=dtype)
