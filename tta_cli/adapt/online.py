@@ -435,7 +435,7 @@ class OnlineTTT:
                 check_before = self._ssl_loss(check_inputs, check_targets)
             self._apply(list(grads), gate)
             if config.rollback.enabled:
-                self._check_update(check_inputs, check_targets, check_before, torch.ones((), device=self.device) if gate is None else gate)
+                self._check_update(check_inputs, check_targets, check_before, gate)
         return earlier_logits
 
     def _apply_gradient(self, grads: list[torch.Tensor], gate: torch.Tensor | None) -> None:
@@ -462,12 +462,16 @@ class OnlineTTT:
         with torch.no_grad(), autocast_bf16(self.device, self.config.amp):
             return self._ssl_outputs_and_loss(inputs, targets)[1]
 
-    def _check_update(self, inputs, targets, loss_before, gate) -> None:
+    def _check_update(self, inputs, targets, loss_before, gate: torch.Tensor | None) -> None:
         """Roll back an update that raised the ssl loss by more than the margin, measured on fresh
-        views of the current input (the update's own views would reward over-fitting them)."""
+        views of the current input (the update's own views would reward over-fitting them); `gate` as the
+        update's (None: it ran)."""
         policy, counts = self.config.rollback, self.counts
         loss_after = self._ssl_loss(inputs, targets)
-        worse = ~(loss_after <= loss_before * (1.0 + policy.margin)) & (gate > 0)  # a NaN loss after is worse too
+        worse = ~(loss_after <= loss_before * (1.0 + policy.margin))  # a NaN loss after is worse too
+        good = ~worse
+        if gate is not None:  # a skipped update (gate 0) is neither
+            worse, good = worse & (gate > 0), good & (gate > 0)
         counts["strikes"].copy_(torch.where(worse, counts["strikes"] + 1, torch.zeros_like(counts["strikes"])))
         to_source = counts["strikes"] >= policy.max_strikes
         self._restore(worse, torch.where(to_source, self.source, self.snapshot))
@@ -475,7 +479,6 @@ class OnlineTTT:
         counts["strikes"].copy_(torch.where(to_source, torch.zeros_like(counts["strikes"]), counts["strikes"]))
         counts["rollbacks"] += worse.long()
         counts["rollbacks_to_source"] += to_source.long()
-        good = (~worse) & (gate > 0)
         counts["good_steps"] += good.long()
         take = good & (counts["good_steps"] % policy.snapshot_every == 0)
         self.snapshot.copy_(torch.where(take, self.weights.flat, self.snapshot))
