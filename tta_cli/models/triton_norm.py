@@ -21,7 +21,7 @@ from torch import nn
 
 from tta_cli.models import zeroed_outputs
 from tta_cli.models.norm_kernels import triton
-from tta_cli.models.triton_conv import INTERPRET, available
+from tta_cli.models.triton_conv import INTERPRET, _accumulator, available
 
 if triton is not None:
     from tta_cli.models.norm_kernels import group_norm_relu_backward_kernel, group_norm_relu_kernel
@@ -30,7 +30,8 @@ MAX_GROUP = 16384  # values per (image, group) one program holds in registers; l
 
 
 def _statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """Where the kernels keep their sums (as triton_conv's accumulators): float64 for float64, else float32."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _pixels(x: torch.Tensor) -> int:
@@ -46,8 +47,7 @@ def _tiling(x: torch.Tensor, groups: int) -> dict:
     block_c, block_hw = triton.next_power_of_2(per_group), triton.next_power_of_2(pixels)
     size = block_c * block_hw
     warps = 1 if INTERPRET else 2 if size <= 512 else 4 if size <= 2048 else 8
-    tl_acc = triton.language.float64 if x.dtype == torch.float64 else triton.language.float32
-    return {"CPG": per_group, "BC": block_c, "BHW": block_hw, "ACC": tl_acc, "num_warps": warps}
+    return {"CPG": per_group, "BC": block_c, "BHW": block_hw, "ACC": _accumulator(x.dtype), "num_warps": warps}
 
 
 @torch.library.custom_op("tta::group_norm_relu", mutates_args=())
