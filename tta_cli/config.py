@@ -29,6 +29,9 @@ class DataConfig:
     root: str = "data"  # --data-root for torchvision's cifar-10-batches-py
     limit_train: int | None = None  # first n training images (after a seeded shuffle); None = all
     limit_test: int | None = None
+    # training crops pad with zeros (black, torchvision's default) or reflect the image; use reflect for
+    # BatchNorm models, whose test-batch statistics (norm, tent) zero padding leaves mismatched (data/augment.py)
+    pad_mode: str = "zeros"
 
 
 @dataclass

@@ -1,7 +1,10 @@
-"""CIFAR training augmentation on a batch, on its device: random crop with zero padding + horizontal flip.
+"""CIFAR training augmentation on a batch, on its device: random crop of a padded copy + horizontal flip.
 
-Matches torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip: the padding is zeros, applied
-in [0, 1] pixel space before normalization. Crop offsets index the padded image: 0..2*padding, where
+With `pad_mode` "zeros" it matches torchvision's RandomCrop(32, padding=4) + RandomHorizontalFlip: black
+borders in [0, 1] pixel space, far from the data mean once normalised, which raise the variance the first
+normalization layer sees in training by about half over clean images (tests/test_augment.py). "reflect"
+mirrors the image into the border instead, keeping its statistics: a BatchNorm model's training batches
+then look like clean test batches to test-time batch statistics (`norm`, `tent`). Crop offsets index the padded image: 0..2*padding, where
 `padding` is the un-shifted crop. One gather for the whole batch, no per-image Python loop.
 """
 
@@ -22,13 +25,16 @@ def sample_crop_flip(
     return offsets[0], offsets[1], flips
 
 
+PAD_MODES = {"zeros": "constant", "reflect": "reflect"}  # tta's name -> torch.nn.functional.pad's
+
+
 def crop_flip(
-    images: torch.Tensor, offsets_y: torch.Tensor, offsets_x: torch.Tensor, flips: torch.Tensor, padding: int = 4
+    images: torch.Tensor, offsets_y: torch.Tensor, offsets_x: torch.Tensor, flips: torch.Tensor, padding: int = 4, pad_mode: str = "zeros"
 ) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, H, W): image b is cropped at (offsets_y[b], offsets_x[b]) of its zero-padded
-    copy, then mirrored left-right where flips[b]."""
+    """(B, C, H, W) -> (B, C, H, W): image b is cropped at (offsets_y[b], offsets_x[b]) of its padded
+    copy (`pad_mode`: zeros or reflect), then mirrored left-right where flips[b]."""
     batch, channels, height, width = images.shape
-    padded = F.pad(images, (padding, padding, padding, padding))  # (B, C, H + 2p, W + 2p)
+    padded = F.pad(images, (padding, padding, padding, padding), mode=PAD_MODES[pad_mode])  # (B, C, H + 2p, W + 2p)
     padded_width = width + 2 * padding
     rows = offsets_y.long()[:, None] + torch.arange(height, device=images.device)  # (B, H)
     columns = torch.arange(width, device=images.device).expand(batch, width)  # (B, W)
@@ -45,12 +51,13 @@ def random_crop_flip(images: torch.Tensor, padding: int = 4, generator: torch.Ge
 
 
 def random_crop_flip_reference(
-    images: torch.Tensor, offsets_y: torch.Tensor, offsets_x: torch.Tensor, flips: torch.Tensor, padding: int = 4
+    images: torch.Tensor, offsets_y: torch.Tensor, offsets_x: torch.Tensor, flips: torch.Tensor, padding: int = 4, pad_mode: str = "zeros"
 ) -> torch.Tensor:
     """The obvious per-image loop, to check `crop_flip` against."""
     height, width = images.shape[-2:]
     output = []
     for image, top, left, flip in zip(images, offsets_y.tolist(), offsets_x.tolist(), flips.tolist(), strict=True):
-        crop = F.pad(image, (padding, padding, padding, padding))[:, top : top + height, left : left + width]
+        padded = F.pad(image[None], (padding, padding, padding, padding), mode=PAD_MODES[pad_mode])[0]
+        crop = padded[:, top : top + height, left : left + width]
         output.append(crop.flip(-1) if flip else crop)
     return torch.stack(output)

@@ -30,6 +30,7 @@ class DeviceLoader:
         drop_last: bool = False,
         augment: bool = False,
         padding: int = 4,
+        pad_mode: str = "zeros",
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -40,7 +41,7 @@ class DeviceLoader:
         self.images = data.images.to(self.device)  # uint8 (N, H, W, 3)
         self.labels = data.labels.to(self.device)  # int64 (N,)
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.augment, self.padding, self.seed = augment, padding, seed
+        self.augment, self.padding, self.pad_mode, self.seed = augment, padding, pad_mode, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
@@ -85,7 +86,7 @@ class DeviceLoader:
         rank's positions rank, rank + world_size, ...: the draws of a single-process run, image for image."""
         offsets_y, offsets_x, flips = sample_crop_flip(images.shape[0] * self.world_size, self.padding, generator, self.device)
         mine = slice(self.rank, None, self.world_size)
-        return crop_flip(images, offsets_y[mine], offsets_x[mine], flips[mine], self.padding)
+        return crop_flip(images, offsets_y[mine], offsets_x[mine], flips[mine], self.padding, self.pad_mode)
 
     def _generator(self, purpose: str) -> torch.Generator:
         """A device generator seeded from (seed, epoch, purpose), the same on every rank: all ranks draw the

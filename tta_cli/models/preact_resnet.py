@@ -12,6 +12,7 @@ from torch import nn
 
 from tta_cli.config import ModelConfig
 from tta_cli.errors import TTAError
+from tta_cli.models.batchnorm import CleanStatsBatchNorm2d
 from tta_cli.models.features import FeatureSpec
 from tta_cli.models.registry import register
 
@@ -23,7 +24,7 @@ def norm_factory(kind: str, groups: int):
     if kind == "gn":
         return partial(nn.GroupNorm, groups)
     if kind == "bn":
-        return nn.BatchNorm2d
+        return CleanStatsBatchNorm2d
     raise TTAError(f"unknown norm {kind!r}; choose gn or bn")
 
 

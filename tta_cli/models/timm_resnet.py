@@ -17,6 +17,7 @@ from torch import nn
 
 from tta_cli.config import ModelConfig
 from tta_cli.errors import TTAError
+from tta_cli.models.batchnorm import CleanStatsBatchNorm2d
 from tta_cli.models.features import FeatureSpec
 from tta_cli.models.registry import register
 
@@ -39,7 +40,7 @@ def norm_kwargs(config: ModelConfig) -> dict:
     if config.norm == "gn":
         return {"norm_layer": partial(GroupNorm, num_groups=config.groups)}
     if config.norm == "bn":
-        return {}
+        return {"norm_layer": CleanStatsBatchNorm2d}
     raise TTAError(f"unknown norm {config.norm!r}; choose gn or bn")
 
 

@@ -24,10 +24,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tta_cli import distributed
 from tta_cli.config import TrainConfig, check_range, to_dict
+from tta_cli.data.augment import PAD_MODES
 from tta_cli.data.imageset import ImageSet, to_float_nchw
 from tta_cli.data.loader import DeviceLoader
 from tta_cli.errors import TTAError
 from tta_cli.models import TTTModel, build_model
+from tta_cli.models.batchnorm import has_clean_stats_batchnorm, statistics_from_first
 from tta_cli.tasks import build_task
 from tta_cli.train import checkpoint
 from tta_cli.train.schedule import lr_at
@@ -59,9 +61,17 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 class JointLoss(nn.Module):
-    """One step's loss. For rotation `expand` the encoder runs once on the 4 rotations and the main
-    head reads the 0-degree quarter, which is the clean batch (identical to a separate pass with
-    GroupNorm; with BatchNorm the statistics then cover all four rotations)."""
+    """One step's loss, CE(main head on clean images) + ssl_weight * L(ssl head on the task's inputs).
+
+    How the encoder sees the two batches:
+    - ssl_weight 0: the clean batch alone (a plain supervised model; the ssl head stays as built).
+    - BatchNorm: one pass over the clean batch and the views together, every row normalised with the clean
+      rows' statistics (models/batchnorm.py), so the views never shape the statistics the main head is
+      trained with, nor the running averages. Rotation `expand` views start with the 0-degree quarter,
+      which is the clean batch itself.
+    - Otherwise (per-sample norms): rotation `expand` runs the encoder once on the 4 rotations and the main
+      head reads the 0-degree quarter; other tasks run a separate pass per head.
+    """
 
     def __init__(self, model: TTTModel, task, ssl_weight: float, label_smoothing: float):
         super().__init__()
@@ -69,21 +79,30 @@ class JointLoss(nn.Module):
         self.task = task
         self.ssl_weight = ssl_weight
         self.label_smoothing = label_smoothing
+        self.clean_statistics = has_clean_stats_batchnorm(model)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, ssl_inputs: torch.Tensor, ssl_targets: torch.Tensor):
-        batch = images.shape[0]
-        shared = getattr(self.task, "mode", None) == "expand" and ssl_inputs.shape[0] == 4 * batch
-        if shared:
-            features = self.model.features(ssl_inputs)
-            main_logits = self.model.main_head(features[:batch])
-            ssl_outputs = self.model.ssl_head(features)
-        else:
-            main_logits = self.model(images)
-            ssl_outputs = self.model.ssl(ssl_inputs)
+        main_logits, ssl_outputs = self.outputs(images, ssl_inputs)
         main_loss = nn.functional.cross_entropy(main_logits.float(), labels, label_smoothing=self.label_smoothing)
-        ssl_loss = self.task.loss(ssl_outputs, ssl_targets)
         correct = (main_logits.argmax(1) == labels).sum()
+        if ssl_outputs is None:
+            return main_loss, main_loss.detach(), torch.zeros_like(main_loss), correct
+        ssl_loss = self.task.loss(ssl_outputs, ssl_targets)
         return main_loss + self.ssl_weight * ssl_loss, main_loss.detach(), ssl_loss.detach(), correct
+
+    def outputs(self, images: torch.Tensor, ssl_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Main logits of `images` and ssl outputs of `ssl_inputs` (None when the ssl loss has weight 0)."""
+        batch = images.shape[0]
+        if self.ssl_weight == 0:
+            return self.model(images), None
+        views_lead_with_clean = getattr(self.task, "mode", None) == "expand" and ssl_inputs.shape[0] == 4 * batch
+        if views_lead_with_clean:
+            features = self.model.features(ssl_inputs)
+            return self.model.main_head(features[:batch]), self.model.ssl_head(features)
+        if self.clean_statistics:
+            features = self.model.features(torch.cat([images, ssl_inputs]))
+            return self.model.main_head(features[:batch]), self.model.ssl_head(features[batch:])
+        return self.model(images), self.model.ssl(ssl_inputs)
 
 
 @torch.no_grad()
@@ -143,6 +162,8 @@ def check_config(config: TrainConfig, resume: bool = False, force: bool = False)
     lr_at(config.optim, 0.0)
     if config.compile_mode not in COMPILE_MODES:
         raise TTAError(f"unknown compile_mode {config.compile_mode!r}; choose one of: {', '.join(COMPILE_MODES)}")
+    if config.data.pad_mode not in PAD_MODES:
+        raise TTAError(f"unknown data.pad_mode {config.data.pad_mode!r}; choose one of: {', '.join(PAD_MODES)}")
     build_model(config.model, build_task(config.task))
     refuse_overwrite(Path(config.out), resume, force)
 
@@ -211,6 +232,7 @@ def train(
         batch_size=config.optim.batch_size // world_size,
         device=device,
         augment=True,
+        pad_mode=config.data.pad_mode,
         seed=config.seed,
         drop_last=True,
         rank=rank,
@@ -249,7 +271,7 @@ def train(
             if on_gpu and config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
                 ssl_inputs = ssl_inputs.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp), statistics_from_first(model, images.shape[0]):
                 loss, main_loss, ssl_loss, correct = compiled_loss(images, labels, ssl_inputs, ssl_targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
