@@ -103,9 +103,9 @@ def test_test_batch_statistics_cost_at_most_a_point_on_near_clean_images(tmp_pat
     from conftest import run_cli
 
     ckpt = tmp_path / "bn"
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
     result = run_cli([
-        "train", Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml", "--set", "model.norm=bn", "--set", "data.pad_mode=reflect", "--epochs", "10",
-        "--device", "cpu", "--out", ckpt,
+        "train", recipe, "--set", "model.norm=bn", "--set", "data.pad_mode=reflect", "--epochs", "10", "--device", "cpu", "--out", ckpt,
     ])
     assert result.exit_code == 0, result.output
     out = tmp_path / "adapt"
