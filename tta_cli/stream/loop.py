@@ -62,20 +62,18 @@ class StreamSettings:
     pre_update: bool = False  # predict before the frame's update (lowest latency)
     seed: int = 0
     max_frames: int | None = None
-    # bf16 autocast on CUDA. Off: on the H200 the reference ResNet-26's explicit-memory step runs 515 frames/s in
-    # fp32 against 481 in bf16 (p95 latency 48 vs 89 ms; benchmarks/stream_speed.py), as `tta adapt`'s online step
-    # does: for 0.64M parameters the casts cost more than bf16 saves. Larger backbones may want --set amp=true.
+    # bf16 autocast on CUDA. Off: for the reference ResNet-26's 0.64M parameters the casts cost more than bf16 saves,
+    # and fp32 is the faster step on an H200 (docs/results.md). Larger backbones may want --set amp=true.
     amp: bool = False
     cuda_graph: bool = True
     compile: bool = True  # torch.compile the forward passes on CUDA (inside the CUDA graph); never on the CPU
-    # channels_last weights and inputs, and cuDNN's autotuner for the fixed step shapes (process-wide): on the
-    # H200's fp32 online step of `tta adapt` slower (476 vs 534 samples/s) and unchanged; here, bf16 + channels_last
-    # 498 frames/s against bf16's 481 and fp32's 515 (stream_speed.py)
+    # channels_last weights and inputs, and cuDNN's autotuner for the fixed step shapes (process-wide): off, since on
+    # an H200 channels_last made the online step slower and the autotuner left it unchanged (docs/speed-notes.md)
     channels_last: bool = False
     cudnn_benchmark: bool = False
     # auto | torch | triton: who runs the step's convolutions and norms (OnlineConfig). auto = Triton's convolutions
-    # where they timed faster than cuDNN's, and the fused GroupNorm + ReLU, on CUDA: 623 vs 515 frames/s for the
-    # reference ResNet-26 on the H200 from the convolutions, 904.8 -> 1,016.5 from the norms (benchmarks/stream_speed.py)
+    # where they time faster than cuDNN's, and the fused GroupNorm + ReLU, on CUDA: each the faster for the reference
+    # ResNet-26 on an H200 (docs/speed-notes.md, the stream step)
     conv_kernels: str = "auto"
     # unpaced runs that predict after the update, without rollback or resets: frame t's prediction (on the weights
     # after its update) runs on a side stream beside frame t+1's update, in one CUDA graph (OnlineTTT.adapt_overlapped);

@@ -35,8 +35,8 @@ CLEAN = "clean"
 VIDEO_NAME = "stream.mp4"
 DEFAULT_FPS = 30.0
 # Clips per corruption segment: 40 clips of 30 frames is 40 s of video at 30 fps per corruption, a drift on the
-# time scale of weather or light. The first streams changed corruption every 4 clips (4 s): there online memory
-# had no time to pay off before the next shift (docs/results.md); `--segment-clips 4` still makes that stream.
+# time scale of weather or light, long enough for online memory to pay off before the next shift (docs/results.md).
+# `--segment-clips 4` makes a fast drift (a new corruption every 4 s).
 DEFAULT_SEGMENT_CLIPS = 40
 MIN_ZOOM = 0.7  # the tightest crop shows 70% of the image side
 PAN_SLACK = 0.1  # the crop may leave the image by this much (normalised units); reflection fills it
