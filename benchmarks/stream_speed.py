@@ -97,7 +97,7 @@ def main() -> None:
                 settings = StreamSettings(
                     mode=mode,
                     window=args.window,
-                    batch_size=args.batch_size,
+                    copies=args.batch_size,
                     steps=args.steps,
                     pre_update=args.pre_update,
                     cuda_graph=not args.eager,

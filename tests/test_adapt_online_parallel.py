@@ -84,13 +84,13 @@ def test_unknown_per_sample_is_a_user_error():
 def test_tta_adapt_picks_each_paths_precision_unless_told(amp, one_stream, side_by_side):
     """By default one stream runs fp32 and streams side by side bf16 (what measured fastest for each on the H200);
     `--set amp=...` forces one choice on both."""
-    from tta_cli.adapt.methods import AdaptSettings, build_method
-    from tta_cli.adapt.runner import precision
+    from tta_cli.adapt.methods import build_method
+    from tta_cli.config import AdaptSettings
 
     model, task = tiny()
     method = build_method("ttt-online", model, task, AdaptSettings(amp=amp, streams=2), classes=10, device=torch.device("cpu"))
-    assert method.config.amp is one_stream and method.parallel.config.amp is side_by_side
-    cuda = torch.device("cuda")  # what the results file would say on CUDA (nothing runs there)
-    assert precision(method, cuda) == ("bf16 autocast" if one_stream else "float64")
-    assert precision(method.parallel, cuda) == ("bf16 autocast" if side_by_side else "float64")
-    assert precision(method.parallel, torch.device("cpu")) == "float64"
+    assert method.online.config.amp is one_stream and method.online.parallel.config.amp is side_by_side
+    assert method.precision() == method.precision(side_by_side=True) == "float64"  # bf16 autocast happens on CUDA only
+    method.device = torch.device("cuda")  # what the results file would say on CUDA (nothing runs there)
+    assert method.precision() == ("bf16 autocast" if one_stream else "float64")
+    assert method.precision(side_by_side=True) == ("bf16 autocast" if side_by_side else "float64")

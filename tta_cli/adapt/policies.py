@@ -1,4 +1,4 @@
-"""Reset and rollback policies for online adaptation, shared by `tta adapt` and `tta stream`.
+"""Reset, rollback and skip policies for online adaptation, shared by `tta adapt` and `tta stream`.
 
 Decisions are 0-dim tensors on the model's device and are applied with `torch.where`, so an
 online step needs no host synchronisation and can be captured in a CUDA graph.
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tta_cli.errors import TTAError
+from tta_cli.config import parse_reset
 
 
 @dataclass
@@ -32,18 +32,8 @@ class ResetPolicy:
 
     @classmethod
     def parse(cls, text: str) -> ResetPolicy:
-        text = text.strip().lower()
-        if text in ("never", "on-shift"):
-            return cls(kind=text)
-        if text.startswith("every:"):
-            try:
-                every = int(text.split(":", 1)[1])
-            except ValueError:
-                every = 0
-            if every <= 0:
-                raise TTAError(f"--reset {text!r}: N must be a positive integer, as in every:100")
-            return cls(kind="every", every=every)
-        raise TTAError(f"unknown --reset {text!r}; use never, every:N or on-shift")
+        kind, every = parse_reset(text)
+        return cls(kind=kind, every=every)
 
 
 class ShiftDetector:
@@ -121,3 +111,4 @@ class PredictionWindow:
 
     def clear(self, fired: torch.Tensor) -> None:
         self.count.copy_(torch.where(fired, torch.zeros_like(self.count), self.count))
+
