@@ -5,12 +5,13 @@ import copy
 import pytest
 import torch
 
-from tta_cli.adapt.grouped import GroupedPerSampleModel
-from tta_cli.adapt.online import OnlineConfig, OnlineTTT
-from tta_cli.adapt.online_parallel import ParallelOnlineTTT
-from tta_cli.adapt.per_sample import adapt_streams_reference
+from tta_cli.adapt.methods.ttt_online import OnlineTTT
+from tta_cli.adapt.online_config import OnlineConfig
 from tta_cli.config import ModelConfig, TaskConfig
 from tta_cli.data.imageset import to_float_nchw
+from tta_cli.engine.grouped import GroupedPerSampleModel
+from tta_cli.engine.parallel_online import ParallelOnlineTTT
+from tta_cli.engine.per_sample import adapt_streams_reference
 from tta_cli.errors import TTAError
 from tta_cli.models import build_model
 from tta_cli.tasks import build_task
@@ -89,7 +90,7 @@ def test_tta_adapt_picks_each_paths_precision_unless_told(amp, one_stream, side_
 
     model, task = tiny()
     method = build_method("ttt-online", model, task, AdaptSettings(amp=amp, streams=2), classes=10, device=torch.device("cpu"))
-    assert method.online.config.amp is one_stream and method.online.parallel.config.amp is side_by_side
+    assert method.online.config.amp is one_stream and method.parallel.config.amp is side_by_side
     assert method.precision() == method.precision(side_by_side=True) == "float64"  # bf16 autocast happens on CUDA only
     method.device = torch.device("cuda")  # what the results file would say on CUDA (nothing runs there)
     assert method.precision() == ("bf16 autocast" if one_stream else "float64")

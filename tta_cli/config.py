@@ -94,8 +94,7 @@ class TrainConfig:
     seed: int = 0
     compile: bool = False
     # torch.compile's mode for the step: "reduce-overhead" also replays the forward and backward as CUDA graphs,
-    # the lever for small, launch-bound batches (the paper recipe sets it: its batch of 128 ran at >= 17.9k
-    # clean images/s on an H200, against 5.0k compiled without graphs on the H100 probe).
+    # the lever for small, launch-bound batches such as the paper recipe's 128 (docs/speed-notes.md).
     compile_mode: str = "default"
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # on CUDA only

@@ -23,12 +23,10 @@ class UpdateConfig:
     copies: int = 32
     momentum: float = 0.0
     params: str = "encoder"
-    # How many copies with their own weights (episodic samples, parallel online streams) are computed: "vmap"
-    # (torch.func, any model) or "grouped" (the CIFAR pre-activation ResNet with rotation folded into grouped
-    # convolutions, channels-last on CUDA: adapt/grouped.py; other models keep vmap). Equal results
-    # (float64-tested). "auto": grouped on the CPU, where it measured 1.2x (quick-start model) to 1.6x
-    # (ResNet-26) vmap's samples/s on 2 cores; vmap on CUDA, where grouped measured slower on an H200
-    # (episodic 312 vs 404 samples/s; 15 streams in bf16 2,288 vs 2,545).
+    # How copies with their own weights (episodic samples, parallel online streams) are computed: "vmap" (torch.func,
+    # any model) or "grouped" (the CIFAR pre-activation ResNet with rotation folded into grouped convolutions:
+    # engine/grouped.py; other models keep vmap). Equal results (float64-tested). "auto": the faster on the device
+    # (grouped on the CPU, vmap on CUDA: docs/speed-notes.md).
     per_sample: str = "auto"
 
 

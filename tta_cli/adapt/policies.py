@@ -112,3 +112,59 @@ class PredictionWindow:
     def clear(self, fired: torch.Tensor) -> None:
         self.count.copy_(torch.where(fired, torch.zeros_like(self.count), self.count))
 
+
+# ---- the policies applied to an online method's state: its flat weights (`weights.flat`), `source`, `snapshot`,
+# `velocity`, `counts`, `detector`, `window` and `config` (methods/ttt_online.py's OnlineTTT) -------------------------
+
+
+def restore(state, condition: torch.Tensor, target: torch.Tensor, also_snapshot: bool = False) -> None:
+    """Where `condition` (0-dim bool) holds: the weights (and with `also_snapshot` the snapshot) become `target`,
+    and the momentum is cleared."""
+    flat = state.weights.flat
+    flat.copy_(torch.where(condition, target, flat))
+    state.velocity.copy_(torch.where(condition, torch.zeros_like(state.velocity), state.velocity))
+    if also_snapshot:
+        state.snapshot.copy_(torch.where(condition, target, state.snapshot))
+
+
+def shift_reset(state, loss: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor | None:
+    """`--reset on-shift`: record the step's loss; on a detected shift go back to the source weights and drop this
+    step's update (its gradient belongs to the weights just replaced). Returns the update's gate."""
+    if state.detector is None:
+        return gate
+    fired = state.detector.update(loss)
+    restore(state, fired, state.source, also_snapshot=True)
+    state.detector.clear(fired)
+    state.counts["shift_resets"] += fired.long()
+    kept = (~fired).float()
+    return kept if gate is None else gate * kept
+
+
+def collapse_reset(state, logits: torch.Tensor) -> None:
+    """Rollback's collapse check: back to the source weights when the recent predictions have collapsed."""
+    state.window.update(logits.argmax(1))
+    collapsed = state.window.collapsed(state.config.rollback.min_entropy)
+    restore(state, collapsed, state.source, also_snapshot=True)
+    state.window.clear(collapsed)
+    state.counts["collapse_resets"] += collapsed.long()
+
+
+def rollback(state, loss_before: torch.Tensor, loss_after: torch.Tensor, gate: torch.Tensor | None) -> None:
+    """Undo an update that raised the ssl loss (on fresh views of the input) by more than the margin: back to the
+    snapshot, or after `max_strikes` in a row to the source; snapshot every `snapshot_every` good updates. `gate` as
+    the update's (None: it ran; a skipped update is neither good nor bad)."""
+    policy, counts = state.config.rollback, state.counts
+    worse = ~(loss_after <= loss_before * (1.0 + policy.margin))  # a NaN loss after is worse too
+    good = ~worse
+    if gate is not None:
+        worse, good = worse & (gate > 0), good & (gate > 0)
+    counts["strikes"].copy_(torch.where(worse, counts["strikes"] + 1, torch.zeros_like(counts["strikes"])))
+    to_source = counts["strikes"] >= policy.max_strikes
+    restore(state, worse, torch.where(to_source, state.source, state.snapshot))
+    state.snapshot.copy_(torch.where(to_source, state.source, state.snapshot))
+    counts["strikes"].copy_(torch.where(to_source, torch.zeros_like(counts["strikes"]), counts["strikes"]))
+    counts["rollbacks"] += worse.long()
+    counts["rollbacks_to_source"] += to_source.long()
+    counts["good_steps"] += good.long()
+    take = good & (counts["good_steps"] % policy.snapshot_every == 0)
+    state.snapshot.copy_(torch.where(take, state.weights.flat, state.snapshot))

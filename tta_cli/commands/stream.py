@@ -346,8 +346,8 @@ def run_live(model, task, frames, settings, truth, class_names, fps, device, tra
 
     total = frames.length if settings.max_frames is None else min(frames.length or settings.max_frames, settings.max_frames)
     # On CUDA the first frame compiles the step (torch.compile, the Triton convolutions, each timed at its shape) and
-    # captures its CUDA graphs: 56-73 s before the first frame on a fresh H200 (benchmarks/stream_speed.py's warm-up,
-    # eighth and ninth sessions), less once the kernels are in the disk caches; say so, or the view looks stuck
+    # captures its CUDA graphs: about a minute on a machine's first run (benchmarks/stream_speed.py's warm-up), less
+    # once the kernels are in the disk caches; say so, or the view looks stuck
     slow_start = device.type == "cuda" and settings.compile
     view = LiveView(settings.name, total, class_names, "compiling kernels (about a minute on a machine's first run)" if slow_start else "")
     with Live(view.render(None), console=console, refresh_per_second=8, transient=transient) as live:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tta_cli.config import ExecutionSettings
-from tta_cli.models import triton_conv
+from tta_cli.kernels import triton_conv
 
 # bf16 autocast where ExecutionSettings.amp is None, per path: what measured faster for the reference ResNet-26 on
 # CUDA (docs/speed-notes.md). A 0.64M-parameter online step pays more for the casts than bf16 saves.

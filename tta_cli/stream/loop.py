@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tta_cli.adapt.methods.ttt_online import online_config, online_generator
-from tta_cli.adapt.online import OnlineTTT
+from tta_cli.adapt.methods.ttt_online import OnlineTTT
+from tta_cli.adapt.online_config import online_config, online_generator
 from tta_cli.adapt.policies import ResetPolicy, RollbackPolicy
 from tta_cli.config import StreamSettings
 from tta_cli.engine.execution import resolve
-from tta_cli.models import triton_conv
 from tta_cli.stream.sources import Pacer
 
 COMPARISON = (("none", False), ("episodic", False), ("implicit", False), ("implicit", True), ("explicit", False), ("explicit", True))
@@ -353,7 +352,7 @@ def run_stream(
     seconds = clock() - started
     counters = method.counters() if method is not None else {}
     result = StreamResult(settings.name, settings, log.columns(), seconds, counters, interrupted)
-    result.summary = summarize(result, triton_conv.kernels_in(method.model) if method is not None else "torch", overlap)
+    result.summary = summarize(result, method.convolutions() if method is not None else "torch", overlap)
     return result
 
 
@@ -377,7 +376,7 @@ def graph_kinds(settings: StreamSettings, method: OnlineTTT, overlap: bool) -> t
 
 def summarize(result: StreamResult, convolutions: str, overlapped: bool = False) -> dict:
     """Accuracy, latency percentiles, throughput and event counts of one run, who ran its convolutions ("torch" or
-    "triton where faster": models/triton_conv.py) and whether each prediction ran beside the next update (`overlaps`)."""
+    "triton where faster") and whether each prediction ran beside the next update (`overlaps`)."""
     columns = result.columns
     frames = len(result)
     known = columns["label"] >= 0

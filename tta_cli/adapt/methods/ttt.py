@@ -1,7 +1,7 @@
 """Episodic test-time training (Sun et al. 2020): every sample starts from the trained weights, takes `steps` SGD
 steps on the self-supervised loss of `copies` augmented views of itself, and is then classified by the main head.
 
-The samples of a chunk are adapted at once on per-sample weights (adapt/episodic.py over engine/per_sample.py);
+The samples of a chunk are adapted at once on per-sample weights (engine/episodic.py over engine/per_sample.py);
 every sample's result is its own, whatever the chunk.
 """
 
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT
 from tta_cli.adapt.methods import register
 from tta_cli.adapt.methods.base import Method
+from tta_cli.engine.episodic import EpisodicConfig, EpisodicTTT
 from tta_cli.engine.execution import resolve
 from tta_cli.errors import TTAError
 
@@ -34,8 +34,9 @@ class TTT(Method):
     name = "ttt"
     episodic = True
     semantics = (
-        "Episodic: per sample, reset to the trained weights, `steps` SGD steps on the ssl loss of `copies` augmented "
-        "views (crop with 4-pixel padding + flip, then one random rotation or mask each), predict after. Nothing carries over."
+        "Episodic TTT, each sample adapted alone, then predicted. Per sample: reset to the trained weights, `steps` SGD "
+        "steps on the ssl loss of `copies` augmented views (crop with 4-pixel padding + flip, then one random rotation "
+        "or mask each), predict after. Nothing carries over."
     )
     updates = "the `params` group (default: the encoder), per sample"
     default_batch = 2048  # under torchrun; one process sizes its batches to its chunks (batch_size)

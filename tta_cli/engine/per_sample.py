@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from tta_cli.adapt.compiled import maybe_compile
 from tta_cli.adapt.params import adapted_parameter_names
 from tta_cli.adapt.views import autocast_bf16, full_precision, grouped_views
+from tta_cli.engine.compiled import maybe_compile
 
 
 def split_state(model: nn.Module, names: list[str]) -> tuple[dict, dict]:
