@@ -21,23 +21,13 @@ from tta_cli.device import resolve_device
 from tta_cli.errors import TTAError
 
 EXAMPLES = """
-Methods (--method, comma-separated; each gets a fresh copy of the checkpoint; results.json holds each one's
-full semantics and its own settings, which --set METHOD.FIELD=VALUE overrides, e.g. --set tent.lr=0.0005):
+Methods (--set METHOD.FIELD=VALUE sets a method's own settings):
 
 {methods}
 
-On CUDA the hot paths run through torch.compile, so the first call compiles for tens of seconds (--set
-compile=false for short runs); --set amp=true|false forces bf16 or fp32 everywhere (results.json says which ran).
+On CUDA the first call compiles (tens of seconds). Example:
 
-Examples:
-
-  tta adapt --ckpt runs/quickstart --data runs/cifar10-c --method source,ttt,ttt-online --out runs/adapt
-
-  tta adapt --ckpt runs/bn --data runs/cifar10-c --method source,norm,tent,ttt-online --order continual
-
-  tta adapt --ckpt runs/sun2020 --data cifar10-mini --corruptions fog,snow --method ttt-online --reset on-shift --rollback
-
-  torchrun --nproc-per-node 4 -m tta_cli.cli -- adapt --ckpt runs/sun2020 --data ~/data/CIFAR-10-C --method source,ttt
+  tta adapt --ckpt runs/quickstart --method source,ttt --out runs/adapt
 """
 
 
@@ -72,33 +62,29 @@ def parse_ints(text: str | None, what: str) -> list[int] | None:
 def adapt_command(
     ckpt: CkptOpt,
     data: DataOpt = None,
-    corruptions: Annotated[str | None, typer.Option("--corruptions", help="Comma list, `all` (the 15) or `extra`.")] = None,
-    severities: Annotated[str | None, typer.Option("--severities", help="Comma list of severities 1-5 (default 5).")] = None,
+    corruptions: Annotated[str | None, typer.Option("--corruptions", help="Comma list, all (the 15) or extra.")] = None,
+    severities: Annotated[str | None, typer.Option("--severities", help="Comma list of 1-5 (5).")] = None,
     n: Annotated[int | None, typer.Option("--n", help="First n images of each set.")] = None,
     method: Annotated[str | None, typer.Option("--method", help="Comma list of the methods above.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="SGD steps per sample (ttt 10, ttt-online 1).")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="TTT learning rate (0.001).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="SGD steps per sample (ttt 10, online 1).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate (0.001).")] = None,
     copies: Annotated[int | None, typer.Option("--copies", help="Augmented views per sample (32).")] = None,
-    params: Annotated[str | None, typer.Option("--params", help="encoder | encoder+ssl (better for long ttt-online streams) | norm.")] = None,
-    batch: Annotated[int | None, typer.Option("--batch", help="ttt-online: consecutive samples per update (1).")] = None,
+    params: Annotated[str | None, typer.Option("--params", help="What adapts: encoder | encoder+ssl | norm.")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", help="ttt-online: samples per update (1).")] = None,
     reset: Annotated[str | None, typer.Option("--reset", help="ttt-online: never | every:N | on-shift.")] = None,
-    rollback: Annotated[bool | None, typer.Option("--rollback/--no-rollback", help="ttt-online: undo harmful updates.")] = None,
-    skip_above: Annotated[float | None, typer.Option("--skip-above", help="Skip an update when the rotation head's confidence exceeds P.")] = None,
-    order: Annotated[str | None, typer.Option("--order", help="per-corruption | continual | gradual | mixed | correlated.")] = None,
-    dirichlet: Annotated[float | None, typer.Option("--dirichlet", help="correlated order: Dirichlet concentration D.")] = None,
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="YAML of adapt settings (keys as in results.json 'settings').")] = None,
+    rollback: Annotated[bool | None, typer.Option("--rollback", help="ttt-online: undo harmful updates.")] = None,
+    skip_above: Annotated[float | None, typer.Option("--skip-above", help="Skip updates above this confidence.")] = None,
+    order: Annotated[str | None, typer.Option("--order", help="per-corruption, continual, gradual, mixed, correlated.")] = None,
+    dirichlet: Annotated[float | None, typer.Option("--dirichlet", help="correlated order's Dirichlet D.")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="YAML of settings (results.json's keys).")] = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG bar chart (methods side by side per corruption).")] = None,
-    predictions: Annotated[bool, typer.Option("--predictions", help="Also write per-sample predictions to --out.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG bar chart of the errors.")] = None,
+    predictions: Annotated[bool, typer.Option("--predictions", help="Also write per-sample predictions.")] = False,
     overrides: AdaptSetOpt = None,
 ) -> None:
-    """Adapt a `tta train` checkpoint on shifted test sets and report error (%) per corruption.
-
-    --data is a CIFAR-10-C style folder (official download, or made by `tta corrupt`), CIFAR-10.1, or a
-    clean source (cifar10-mini, a folder, ...), which is then corrupted on the fly with --corruptions.
-    """
+    """Adapt a `tta train` checkpoint on shifted test sets; report error (%) per set."""
     from tta_cli.adapt.methods import split_method_settings
     from tta_cli.train.checkpoint import load_model
 

@@ -56,9 +56,13 @@ def build_method(name: str, model: torch.nn.Module, task, settings, classes: int
     return cls(copy.deepcopy(model).to(device), task, own, settings, classes, device)
 
 
-def help_lines() -> list[str]:
-    """One line per method for `tta adapt --help`: its name and the first sentence of its semantics."""
-    return [f"{name:<11} {cls.semantics.split('. ')[0].rstrip('.')}." for name, cls in REGISTRY.items()]
+def help_lines(width: int = 74) -> list[str]:
+    """One line per method for `tta adapt --help`: its name and the start of its semantics' first clause."""
+    lines = []
+    for name, cls in REGISTRY.items():
+        line = f"{name:<11} {cls.semantics.split('. ')[0].rstrip('.')}"
+        lines.append(line if len(line) <= width else line[: width - 3].rstrip(" ,") + "...")
+    return lines
 
 
 from tta_cli.adapt.methods import norm, source, tent, ttt, ttt_online  # noqa: E402,F401  (registers them)

@@ -38,7 +38,7 @@ class NormSettings:
 class Norm(Source):
     name = "norm"
     episodic = False
-    semantics = "BatchNorm with test-batch statistics: each batch is normalised with its own mean and variance."
+    semantics = "BatchNorm with test-batch statistics. Each batch of `batch` samples is normalised with its own mean and variance."
     updates = "BatchNorm statistics only (no parameters)"
     default_batch = 200
     Settings = NormSettings

@@ -14,7 +14,7 @@ from tta_cli.engine.execution import resolve
 class Source(Method):
     name = "source"
     episodic = True
-    semantics = "No adaptation: the trained model predicts every sample as it is."
+    semantics = "No adaptation. The trained model predicts every sample as it is."
     updates = "nothing"
     default_batch = 1000
 

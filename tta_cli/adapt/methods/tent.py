@@ -26,8 +26,8 @@ class TentSettings:
 class Tent(Method):
     name = "tent"
     semantics = (
-        "Entropy minimisation on the normalization affine parameters, Adam, one step per batch, predictions before "
-        "the update; weights carried across the stream, reset at each segment."
+        "Tent, entropy minimisation on each test batch. Adam steps on the normalization affine parameters, one per "
+        "batch, predictions before the update; weights carried across the stream, reset at each segment."
     )
     updates = "BatchNorm/GroupNorm/LayerNorm affine parameters of encoder + main head"
     default_batch = 200
