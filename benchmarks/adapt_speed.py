@@ -23,7 +23,7 @@ import traceback
 import torch
 
 from tta_cli.adapt.methods.ttt_online import OnlineTTT
-from tta_cli.adapt.online_config import OnlineConfig
+from tta_cli.adapt.online import OnlineConfig
 from tta_cli.adapt.policies import RollbackPolicy
 from tta_cli.config import ModelConfig, TaskConfig
 from tta_cli.engine.episodic import EpisodicConfig, EpisodicTTT

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tta_cli.adapt.methods.ttt_online import OnlineTTT
-from tta_cli.adapt.online_config import OnlineConfig
+from tta_cli.adapt.online import OnlineConfig
 from tta_cli.adapt.policies import PredictionWindow, ResetPolicy, RollbackPolicy, ShiftDetector
 from tta_cli.config import ModelConfig, TaskConfig
 from tta_cli.engine import compiled

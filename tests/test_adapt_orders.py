@@ -7,11 +7,11 @@ import torch
 from tta_cli.adapt.methods import build_method
 from tta_cli.adapt.methods.base import Method
 from tta_cli.adapt.orders import build_order
-from tta_cli.adapt.params import norm_parameter_names
 from tta_cli.config import AdaptSettings, ModelConfig, TaskConfig
 from tta_cli.data.imageset import ImageSet, mix_classes
 from tta_cli.errors import TTAError
 from tta_cli.models import build_model
+from tta_cli.models.params import norm_parameter_names
 from tta_cli.tasks import build_task
 
 CLASSES = [f"c{i}" for i in range(4)]

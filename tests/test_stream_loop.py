@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tta_cli.adapt.methods.ttt_online import OnlineTTT
-from tta_cli.adapt.online_config import OnlineConfig
+from tta_cli.adapt.online import OnlineConfig
 from tta_cli.adapt.policies import ResetPolicy
 from tta_cli.config import ModelConfig, TaskConfig
 from tta_cli.errors import TTAError

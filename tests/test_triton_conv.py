@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from tta_cli.adapt.methods.ttt_online import OnlineTTT
-from tta_cli.adapt.online_config import OnlineConfig
+from tta_cli.adapt.online import OnlineConfig
 from tta_cli.cli import app
 from tta_cli.config import AdaptSettings, ModelConfig, TaskConfig
 from tta_cli.errors import TTAError

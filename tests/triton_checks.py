@@ -15,7 +15,7 @@ from test_triton_norm import reference_and_fused
 
 from tta_cli.adapt.methods import build_method
 from tta_cli.adapt.methods.ttt_online import OnlineTTT
-from tta_cli.adapt.online_config import OnlineConfig
+from tta_cli.adapt.online import OnlineConfig
 from tta_cli.config import AdaptSettings, ModelConfig, TaskConfig
 from tta_cli.engine import compiled
 from tta_cli.kernels import triton_conv, triton_norm

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from tta_cli import distributed
-from tta_cli.adapt.params import UpdateConfig, adapted_parameter_names, check_per_sample
-from tta_cli.adapt.views import make_views
 from tta_cli.engine import grouped
 from tta_cli.engine.execution import CPU_CHUNK, CUDA_CHUNK
-from tta_cli.engine.per_sample import PerSampleModel, adapt_streams_reference
+from tta_cli.engine.per_sample import PerSampleModel, UpdateConfig, adapt_streams_reference, check_per_sample
+from tta_cli.models.params import adapted_parameter_names
+from tta_cli.tasks.views import make_views
 
 
 @dataclass

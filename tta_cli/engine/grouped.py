@@ -23,9 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from tta_cli.adapt.params import check_per_sample
 from tta_cli.engine.compiled import maybe_compile
-from tta_cli.engine.per_sample import PerSampleModel
+from tta_cli.engine.per_sample import PerSampleModel, check_per_sample
 from tta_cli.models.features import GlobalPool
 from tta_cli.models.preact_resnet import Downsample, NormReLU, PreActBlock
 from tta_cli.tasks.rotation import RotationTask

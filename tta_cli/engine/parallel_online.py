@@ -17,11 +17,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from tta_cli.adapt.params import adapted_parameter_names
 from tta_cli.data.imageset import to_float_nchw
 from tta_cli.engine import grouped
 from tta_cli.engine.graphs import CapturedCall
 from tta_cli.kernels import triton_conv
+from tta_cli.models.params import adapted_parameter_names
 
 
 def supports_parallel(config) -> bool:

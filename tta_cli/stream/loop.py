@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from tta_cli.adapt.methods.ttt_online import OnlineTTT
-from tta_cli.adapt.online_config import online_config, online_generator
+from tta_cli.adapt.online import online_config, online_generator
 from tta_cli.adapt.policies import ResetPolicy, RollbackPolicy
 from tta_cli.config import StreamSettings
 from tta_cli.engine.execution import resolve

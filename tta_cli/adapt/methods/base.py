@@ -1,12 +1,19 @@
-"""The interface every adaptation method implements; the runner and the CLI know methods only through it."""
+"""The interface every adaptation method implements (`Method`); the runner and the CLI know methods only through it.
+`OnlineMethod` is its common form for a method whose maths is one online stream."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from tta_cli.adapt.online import online_config, online_generator
+from tta_cli.adapt.policies import check_confidence
+from tta_cli.engine.execution import resolve
+from tta_cli.engine.parallel_online import ParallelOnlineTTT, supports_parallel
 
 
 @dataclass
@@ -82,3 +89,57 @@ class Method:
     def convolutions(self, side_by_side: bool = False) -> str:
         """Who ran the convolutions: "torch" or "triton where faster"."""
         return "torch"
+
+
+class OnlineMethod(Method):
+    """A registered method whose maths is one online stream: `stream_class(model, task, config, classes, generator)`,
+    an OnlineExecution (engine/online.py). Its Settings have `steps` (the shared --steps overrides it). Independent
+    segments go to a parallel twin (engine/parallel_online.py) when the config has no per-sample policy."""
+
+    takes_sequences = True
+    stream_class: ClassVar[type]
+
+    def __init__(self, model, task, settings, common, classes, device):
+        check_confidence(task, common.skip_above)
+        super().__init__(model, task, settings, common, classes, device)
+        execution = resolve(common, device)
+        steps = settings.steps if common.steps is None else common.steps
+        config = online_config(common, execution, steps, batch=common.batch, skip_above=common.skip_above)
+        self.amp = config.amp
+        generator = online_generator(common, execution)
+        self.parallel = None  # on its own copy of the model, which keeps torch's kernels (vmap needs them)
+        if execution.streams > 1 and supports_parallel(config):
+            parallel_config = replace(config, amp=execution.amp("parallel"))
+            self.parallel = ParallelOnlineTTT(copy.deepcopy(model), task, parallel_config, generator, execution.streams)
+        self.online = self.stream_class(model, task, config, classes, generator)
+
+    def adapt(self, images: torch.Tensor) -> torch.Tensor:
+        return self.online.adapt(images)
+
+    def adapt_sequence(self, images: torch.Tensor) -> torch.Tensor:
+        return self.online.adapt_sequence(images)
+
+    def reset(self) -> None:
+        self.online.reset()
+
+    def counters(self) -> dict[str, int]:
+        values = self.online.counters()
+        for name, value in (self.parallel.counters() if self.parallel is not None else {}).items():
+            values[name] += value
+        return values
+
+    def batch_size(self, sample: torch.Tensor) -> int:
+        return self.common.batch
+
+    def side_by_side(self, segments: int) -> bool:
+        return self.parallel is not None and segments > 1
+
+    def adapt_streams(self, images, streams, on_step):
+        return self.parallel.adapt_streams(images, streams, on_step)
+
+    def precision(self, side_by_side: bool = False) -> str:
+        self.amp = (self.parallel if side_by_side else self.online).config.amp
+        return super().precision()
+
+    def convolutions(self, side_by_side: bool = False) -> str:
+        return (self.parallel if side_by_side else self.online).convolutions()

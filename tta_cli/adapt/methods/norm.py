@@ -8,9 +8,9 @@ from torch import nn
 
 from tta_cli.adapt.methods import register
 from tta_cli.adapt.methods.source import Source
-from tta_cli.adapt.params import has_batchnorm
 from tta_cli.config import check_range
 from tta_cli.errors import TTAError
+from tta_cli.models.params import has_batchnorm
 
 
 def use_batch_statistics(model: nn.Module) -> None:

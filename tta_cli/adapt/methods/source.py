@@ -6,8 +6,8 @@ import torch
 
 from tta_cli.adapt.methods import register
 from tta_cli.adapt.methods.base import Method
-from tta_cli.adapt.views import autocast_bf16, full_precision
 from tta_cli.engine.execution import resolve
+from tta_cli.engine.precision import autocast_bf16, full_precision
 
 
 @register

@@ -10,10 +10,10 @@ import torch
 from tta_cli.adapt.methods import register
 from tta_cli.adapt.methods.base import Method
 from tta_cli.adapt.methods.norm import use_batch_statistics
-from tta_cli.adapt.params import norm_parameter_names
-from tta_cli.adapt.views import autocast_bf16, full_precision
 from tta_cli.config import check_range
 from tta_cli.engine.execution import resolve
+from tta_cli.engine.precision import autocast_bf16, full_precision
+from tta_cli.models.params import norm_parameter_names
 
 
 @dataclass

@@ -13,20 +13,14 @@ import torch
 
 from tta_cli.adapt.methods import register
 from tta_cli.adapt.methods.base import Method
+from tta_cli.adapt.policies import check_confidence
 from tta_cli.engine.episodic import EpisodicConfig, EpisodicTTT
 from tta_cli.engine.execution import resolve
-from tta_cli.errors import TTAError
 
 
 @dataclass
 class TTTSettings:
     steps: int = 10  # SGD steps per sample (the paper's); the shared --steps overrides it
-
-
-def check_confidence(task, skip_above: float | None) -> None:
-    """--skip-above reads the task's confidence, which only rotation has."""
-    if skip_above is not None and not hasattr(task, "confidence"):
-        raise TTAError(f"--skip-above needs the rotation task; this checkpoint's task is {task.name}")
 
 
 @register

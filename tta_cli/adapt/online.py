@@ -1,4 +1,4 @@
-"""The configuration of online TTT, built once from the shared settings for `tta adapt` and `tta stream` alike."""
+"""The configuration of online methods, built once from the shared settings for `tta adapt` and `tta stream` alike."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tta_cli.adapt.params import UpdateConfig
 from tta_cli.adapt.policies import ResetPolicy, RollbackPolicy
 from tta_cli.config import OnlineSettings
 from tta_cli.engine.execution import Execution
+from tta_cli.engine.per_sample import UpdateConfig
 
 
 @dataclass
@@ -46,3 +46,4 @@ def online_generator(settings: OnlineSettings, execution: Execution) -> torch.Ge
         torch.cuda.manual_seed(settings.seed)
         return None
     return torch.Generator(device=execution.device).manual_seed(settings.seed)
+
