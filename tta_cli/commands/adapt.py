@@ -25,9 +25,11 @@ Methods (--set METHOD.FIELD=VALUE sets a method's own settings):
 
 {methods}
 
-On CUDA the first call compiles (tens of seconds). Example:
+On CUDA the first call compiles (tens of seconds). Examples:
 
   tta adapt --ckpt runs/quickstart --method source,ttt --out runs/adapt
+
+  tta adapt --ckpt runs/bn --method norm,tent --set tent.lr=0.0005
 """
 
 

@@ -29,7 +29,7 @@ class Execution:
     pipeline: bool
     overlap: bool
     per_sample: str
-    chunk: int | None  # None: sized at the first chunk (engine.per_sample.memory_chunk)
+    chunk: int | None  # None (CUDA): CUDA_CHUNK clipped to free memory at the first chunk (EpisodicTTT.auto_chunk)
     streams: int
 
     def amp(self, path: str) -> bool:
