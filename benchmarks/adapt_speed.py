@@ -22,11 +22,12 @@ import traceback
 
 import torch
 
-from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT
-from tta_cli.adapt.online import OnlineConfig, OnlineTTT
-from tta_cli.adapt.online_parallel import ParallelOnlineTTT
+from tta_cli.adapt.methods.ttt_online import OnlineTTT
+from tta_cli.adapt.online import OnlineConfig
 from tta_cli.adapt.policies import RollbackPolicy
 from tta_cli.config import ModelConfig, TaskConfig
+from tta_cli.engine.episodic import EpisodicConfig, EpisodicTTT
+from tta_cli.engine.parallel_online import ParallelOnlineTTT
 from tta_cli.models import build_model
 from tta_cli.tasks import build_task
 
@@ -137,11 +138,12 @@ def episodic_rows(model, task, images, args, device) -> list[tuple]:
     return rows
 
 
-def online_method(model, task, precision, compiled, graph, rollback=False, channels_last=False, pipeline=False, autotune=False, triton=False):
+def online_method(model, task, precision, compiled, graph, rollback=False, pipeline=False, autotune=False, triton=False):
     config = OnlineConfig(
-        steps=1, copies=32, amp=precision == "bf16", cuda_graph=graph, compile=compiled, channels_last=channels_last,
-        pipeline=pipeline, cudnn_benchmark=autotune, conv_kernels="triton" if triton else "torch",
+        steps=1, copies=32, amp=precision == "bf16", cuda_graph=graph, compile=compiled, pipeline=pipeline,
+        conv_kernels="triton" if triton else "torch",
     )
+    torch.backends.cudnn.benchmark = autotune  # process-wide; online_rows clears it after each variant
     config.rollback = RollbackPolicy(enabled=rollback)
     generator = None if graph else torch.Generator(device=next(model.parameters()).device).manual_seed(0)
     return OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=generator)
@@ -161,11 +163,9 @@ def online_rows(model, task, images, args, device) -> list[tuple]:
     rows = []
     for precision, compiled, extra in parse_variants(args.online):
         flags = extra.split("-")
-        graph, rollback, channels_last = "eager" not in flags, "rollback" in flags, "cl" in flags
+        graph, rollback = "eager" not in flags, "rollback" in flags
         autotune, pipeline, triton = "bench" in flags, "pipe" in flags, "triton" in flags
-        method = online_method(
-            model, task, precision, compiled, graph and device.type == "cuda", rollback, channels_last, pipeline, autotune, triton
-        )
+        method = online_method(model, task, precision, compiled, graph and device.type == "cuda", rollback, pipeline, autotune, triton)
         count = args.online_samples if graph else min(args.online_samples, 500)
         if pipeline:  # adapt_sequence: predictions folded into the next update's forward pass
             first = warm_up(_Sequence(method), images[:20], 10)
@@ -175,7 +175,6 @@ def online_rows(model, task, images, args, device) -> list[tuple]:
             rate, peak = timed(method, images[:count], 1)
         label = f"tta online {'graph' if graph else 'eager'} {precision} {'compiled' if compiled else 'eager'}"
         label += " + rollback" if rollback else ""
-        label += " + channels_last" if channels_last else ""
         label += " + cudnn.benchmark" if autotune else ""
         label += " + pipeline" if pipeline else ""
         label += " + triton convs" if triton else ""
@@ -295,11 +294,11 @@ def main() -> None:
     parser.add_argument("--online-samples", type=int, default=4000)
     parser.add_argument("--reference-samples", type=int, default=10)
     parser.add_argument("--episodic", default="bf16:compile:auto,fp32:compile:auto,bf16:eager:auto",
-                        help="precision:eager|compile:chunk[-grouped][-bench] (chunk auto = sized to free memory; "
-                        "-grouped: adapt/grouped.py; -bench: cudnn.benchmark)")
-    parser.add_argument("--online", default="fp32:eager:graph,fp32:compile:graph,fp32:compile:graph-cl,fp32:compile:graph-bench,"
-                        "fp32:compile:graph-cl-bench,fp32:compile:graph-pipe,fp32:compile:graph-cl-bench-pipe,fp32:compile:graph-rollback",
-                        help="precision:eager|compile:graph|eager[-rollback][-cl][-bench][-pipe]; cl: channels_last, bench: cudnn.benchmark")
+                        help="precision:eager|compile:chunk[-grouped][-bench] (chunk auto = tta's default: 512 clipped to free memory; "
+                        "-grouped: engine/grouped.py; -bench: cudnn.benchmark)")
+    parser.add_argument("--online", default="fp32:eager:graph,fp32:compile:graph,fp32:compile:graph-pipe,fp32:compile:graph-pipe-triton,"
+                        "fp32:compile:graph-rollback",
+                        help="precision:eager|compile:graph|eager[-rollback][-bench][-pipe][-triton]; bench: cudnn.benchmark")
     parser.add_argument("--parallel", default="fp32:compile:15g,bf16:compile:15g",
                         help="precision:eager|compile:streams[-grouped], streams ending in g = CUDA graph per position")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of the compiled online step")

@@ -1,5 +1,5 @@
 """Convolution speed at the online step's shapes: cuDNN (torch) against the Triton implicit-GEMM kernels of
-tta_cli/models/triton_conv.py, forward, input gradient and weight gradient, each timed as a CUDA graph of
+tta_cli/kernels/triton_conv.py, forward, input gradient and weight gradient, each timed as a CUDA graph of
 `--reps` calls (so launch cost from Python is not measured, as in the step's own graph).
 
 The shapes are the reference ResNet-26's (width 1, split after layer2) for a batch of 32 views: the stem,
@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from tta_cli.models import triton_conv
+from tta_cli.kernels import triton_conv
 
 # (name, in channels, out channels, size, stride, count in one step's forward, the operations a step runs there:
 # the stem's input gradient is never needed, nor the weight gradients of the frozen ssl head, layer3)

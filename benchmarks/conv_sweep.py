@@ -25,8 +25,8 @@ import time
 import torch
 from conv_speed import DTYPES, SHAPES
 
-from tta_cli.models import triton_conv
-from tta_cli.models.triton_conv import Launch
+from tta_cli.kernels import triton_conv
+from tta_cli.kernels.triton_conv import Launch
 
 WARPS = (2, 4, 8)
 STAGES = (1, 2, 3)

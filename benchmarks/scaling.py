@@ -58,10 +58,10 @@ def synthetic_set(count: int, seed: int):
 def worker(args: argparse.Namespace) -> None:
     """One rank under torchrun: train, then adapt; rank 0 writes the numbers to args.worker."""
     from tta_cli import distributed
-    from tta_cli.adapt.methods import AdaptSettings, batch_size_for, build_method
+    from tta_cli.adapt.methods import build_method
     from tta_cli.adapt.orders import build_order
     from tta_cli.adapt.runner import run_method
-    from tta_cli.config import TrainConfig, load_config
+    from tta_cli.config import AdaptSettings, TrainConfig, load_config
     from tta_cli.tasks import build_task
     from tta_cli.train.checkpoint import load_model
     from tta_cli.train.loop import train
@@ -86,9 +86,8 @@ def worker(args: argparse.Namespace) -> None:
     method = build_method("ttt", model, task, settings, len(meta["class_names"]), device)
     adapt_set = synthetic_set(args.adapt_samples, 2)
     warm_up = adapt_set.subset(slice(0, (args.chunk or 8) * distributed.world_size()))
-    run_method(method, [warm_up], build_order([warm_up], "per-corruption"), batch_size_for(method, settings, len(warm_up)), device)
-    batch = batch_size_for(method, settings, len(adapt_set))
-    run = run_method(method, [adapt_set], build_order([adapt_set], "per-corruption"), batch, device)
+    run_method(method, [warm_up], build_order([warm_up], "per-corruption"), device)
+    run = run_method(method, [adapt_set], build_order([adapt_set], "per-corruption"), device)
     if distributed.is_main():
         numbers = {
             "processes": distributed.world_size(),
@@ -96,7 +95,7 @@ def worker(args: argparse.Namespace) -> None:
             "train_images_per_s": train_rate,
             "global_batch": config.optim.batch_size,
             "episodic_samples_per_s": run.samples / run.seconds,
-            "chunk": method._chunk,
+            "chunk": method.episodes._chunk,
         }
         args.worker.write_text(json.dumps(numbers))
     distributed.shutdown()

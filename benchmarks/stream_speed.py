@@ -21,10 +21,11 @@ import time
 import torch
 from conv_sweep import grid
 
-from tta_cli.adapt.online import uses_triton_convs
-from tta_cli.config import ModelConfig, TaskConfig
-from tta_cli.models import build_model, triton_conv, triton_norm, zeroed_outputs
-from tta_cli.stream.loop import StreamSettings, run_stream
+from tta_cli.config import ModelConfig, StreamSettings, TaskConfig
+from tta_cli.engine.execution import uses_triton_kernels
+from tta_cli.kernels import triton_conv, triton_norm, zeroed_outputs
+from tta_cli.models import build_model
+from tta_cli.stream.loop import run_stream
 from tta_cli.tasks import build_task
 
 MODELS = {
@@ -69,7 +70,7 @@ def main() -> None:
     parser.add_argument("--models", default="resnet26,resnet50", help=f"comma list of: {', '.join(MODELS)}")
     parser.add_argument("--modes", default="explicit,none", help="comma list of stream modes: explicit, implicit, episodic, none")
     parser.add_argument("--window", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--copies", type=int, default=32, help="images per update (window draws)")
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--pre-update", action="store_true", help="predict before each frame's update (lower latency)")
     parser.add_argument("--eager", action="store_true", help="no CUDA graph (to see what the graph saves)")
@@ -77,8 +78,8 @@ def main() -> None:
                         help="also print a kernel profile of FRAMES frames of each run (at least two blocks of 64; the first is not "
                         "recorded): kernels and device time per frame, by kind")
     parser.add_argument("--variants", default="fp32:compile,fp32:compile:serial,fp32:compile:torch,bf16:compile",
-                        help="comma list of precision:compile|eager[:cl][:triton|:torch][:serial][:EXPERIMENT]... "
-                        "(bf16/fp32 autocast, torch.compile, channels_last, the convolutions' kernels: Triton where faster, or "
+                        help="comma list of precision:compile|eager[:triton|:torch][:serial][:EXPERIMENT]... "
+                        "(bf16/fp32 autocast, torch.compile, the convolutions' kernels: Triton where faster, or "
                         "torch's only, default: the stream's default; serial: each prediction after its frame's update instead of "
                         f"beside the next update; EXPERIMENT: one of {', '.join(EXPERIMENTS)}, see experiments() below)")
     args = parser.parse_args()
@@ -97,13 +98,12 @@ def main() -> None:
                 settings = StreamSettings(
                     mode=mode,
                     window=args.window,
-                    batch_size=args.batch_size,
+                    copies=args.copies,
                     steps=args.steps,
                     pre_update=args.pre_update,
                     cuda_graph=not args.eager,
                     amp=precision == "bf16",
                     compile=compiled == "compile",
-                    channels_last="cl" in layout,
                     overlap="serial" not in layout,
                     conv_kernels="triton" if "triton" in layout else "torch" if "torch" in layout else StreamSettings.conv_kernels,
                 )
@@ -114,8 +114,8 @@ def main() -> None:
                         found = profile_stream(model, task, profiled, settings, device)
                         if not found and settings.cuda_graph and device.type == "cuda":  # the profiler missed the graph's kernels
                             profile_stream(model, task, profiled, dataclasses.replace(settings, cuda_graph=False), device)
-                    run = f"{settings.name} {precision} {compiled}{' cl' if settings.channels_last else ''}"
-                    triton = uses_triton_convs(settings.conv_kernels, device)
+                    run = f"{settings.name} {precision} {compiled}"
+                    triton = uses_triton_kernels(settings.conv_kernels, device)
                     run += " triton" if triton else ""
                     run += " serial" if settings.adapting and not summary["overlapped_predictions"] else ""  # what ran, not what was asked
                     run += "".join(f" {flag}" for flag in EXPERIMENTS if flag in layout)
@@ -236,7 +236,7 @@ def profile_stream(model, task, frames: torch.Tensor, settings: StreamSettings, 
 def print_table(rows, args, device: torch.device) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(
-        f"\nstream speed on {name}, torch {torch.__version__}: window {args.window}, batch {args.batch_size}, "
+        f"\nstream speed on {name}, torch {torch.__version__}: window {args.window}, copies {args.copies}, "
         f"{args.steps} step(s) per frame, {'predict before' if args.pre_update else 'predict after'} the update, "
         f"{'eager' if args.eager else 'CUDA graph where available'}, {args.frames} frames"
     )

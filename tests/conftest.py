@@ -106,13 +106,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class AtomicEverywhere(dict):
-    """A choice table for models/triton_conv.py (`monkeypatch.setattr(triton_conv, "_CHOSEN", AtomicEverywhere())`)
+    """A choice table for kernels/triton_conv.py (`monkeypatch.setattr(triton_conv, "_CHOSEN", AtomicEverywhere())`)
     that picks an atomic split launch for every operation and shape, where the interpreter's own default and a GPU's
-    timing may pick plain ones: so that every zeroed output of a step comes from models/zeroed_outputs.py."""
+    timing may pick plain ones: so that every zeroed output of a step comes from kernels/zeroed_outputs.py."""
 
     def __init__(self):
         super().__init__()
-        from tta_cli.models.triton_conv import GradsLaunch, Launch  # (imported here: TRITON_INTERPRET is read at import)
+        from tta_cli.kernels.triton_conv import GradsLaunch, Launch  # (imported here: TRITON_INTERPRET is read at import)
 
         self.launches = {
             "forward": Launch(32, 16, 2, atomic=True),

@@ -10,14 +10,16 @@ import pytest
 import torch
 from conftest import AtomicEverywhere, run_cli
 
-from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT
-from tta_cli.adapt.grouped import GroupedPerSampleModel
-from tta_cli.adapt.online import OnlineConfig, OnlineTTT
-from tta_cli.adapt.online_parallel import ParallelOnlineTTT
-from tta_cli.adapt.per_sample import adapt_streams_reference
+from tta_cli.adapt.methods.ttt_online import OnlineTTT
+from tta_cli.adapt.online import OnlineConfig
 from tta_cli.config import ModelConfig, TaskConfig
 from tta_cli.data.imageset import to_float_nchw
-from tta_cli.models import build_model, triton_conv
+from tta_cli.engine.episodic import EpisodicConfig, EpisodicTTT
+from tta_cli.engine.grouped import GroupedPerSampleModel
+from tta_cli.engine.parallel_online import ParallelOnlineTTT
+from tta_cli.engine.per_sample import adapt_streams_reference
+from tta_cli.kernels import triton_conv
+from tta_cli.models import build_model
 from tta_cli.tasks import build_task
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

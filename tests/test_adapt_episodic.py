@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT, adapt_sequential
 from tta_cli.config import ModelConfig, TaskConfig
+from tta_cli.engine.episodic import EpisodicConfig, EpisodicTTT, adapt_sequential
 from tta_cli.models import build_model
 from tta_cli.tasks import build_task
 

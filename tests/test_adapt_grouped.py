@@ -5,15 +5,15 @@ import copy
 import pytest
 import torch
 
-from tta_cli.adapt import grouped
-from tta_cli.adapt.episodic import EpisodicConfig, EpisodicTTT, adapt_sequential
-from tta_cli.adapt.params import adapted_parameter_names
-from tta_cli.adapt.per_sample import PerSampleModel
-from tta_cli.adapt.views import grouped_views
 from tta_cli.config import ModelConfig, TaskConfig
+from tta_cli.engine import grouped
+from tta_cli.engine.episodic import EpisodicConfig, EpisodicTTT, adapt_sequential
+from tta_cli.engine.per_sample import PerSampleModel
 from tta_cli.errors import TTAError
 from tta_cli.models import build_model
+from tta_cli.models.params import adapted_parameter_names
 from tta_cli.tasks import build_task
+from tta_cli.tasks.views import grouped_views
 
 
 def tiny_model(task_name="rotation", norm="gn", dtype=torch.float64):

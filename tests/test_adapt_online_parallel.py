@@ -5,12 +5,13 @@ import copy
 import pytest
 import torch
 
-from tta_cli.adapt.grouped import GroupedPerSampleModel
-from tta_cli.adapt.online import OnlineConfig, OnlineTTT
-from tta_cli.adapt.online_parallel import ParallelOnlineTTT
-from tta_cli.adapt.per_sample import adapt_streams_reference
+from tta_cli.adapt.methods.ttt_online import OnlineTTT
+from tta_cli.adapt.online import OnlineConfig
 from tta_cli.config import ModelConfig, TaskConfig
 from tta_cli.data.imageset import to_float_nchw
+from tta_cli.engine.grouped import GroupedPerSampleModel
+from tta_cli.engine.parallel_online import ParallelOnlineTTT
+from tta_cli.engine.per_sample import adapt_streams_reference
 from tta_cli.errors import TTAError
 from tta_cli.models import build_model
 from tta_cli.tasks import build_task
@@ -84,13 +85,13 @@ def test_unknown_per_sample_is_a_user_error():
 def test_tta_adapt_picks_each_paths_precision_unless_told(amp, one_stream, side_by_side):
     """By default one stream runs fp32 and streams side by side bf16 (what measured fastest for each on the H200);
     `--set amp=...` forces one choice on both."""
-    from tta_cli.adapt.methods import AdaptSettings, build_method
-    from tta_cli.adapt.runner import precision
+    from tta_cli.adapt.methods import build_method
+    from tta_cli.config import AdaptSettings
 
     model, task = tiny()
     method = build_method("ttt-online", model, task, AdaptSettings(amp=amp, streams=2), classes=10, device=torch.device("cpu"))
-    assert method.config.amp is one_stream and method.parallel.config.amp is side_by_side
-    cuda = torch.device("cuda")  # what the results file would say on CUDA (nothing runs there)
-    assert precision(method, cuda) == ("bf16 autocast" if one_stream else "float64")
-    assert precision(method.parallel, cuda) == ("bf16 autocast" if side_by_side else "float64")
-    assert precision(method.parallel, torch.device("cpu")) == "float64"
+    assert method.online.config.amp is one_stream and method.parallel.config.amp is side_by_side
+    assert method.precision() == method.precision(side_by_side=True) == "float64"  # bf16 autocast happens on CUDA only
+    method.device = torch.device("cuda")  # what the results file would say on CUDA (nothing runs there)
+    assert method.precision() == ("bf16 autocast" if one_stream else "float64")
+    assert method.precision(side_by_side=True) == ("bf16 autocast" if side_by_side else "float64")

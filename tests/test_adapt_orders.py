@@ -1,17 +1,17 @@
 """Stream orders yield the documented sequences; the comparators (source, norm, tent) behave as documented."""
 
-import copy
 
 import pytest
 import torch
 
-from tta_cli.adapt.comparators import NormAdapt, SourceModel, Tent
+from tta_cli.adapt.methods import build_method
+from tta_cli.adapt.methods.base import Method
 from tta_cli.adapt.orders import build_order
-from tta_cli.adapt.params import norm_parameter_names
-from tta_cli.config import ModelConfig, TaskConfig
+from tta_cli.config import AdaptSettings, ModelConfig, TaskConfig
 from tta_cli.data.imageset import ImageSet, mix_classes
 from tta_cli.errors import TTAError
 from tta_cli.models import build_model
+from tta_cli.models.params import norm_parameter_names
 from tta_cli.tasks import build_task
 
 CLASSES = [f"c{i}" for i in range(4)]
@@ -100,25 +100,30 @@ def tiny(norm: str):
     return build_model(ModelConfig(depth=8, norm=norm, groups=4, num_classes=4), task)
 
 
+def comparator(name: str, model, own: dict | None = None) -> Method:
+    """Method `name` on a copy of `model` on the CPU, with the shared defaults."""
+    return build_method(name, model, None, AdaptSettings(), len(CLASSES), torch.device("cpu"), own)
+
+
 def test_source_model_is_the_checkpoint_in_eval_mode():
     model = tiny("gn")
     images = torch.rand(5, 3, 32, 32)
-    assert torch.allclose(SourceModel(copy.deepcopy(model), amp=False).adapt(images), model.eval()(images))
+    assert torch.allclose(comparator("source", model).adapt(images), model.eval()(images))
 
 
 def test_norm_uses_test_batch_statistics_and_refuses_groupnorm():
     model = tiny("bn")
     images = torch.rand(6, 3, 32, 32) * 0.3 + 0.6  # statistics far from the running ones
-    adapted = NormAdapt(copy.deepcopy(model), amp=False).adapt(images)
+    adapted = comparator("norm", model).adapt(images)
     assert not torch.allclose(adapted, model.eval()(images), atol=1e-4)
     assert torch.allclose(adapted, model.train()(images), atol=1e-5)  # batch statistics, as in training mode
     with pytest.raises(TTAError, match="BatchNorm"):
-        NormAdapt(tiny("gn"), amp=False)
+        comparator("norm", tiny("gn"))
 
 
 def test_tent_moves_only_normalization_affine_parameters():
     model = tiny("bn")
-    tent = Tent(copy.deepcopy(model), lr=1e-2, amp=False)
+    tent = comparator("tent", model, {"lr": 1e-2})
     tent.adapt(torch.rand(8, 3, 32, 32))
     before, after = dict(model.named_parameters()), dict(tent.model.named_parameters())
     moved = {name for name in before if not torch.equal(before[name], after[name])}
@@ -126,10 +131,10 @@ def test_tent_moves_only_normalization_affine_parameters():
     assert moved and moved <= allowed
 
 
-class NaNAfterTwo:
+class NaNAfterTwo(Method):
     """A method whose predictions turn NaN from the third sample on, as diverged updates leave them."""
 
-    name, episodic = "diverging", True
+    name, episodic, default_batch = "diverging", True, 2
 
     def reset(self) -> None:
         self.seen = 0
@@ -149,4 +154,5 @@ def test_a_run_whose_predictions_turn_nan_is_an_error_not_a_table():
 
     sets = shifted_sets(("fog",), (1,), size=5)
     with pytest.raises(TTAError, match="3 of 5 predictions were NaN or infinite"):
-        run_method(NaNAfterTwo(), sets, build_order(sets, "per-corruption"), batch_size=2, device=torch.device("cpu"))
+        method = NaNAfterTwo(tiny("gn"), None, None, AdaptSettings(), len(CLASSES), torch.device("cpu"))
+        run_method(method, sets, build_order(sets, "per-corruption"), device=torch.device("cpu"))

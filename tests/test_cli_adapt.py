@@ -112,7 +112,7 @@ def test_one_stream_online_default_runs_pipelined_and_predicts_as_the_plain_loop
     """The one-stream ttt-online default folds each prediction into the next update's forward pass (exactness is
     tested in float64 in test_adapt_online.py); through the CLI it is the path taken, and `--set pipeline=false`
     turns it off with the same predictions."""
-    from tta_cli.adapt.online import OnlineTTT
+    from tta_cli.adapt.methods.ttt_online import OnlineTTT
 
     calls = []
     pipelined = OnlineTTT._pipelined
@@ -137,7 +137,7 @@ def test_one_stream_online_default_runs_pipelined_and_predicts_as_the_plain_loop
 def test_grouped_per_sample_ttt_runs_through_the_cli_and_predicts_as_vmap(tiny_checkpoint, tmp_path, monkeypatch):
     """`--set per_sample=grouped` reaches episodic TTT (the folded path is taken) and predicts as the vmap default
     (their equality is tested in float64 in test_adapt_grouped.py)."""
-    from tta_cli.adapt import grouped
+    from tta_cli.engine import grouped
 
     built = []
     monkeypatch.setattr(grouped.GroupedPerSampleModel, "__init__", _recording(grouped.GroupedPerSampleModel.__init__, built))

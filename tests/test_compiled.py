@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tta_cli.adapt.compiled import CompiledOrEager
+from tta_cli.engine.compiled import CompiledOrEager
 
 
 def failing_backend(graph_module, example_inputs):

@@ -16,10 +16,10 @@ from conftest import QUICKSTART, run_cli
 from safetensors.torch import load_file
 
 from tta_cli import distributed
-from tta_cli.adapt.methods import AdaptSettings, batch_size_for, build_method
+from tta_cli.adapt.methods import build_method
 from tta_cli.adapt.orders import build_order
 from tta_cli.adapt.runner import run_method
-from tta_cli.config import ModelConfig, TaskConfig, TrainConfig, load_config
+from tta_cli.config import AdaptSettings, ModelConfig, TaskConfig, TrainConfig, load_config
 from tta_cli.data.imageset import ImageSet, to_float_nchw
 from tta_cli.data.loader import DeviceLoader
 from tta_cli.data.sources import load_split
@@ -145,7 +145,7 @@ def adapt_all(model, task, sets, settings) -> list:
     results = []
     for name in settings.methods:
         method = build_method(name, copy.deepcopy(model), task, settings, 10, torch.device("cpu"))
-        results.append(run_method(method, sets, segments, batch_size_for(method, settings, 20), torch.device("cpu")))
+        results.append(run_method(method, sets, segments, torch.device("cpu")))
     return [(r.method, r.predictions, r.errors, r.counters, r.samples) for r in results]
 
 
@@ -157,7 +157,7 @@ def episodic_logits(model, task, sets, settings) -> torch.Tensor:
         return torch.cat([method.adapt(images) for images in batches])
     rows, logits, offset = [], [], 0
     for images in batches:
-        batch_rows, batch_logits = method.adapt_shard(images, distributed.rank(), distributed.world_size())
+        batch_rows, batch_logits = method.adapt_shard(images, 0, distributed.rank(), distributed.world_size())
         rows.append(batch_rows + offset)
         logits.append(batch_logits.reshape(-1, 10))
         offset += images.shape[0]

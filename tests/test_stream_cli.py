@@ -115,7 +115,7 @@ def test_make_refuses_to_replace_a_stream_without_force(stream_dir):
 
 def test_run_writes_one_row_per_frame_a_summary_and_a_plot(checkpoint, stream_dir, tmp_path):
     out, plot = tmp_path / "run", tmp_path / "timeline.png"
-    result = ok("stream", "run", stream_dir / "stream.mp4", "--ckpt", checkpoint, "--batch-size", "8", "--out", out, "--plot", plot)
+    result = ok("stream", "run", stream_dir / "stream.mp4", "--ckpt", checkpoint, "--copies", "8", "--out", out, "--plot", plot)
     assert "labels: yes" in result.output
     rows = read_csv(out / "frames.csv")
     lines = (out / "frames.jsonl").read_text().splitlines()
@@ -128,7 +128,7 @@ def test_run_writes_one_row_per_frame_a_summary_and_a_plot(checkpoint, stream_di
     summary = json.loads((out / "summary.json").read_text())
     correct = sum(row["correct"] == "True" for row in rows)
     assert summary["frames"] == FRAMES and summary["accuracy"] == pytest.approx(correct / FRAMES)
-    assert summary["run"] == "explicit+implicit" and summary["settings"]["batch_size"] == 8
+    assert summary["run"] == "explicit+implicit" and summary["settings"]["copies"] == 8
     assert 0 < summary["latency_ms"]["p50"] <= summary["latency_ms"]["p95"] <= summary["latency_ms"]["max"]
     assert summary["fps"] > 0 and summary["adapted"] == FRAMES and summary["rollbacks"] == 0
     with Image.open(plot) as picture:
@@ -164,7 +164,7 @@ def test_steps_zero_equals_no_adaptation(checkpoint, stream_dir, tmp_path):
 
 def test_compare_prints_error_per_run_and_writes_each(checkpoint, stream_dir, tmp_path):
     out = tmp_path / "compare"
-    result = ok("stream", "run", stream_dir, "--ckpt", checkpoint, "--compare", "--max-frames", "16", "--batch-size", "4", "--out", out)
+    result = ok("stream", "run", stream_dir, "--ckpt", checkpoint, "--compare", "--max-frames", "16", "--copies", "4", "--out", out)
     names = ["none", "episodic", "implicit", "implicit+rollback", "explicit+implicit", "explicit+implicit+rollback"]
     assert "error per run" in result.output and all(name in result.output for name in names)
     summary = json.loads((out / "summary.json").read_text())
@@ -177,7 +177,7 @@ def test_compare_prints_error_per_run_and_writes_each(checkpoint, stream_dir, tm
 def test_compare_pairs_each_run_with_the_first_per_clip(checkpoint, stream_dir, tmp_path):
     """vs_first is the per-clip error difference to the first run (none), recomputed here from the frame files."""
     out = tmp_path / "compare"
-    ok("stream", "run", stream_dir, "--ckpt", checkpoint, "--compare", "--max-frames", "30", "--batch-size", "4", "--lr", "0.05", "--out", out)
+    ok("stream", "run", stream_dir, "--ckpt", checkpoint, "--compare", "--max-frames", "30", "--copies", "4", "--lr", "0.05", "--out", out)
     clips = {row["frame"]: int(row["clip"]) for row in read_csv(stream_dir / "schedule.csv")}
 
     def per_clip_error(name: str) -> dict[int, float]:
@@ -231,7 +231,7 @@ def test_reset_and_rollback_flags_reach_the_loop(checkpoint, stream_dir, tmp_pat
         "every:10",
         "--max-frames",
         "30",
-        "--batch-size",
+        "--copies",
         "4",
         "--lr",
         "10000",
@@ -312,7 +312,7 @@ def test_installed_entry_point_runs_a_stream(checkpoint, stream_dir, tmp_path):
         str(checkpoint),
         "--max-frames",
         "20",
-        "--batch-size",
+        "--copies",
         "4",
         "--device",
         "cpu",

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tta_cli.adapt.online import OnlineConfig, OnlineTTT
+from tta_cli.adapt.methods.ttt_online import OnlineTTT
+from tta_cli.adapt.online import OnlineConfig
 from tta_cli.adapt.policies import ResetPolicy
 from tta_cli.config import ModelConfig, TaskConfig
 from tta_cli.errors import TTAError
@@ -38,7 +39,7 @@ def random_frames(count: int, seed: int = 0) -> list[tuple[int, torch.Tensor]]:
 
 
 def settings(**changes) -> StreamSettings:
-    return StreamSettings(**{"batch_size": 4, "block": 8, **changes})
+    return StreamSettings(**{"copies": 4, "block": 8, **changes})
 
 
 def run(tiny, frames, **changes):
@@ -104,7 +105,7 @@ def test_updates_train_on_views_of_the_last_window_frames(tiny, mode, window, lo
     model, task = tiny
     frames = [(index, torch.full((32, 32, 3), 2 * (index + 1), dtype=torch.uint8)) for index in range(12)]
     recording = RecordingTask(task)
-    run_stream(model, recording, frames, settings(mode=mode, window=window, batch_size=16), CLASSES, CPU)
+    run_stream(model, recording, frames, settings(mode=mode, window=window, copies=16), CLASSES, CPU)
     assert len(recording.view_frames) == len(frames)  # one step per frame, one make_batch per step
     for index, drawn in enumerate(recording.view_frames):
         assert drawn <= set(range(max(0, index - lookback + 1), index + 1))

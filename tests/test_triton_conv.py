@@ -12,12 +12,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tta_cli.adapt.methods import AdaptSettings
-from tta_cli.adapt.online import OnlineConfig, OnlineTTT
+from tta_cli.adapt.methods.ttt_online import OnlineTTT
+from tta_cli.adapt.online import OnlineConfig
 from tta_cli.cli import app
-from tta_cli.config import ModelConfig, TaskConfig
+from tta_cli.config import AdaptSettings, ModelConfig, TaskConfig
 from tta_cli.errors import TTAError
-from tta_cli.models import build_model, triton_conv
+from tta_cli.kernels import triton_conv
+from tta_cli.models import build_model
 from tta_cli.stream.loop import StreamSettings
 from tta_cli.tasks import build_task
 

@@ -1,4 +1,4 @@
-"""The fused GroupNorm + ReLU op (models/triton_norm.py) on its torch path (a CPU without Triton's interpreter),
+"""The fused GroupNorm + ReLU op (kernels/triton_norm.py) on its torch path (a CPU without Triton's interpreter),
 against torch's own group norm and ReLU; tests/triton_checks.py checks its Triton kernels the same way."""
 
 import pytest
@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from tta_cli.config import ModelConfig, TaskConfig
-from tta_cli.models import build_model, triton_norm
+from tta_cli.kernels import triton_norm
+from tta_cli.models import build_model
 from tta_cli.tasks import build_task
 
 # (batch, channels, height, width, groups): the ResNet's groups, uneven sizes, one pixel

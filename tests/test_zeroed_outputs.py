@@ -1,9 +1,9 @@
-"""The zeroed outputs of the atomic launches, zeroed together at a call's start (models/zeroed_outputs.py)."""
+"""The zeroed outputs of the atomic launches, zeroed together at a call's start (kernels/zeroed_outputs.py)."""
 
 import pytest
 import torch
 
-from tta_cli.models import zeroed_outputs
+from tta_cli.kernels import zeroed_outputs
 
 CPU = torch.device("cpu")
 REQUESTS = (("dw", (1, 4, 9)), ("dw", (1, 4, 9)), ("dw", (1, 3)), ("dx", (1, 2, 5, 5)))

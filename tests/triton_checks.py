@@ -13,9 +13,13 @@ from conftest import AtomicEverywhere
 from test_triton_norm import SHAPES as NORM_SHAPES
 from test_triton_norm import reference_and_fused
 
-from tta_cli.adapt.online import OnlineConfig, OnlineTTT
-from tta_cli.config import ModelConfig, TaskConfig
-from tta_cli.models import build_model, triton_conv, triton_norm
+from tta_cli.adapt.methods import build_method
+from tta_cli.adapt.methods.ttt_online import OnlineTTT
+from tta_cli.adapt.online import OnlineConfig
+from tta_cli.config import AdaptSettings, ModelConfig, TaskConfig
+from tta_cli.engine import compiled
+from tta_cli.kernels import triton_conv, triton_norm
+from tta_cli.models import build_model
 from tta_cli.tasks import build_task
 
 # (batch, in channels, out channels, size, kernel, stride, padding): the ResNet's 3x3 convolutions, strided
@@ -66,16 +70,17 @@ def test_weight_gradient_sums_every_split_of_the_pixels(monkeypatch):
     assert torch.allclose(dw, expected, atol=1e-12)
 
 
-def test_online_ttt_with_triton_convolutions_equals_torch_convolutions():
+def test_online_ttt_with_triton_convolutions_equals_torch_convolutions(monkeypatch):
     """Online steps of a tiny ResNet (updates, momentum, predictions) agree in float64, through torch.compile
     (which must keep the custom op as one call; aot_eager traces the backward as inductor would)."""
+    monkeypatch.setattr(compiled, "BACKEND", "aot_eager")
     torch.manual_seed(0)
     task = build_task(TaskConfig(name="rotation"))
     model = build_model(ModelConfig(depth=8, groups=4, img_size=8), task).to(torch.float64)
     images = torch.rand(2, 1, 3, 8, 8, dtype=torch.float64)
     runs = []
     for kernels in ("torch", "triton"):
-        config = OnlineConfig(copies=2, lr=0.05, momentum=0.9, amp=False, conv_kernels=kernels, compile=True, compile_backend="aot_eager")
+        config = OnlineConfig(copies=2, lr=0.05, momentum=0.9, amp=False, conv_kernels=kernels, compile=True)
         method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(3))
         swapped = sum(isinstance(m, triton_conv.TritonConv2d) for m in method.model.modules())
         logits = torch.cat([method.adapt(image) for image in images])
@@ -194,12 +199,12 @@ def test_streams_side_by_side_keep_torch_convolutions_beside_a_triton_one_stream
     torch.manual_seed(0)
     task = build_task(TaskConfig(name="rotation"))
     model = build_model(ModelConfig(depth=8, groups=4, img_size=8), task).to(torch.float64)
-    config = OnlineConfig(copies=2, lr=0.05, amp=False, conv_kernels="triton", per_sample="vmap")
-    method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, generator=torch.Generator().manual_seed(3), streams=2)
+    settings = AdaptSettings(copies=2, lr=0.05, amp=False, conv_kernels="triton", per_sample="vmap", streams=2)
+    method = build_method("ttt-online", model, task, settings, 10, torch.device("cpu"))
     assert triton_conv.kernels_in(method.model) == "triton where faster"
     assert triton_conv.kernels_in(method.parallel.model) == "torch"
     images = (torch.rand(4, 8, 8, 3) * 255).to(torch.uint8)
-    logits = method.parallel.adapt_streams(images, [torch.tensor([0, 1]), torch.tensor([2, 3])])
+    logits = method.adapt_streams(images, [torch.tensor([0, 1]), torch.tensor([2, 3])], lambda done: None)
     assert [tuple(part.shape) for part in logits] == [(2, 10), (2, 10)] and all(part.isfinite().all() for part in logits)
 
 

@@ -97,12 +97,147 @@ class TrainConfig:
     seed: int = 0
     compile: bool = False
     # torch.compile's mode for the step: "reduce-overhead" also replays the forward and backward as CUDA graphs,
-    # the lever for small, launch-bound batches (the paper recipe sets it: its batch of 128 ran at >= 17.9k
-    # clean images/s on an H200, against 5.0k compiled without graphs on the issue's H100 probe).
+    # the lever for small, launch-bound batches such as the paper recipe's 128 (docs/speed-notes.md).
     compile_mode: str = "default"
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = True  # on CUDA only
     out: str = "runs/train"
+
+
+PARAM_GROUPS = ("encoder", "encoder+ssl", "norm")
+CONV_KERNELS = ("auto", "torch", "triton")
+PER_SAMPLE = ("auto", "vmap", "grouped")
+RESET_KINDS = ("never", "every:N", "on-shift")
+
+
+@dataclass
+class ExecutionSettings:
+    """How adaptation runs on the device: speed, not results (bf16 aside). Shared by `tta adapt` and `tta stream`,
+    resolved once per device (engine/execution.py); the measurements behind each default: docs/speed-notes.md."""
+
+    amp: bool | None = None  # bf16 autocast on CUDA; None: each path's faster precision (engine.execution.AMP_DEFAULTS)
+    compile: bool = True  # torch.compile the hot paths on CUDA, never on the CPU; a failed compile runs eagerly
+    cuda_graph: bool = True  # capture the online steps as CUDA graphs and replay them (CUDA only)
+    conv_kernels: str = "auto"  # auto | torch | triton: one online stream's convolutions and norms (auto: triton on CUDA)
+    pipeline: bool = True  # `tta adapt`, one online stream: predict each batch inside the next update's first forward pass
+    overlap: bool = True  # `tta stream`, unpaced: each frame's prediction on a side stream beside the next frame's update
+    per_sample: str = "auto"  # per-sample weights: auto (grouped on the CPU, vmap on CUDA) | vmap | grouped
+    chunk: int | None = None  # ttt samples adapted at once; None: 512 clipped to free memory on CUDA, 8 on the CPU
+    streams: int | None = None  # ttt-online segments adapted side by side; None: 256 on CUDA, 1 on the CPU
+
+    def validate(self) -> None:
+        for name in ("chunk", "streams"):
+            check_range(name, getattr(self, name), 1)
+        check_choice("conv_kernels", self.conv_kernels, CONV_KERNELS)
+        check_choice("per_sample", self.per_sample, PER_SAMPLE)
+
+
+@dataclass
+class OnlineSettings:
+    """The online update and its policies, shared by `tta adapt` (ttt-online) and `tta stream`."""
+
+    lr: float = 0.001  # SGD learning rate of the self-supervised updates
+    copies: int = 32  # augmented views per update (per sample; for tta stream, window draws or copies of the frame)
+    momentum: float = 0.0  # SGD momentum
+    params: str = "encoder"  # what adapts: encoder | encoder+ssl | norm
+    reset: str = "never"  # never | every:N | on-shift: back to the source weights
+    rollback: bool = False  # undo updates that raise the ssl loss on fresh views; reset on collapsed predictions
+    rollback_margin: float = 0.2  # relative rise of the ssl loss that counts as harmful
+    collapse_entropy: float = 0.5  # nats: predicted-class histogram entropy below which predictions have collapsed
+    pre_update: bool = False  # predict before the update (lowest latency) instead of after
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_range("copies", self.copies, 1)
+        for name in ("lr", "rollback_margin", "collapse_entropy"):
+            check_range(name, getattr(self, name), 0)
+        check_range("momentum", self.momentum, 0, 1)
+        check_choice("--params", self.params, PARAM_GROUPS)
+        parse_reset(self.reset)
+
+
+@dataclass
+class AdaptSettings(OnlineSettings, ExecutionSettings):
+    """Every shared knob of `tta adapt`; a method's own ones are its `Settings` (`--set tent.lr=0.0005`)."""
+
+    methods: list[str] = field(default_factory=lambda: ["source", "ttt", "ttt-online"])
+    steps: int | None = None  # SGD steps per sample; None: the method's own default
+    batch: int = 1  # ttt-online: consecutive samples per update
+    skip_above: float | None = None  # skip an update when the rotation head's confidence exceeds this
+    order: str = "per-corruption"
+    dirichlet: float | None = None
+
+    def validate(self) -> None:
+        """One-line errors for values no method can run with (the names as `--set` spells them), before any work."""
+        OnlineSettings.validate(self)
+        ExecutionSettings.validate(self)
+        repeated = sorted({name for name in self.methods if self.methods.count(name) > 1})
+        if repeated:  # results are keyed by method: a second run would overwrite the first
+            raise TTAError(f"--method lists {', '.join(repeated)} more than once")
+        check_range("batch", self.batch, 1)
+        check_range("steps", self.steps, 0)
+        if self.skip_above is not None and not 0 <= self.skip_above <= 1:
+            raise TTAError(f"--skip-above is a probability (0 to 1), got {self.skip_above}")
+        if self.dirichlet is not None and not self.dirichlet > 0:
+            raise TTAError(f"--dirichlet must be above 0, got {self.dirichlet}")
+
+
+STREAM_MODES = ("none", "episodic", "implicit", "explicit")
+STREAM_MODE_NAMES = {"none": "none", "episodic": "episodic", "implicit": "implicit", "explicit": "explicit+implicit"}
+
+
+@dataclass
+class StreamSettings(OnlineSettings, ExecutionSettings):
+    """Every knob of `tta stream run`."""
+
+    mode: str = "explicit"  # none | episodic | implicit | explicit (= explicit + implicit memory)
+    window: int = 16  # frames of explicit memory
+    steps: int = 1  # updates per frame; 0 = no adaptation
+    # a video shows each scene for many frames, so each image gets ~30 updates in a row: a tenth of the per-sample
+    # rate (measured on a drifting stream: docs/results.md)
+    lr: float = 0.0001
+    max_frames: int | None = None
+    block: int = 64  # frames per device-to-host copy of the per-frame log
+    view_every: float = 0.5  # seconds between progress reports at most
+    max_inflight: int = 2  # paced CUDA runs: frames queued on the GPU before the loop waits
+
+    def validate(self) -> None:
+        OnlineSettings.validate(self)
+        ExecutionSettings.validate(self)
+        check_choice("--mode", self.mode, STREAM_MODES)
+        for name in ("window", "block", "max_inflight", "max_frames"):
+            check_range(f"--{name.replace('_', '-')}", getattr(self, name), 1)
+        check_range("--steps", self.steps, 0)
+
+    @property
+    def adapting(self) -> bool:
+        return self.mode != "none" and self.steps > 0
+
+    @property
+    def name(self) -> str:
+        return STREAM_MODE_NAMES[self.mode] + ("+rollback" if self.rollback and self.adapting else "")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    """A one-line user error for a value outside `choices`."""
+    if value not in choices:
+        raise TTAError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def parse_reset(text: str) -> tuple[str, int]:
+    """`never` | `on-shift` | `every:N` -> (kind, N) (N 0 unless every)."""
+    text = text.strip().lower()
+    if text in ("never", "on-shift"):
+        return text, 0
+    if text.startswith("every:"):
+        try:
+            every = int(text.split(":", 1)[1])
+        except ValueError:
+            every = 0
+        if every <= 0:
+            raise TTAError(f"--reset {text!r}: N must be a positive integer, as in every:100")
+        return "every", every
+    raise TTAError(f"unknown --reset {text!r}; use never, every:N or on-shift")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from tta_cli.data.imageset import ImageSet
 from tta_cli.errors import TTAError
 
 ORDERS = ("per-corruption", "continual", "gradual", "mixed", "correlated")
+ORDER_SEMANTICS = "per-corruption resets between sets; continual/gradual/mixed never reset; correlated resets between sets"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Reset and rollback policies for online adaptation, shared by `tta adapt` and `tta stream`.
+"""Reset, rollback and skip policies for online adaptation, shared by `tta adapt` and `tta stream`.
 
 Decisions are 0-dim tensors on the model's device and are applied with `torch.where`, so an
 online step needs no host synchronisation and can be captured in a CUDA graph.
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tta_cli.config import parse_reset
 from tta_cli.errors import TTAError
 
 
@@ -32,18 +33,8 @@ class ResetPolicy:
 
     @classmethod
     def parse(cls, text: str) -> ResetPolicy:
-        text = text.strip().lower()
-        if text in ("never", "on-shift"):
-            return cls(kind=text)
-        if text.startswith("every:"):
-            try:
-                every = int(text.split(":", 1)[1])
-            except ValueError:
-                every = 0
-            if every <= 0:
-                raise TTAError(f"--reset {text!r}: N must be a positive integer, as in every:100")
-            return cls(kind="every", every=every)
-        raise TTAError(f"unknown --reset {text!r}; use never, every:N or on-shift")
+        kind, every = parse_reset(text)
+        return cls(kind=kind, every=every)
 
 
 class ShiftDetector:
@@ -121,3 +112,103 @@ class PredictionWindow:
 
     def clear(self, fired: torch.Tensor) -> None:
         self.count.copy_(torch.where(fired, torch.zeros_like(self.count), self.count))
+
+
+
+COUNTS = ("updates", "skipped", "rollbacks", "rollbacks_to_source", "collapse_resets", "shift_resets", "good_steps", "strikes")
+
+
+def check_confidence(task, skip_above: float | None) -> None:
+    """The skip gate (--skip-above) reads the task's confidence, which only rotation has."""
+    if skip_above is not None and not hasattr(task, "confidence"):
+        raise TTAError(f"--skip-above needs the rotation task; this checkpoint's task is {task.name}")
+
+
+class PolicyState:
+    """What the online policies act on, and the policies themselves: the flat weights (`weights.flat`, set by the
+    method), their source and last-good snapshot, the momentum, counters on the device, the shift detector and the
+    prediction window. `config` holds the ResetPolicy (`reset`) and the RollbackPolicy (`rollback`)."""
+
+    def _init_policies(self, config, classes: int, device: torch.device) -> None:
+        if config.reset.kind == "every" and config.reset.every % config.batch:
+            raise TTAError(f"--reset every:{config.reset.every} must be a multiple of the online batch ({config.batch})")
+        flat = self.weights.flat
+        self.source, self.snapshot, self.velocity = flat.clone(), flat.clone(), torch.zeros_like(flat)
+        self.counts = {name: torch.zeros((), device=device, dtype=torch.long) for name in COUNTS}
+        self.detector = ShiftDetector(config.reset, device) if config.reset.kind == "on-shift" else None
+        self.window = PredictionWindow(config.rollback.window, classes, device) if config.rollback.enabled else None
+        self.samples_seen = self.scheduled_resets = 0
+
+    def reset(self) -> None:
+        """Back to the source weights (and clear momentum, snapshot and detector history)."""
+        self.weights.flat.copy_(self.source)
+        self.snapshot.copy_(self.source)
+        self.velocity.zero_()
+        self.counts["strikes"].zero_()
+        if self.detector is not None:
+            self.detector.clear()
+        if self.window is not None:
+            self.window.count.zero_()
+
+    def counters(self) -> dict[str, int]:
+        values = {name: int(value) for name, value in self.counts.items() if name not in ("good_steps", "strikes")}
+        values["scheduled_resets"] = self.scheduled_resets
+        values["resets"] = values["scheduled_resets"] + values["shift_resets"] + values["collapse_resets"]
+        return values
+
+    def _count(self, images: torch.Tensor) -> None:
+        """`images` are new samples: first the scheduled reset (`--reset every:N`) when N samples have passed."""
+        policy = self.config.reset
+        if policy.kind == "every" and self.samples_seen and self.samples_seen % policy.every == 0:
+            self.reset()
+            self.scheduled_resets += 1
+        self.samples_seen += images.shape[0]
+
+    def _restore(self, condition: torch.Tensor, target: torch.Tensor, also_snapshot: bool = False) -> None:
+        """Where `condition` (0-dim bool) holds: the weights (and with `also_snapshot` the snapshot) become `target`,
+        and the momentum is cleared."""
+        flat = self.weights.flat
+        flat.copy_(torch.where(condition, target, flat))
+        self.velocity.copy_(torch.where(condition, torch.zeros_like(self.velocity), self.velocity))
+        if also_snapshot:
+            self.snapshot.copy_(torch.where(condition, target, self.snapshot))
+
+    def _shift_reset(self, loss: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor | None:
+        """`--reset on-shift`: record the step's loss; on a detected shift go back to the source weights and drop
+        this step's update (its gradient belongs to the weights just replaced). Returns the update's gate."""
+        if self.detector is None:
+            return gate
+        fired = self.detector.update(loss)
+        self._restore(fired, self.source, also_snapshot=True)
+        self.detector.clear(fired)
+        self.counts["shift_resets"] += fired.long()
+        kept = (~fired).float()
+        return kept if gate is None else gate * kept
+
+    def _collapse_reset(self, logits: torch.Tensor) -> None:
+        """Rollback's collapse check: back to the source weights when the recent predictions have collapsed."""
+        self.window.update(logits.argmax(1))
+        collapsed = self.window.collapsed(self.config.rollback.min_entropy)
+        self._restore(collapsed, self.source, also_snapshot=True)
+        self.window.clear(collapsed)
+        self.counts["collapse_resets"] += collapsed.long()
+
+    def _rollback(self, loss_before: torch.Tensor, loss_after: torch.Tensor, gate: torch.Tensor | None) -> None:
+        """Undo an update that raised the ssl loss (on fresh views of the input) by more than the margin: back to the
+        snapshot, or after `max_strikes` in a row to the source; snapshot every `snapshot_every` good updates. `gate`
+        as the update's (None: it ran; a skipped update is neither good nor bad)."""
+        policy, counts = self.config.rollback, self.counts
+        worse = ~(loss_after <= loss_before * (1.0 + policy.margin))  # a NaN loss after is worse too
+        good = ~worse
+        if gate is not None:
+            worse, good = worse & (gate > 0), good & (gate > 0)
+        counts["strikes"].copy_(torch.where(worse, counts["strikes"] + 1, torch.zeros_like(counts["strikes"])))
+        to_source = counts["strikes"] >= policy.max_strikes
+        self._restore(worse, torch.where(to_source, self.source, self.snapshot))
+        self.snapshot.copy_(torch.where(to_source, self.source, self.snapshot))
+        counts["strikes"].copy_(torch.where(to_source, torch.zeros_like(counts["strikes"]), counts["strikes"]))
+        counts["rollbacks"] += worse.long()
+        counts["rollbacks_to_source"] += to_source.long()
+        counts["good_steps"] += good.long()
+        take = good & (counts["good_steps"] % policy.snapshot_every == 0)
+        self.snapshot.copy_(torch.where(take, self.weights.flat, self.snapshot))

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from tta_cli import distributed
+from tta_cli.adapt.methods.base import Method
 from tta_cli.adapt.orders import Segment, set_offsets
 from tta_cli.data.imageset import ImageSet, to_float_nchw
 from tta_cli.errors import TTAError
-from tta_cli.models import triton_conv
 
 
 @dataclass
@@ -31,14 +31,13 @@ class RunResult:
     samples: int
     counters: dict
     precision: str  # what the path taken computed in: "bf16 autocast" or the model's dtype
-    convolutions: str = "torch"  # who ran them: "torch" or "triton where faster" (models/triton_conv.py)
+    convolutions: str = "torch"  # who ran them: "torch" or "triton where faster"
 
 
 def run_method(
-    method,
+    method: Method,
     sets: list[ImageSet],
     segments: list[Segment],
-    batch_size: int,
     device: torch.device,
     on_batch: Callable[[int], None] = lambda done: None,
 ) -> RunResult:
@@ -55,13 +54,12 @@ def run_method(
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    parallel = getattr(method, "parallel", None)
-    side_by_side = parallel is not None and len(segments) > 1 and world_size == 1
+    side_by_side = world_size == 1 and method.side_by_side(len(segments))
     record = Recorder(predictions)
     if side_by_side:
-        done = adapt_side_by_side(parallel, images, segments, record, on_batch)
+        done = adapt_side_by_side(method, images, segments, record, on_batch)
     else:
-        done = adapt_in_order(method, images, segments, record, batch_size, rank, world_size, on_batch)
+        done = adapt_in_order(method, images, segments, record, rank, world_size, on_batch)
     counters = method.counters()
     nonfinite = record.nonfinite
     if world_size > 1:  # every sample was predicted by exactly one rank
@@ -81,17 +79,8 @@ def run_method(
         part = slice(offset, offset + len(image_set))
         seen = visited[part].sum().clamp_min(1)
         errors.append(float(100.0 * (wrong[part] * visited[part]).sum() / seen))
-    path = parallel if side_by_side else method
-    return RunResult(method.name, errors, predictions.cpu(), seconds, done, counters, precision(path, device), triton_conv.kernels_in(path.model))
-
-
-def precision(path, device: torch.device) -> str:
-    """What a method's path computes in, for the results file: its amp flag (in its config for the TTT
-    methods) means bf16 autocast, which only happens on CUDA; otherwise the model's own dtype."""
-    amp = path.config.amp if hasattr(path, "config") else path.amp
-    if amp and device.type == "cuda":
-        return "bf16 autocast"
-    return str(next(path.model.parameters()).dtype).removeprefix("torch.")
+    return RunResult(method.name, errors, predictions.cpu(), seconds, done, counters, method.precision(side_by_side),
+                     method.convolutions(side_by_side))
 
 
 class Recorder:
@@ -114,27 +103,27 @@ def check_finite(name: str, nonfinite: int, samples: int) -> None:
     if nonfinite:
         raise TTAError(
             f"{name}: {nonfinite} of {samples} predictions were NaN or infinite, so the adaptation diverged; lower --lr "
-            "(or --set tent_lr for tent), or add --rollback for ttt-online; nothing was written"
+            "(or --set tent.lr for tent), or add --rollback for ttt-online; nothing was written"
         )
 
 
-def adapt_side_by_side(parallel, images, segments: list[Segment], record: Recorder, on_batch) -> int:
-    """Independent segments (each starting from the source weights) adapted together by the method's parallel twin."""
+def adapt_side_by_side(method: Method, images, segments: list[Segment], record: Recorder, on_batch) -> int:
+    """Independent segments (each starting from the source weights) adapted together (Method.adapt_streams)."""
     streams = [segment.indices.to(images.device) for segment in segments]
-    for stream, logits in zip(streams, parallel.adapt_streams(images, streams, on_batch), strict=True):
+    for stream, logits in zip(streams, method.adapt_streams(images, streams, on_batch), strict=True):
         record(stream, logits)
     return sum(len(stream) for stream in streams)
 
 
-def adapt_in_order(method, images, segments: list[Segment], record: Recorder, batch_size: int, rank: int, world_size: int,
-                   on_batch) -> int:
-    """Segment after segment, reset before each, `batch_size` samples per call (under torchrun, shared out over
-    the ranks). One process: ttt sizes its own batches, and online methods take runs of whole batches per call
-    (`adapt_sequence`: the same batches, fewer calls)."""
+def adapt_in_order(method: Method, images, segments: list[Segment], record: Recorder, rank: int, world_size: int, on_batch) -> int:
+    """Segment after segment, reset before each. One process: batches as the method sizes them (batch_size), runs of
+    whole batches per call for a method that takes sequences; under torchrun, `default_batch` samples per batch,
+    shared out over the ranks (Method.adapt_shard)."""
     single = world_size == 1
-    if single and hasattr(method, "batch_size") and segments:
+    batch_size = method.default_batch
+    if single and segments:
         batch_size = method.batch_size(to_float_nchw(images[segments[0].indices[:8].to(images.device)]))
-    sequence = single and hasattr(method, "adapt_sequence")
+    sequence = single and method.takes_sequences
     adapt = method.adapt_sequence if sequence else method.adapt
     step = batch_size * -(-1024 // batch_size) if sequence else batch_size
     done = batches = 0
@@ -146,21 +135,10 @@ def adapt_in_order(method, images, segments: list[Segment], record: Recorder, ba
             if single:
                 record(batch_index, adapt(to_float_nchw(images[batch_index])))
             else:
-                rows, logits = shard_adapt(method, to_float_nchw(images[batch_index]), batches, rank, world_size)
+                rows, logits = method.adapt_shard(to_float_nchw(images[batch_index]), batches, rank, world_size)
                 if rows.numel():
                     record(batch_index[rows], logits)
             batches += 1
             done += len(batch_index)
             on_batch(done)
     return done
-
-
-def shard_adapt(method, images: torch.Tensor, batch_number: int, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's rows of one batch and their logits. A method with its own `adapt_shard` (episodic TTT, whose
-    random views must follow the single-process run) splits finer; any other episodic method takes whole
-    batches in turn, so each batch is computed exactly as in a single process."""
-    if hasattr(method, "adapt_shard"):
-        return method.adapt_shard(images, rank, world_size)
-    if batch_number % world_size != rank:
-        return torch.empty(0, dtype=torch.long, device=images.device), images.new_empty(0, 0)
-    return torch.arange(images.shape[0], device=images.device), method.adapt(images)

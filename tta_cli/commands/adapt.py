@@ -12,51 +12,44 @@ import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperCommand
 
 from tta_cli import distributed
 from tta_cli.commands.common import AdaptSetOpt, CkptOpt, DataOpt, DeviceOpt, OutOpt, SeedOpt, console, user_errors
-from tta_cli.config import load_config, merge, parse_overrides
+from tta_cli.config import AdaptSettings, load_config, merge, parse_overrides, read_yaml
 from tta_cli.device import resolve_device
 from tta_cli.errors import TTAError
 
 EXAMPLES = """
-Methods (--method, comma-separated; each gets a fresh copy of the checkpoint):
+Methods (--set METHOD.FIELD=VALUE sets a method's own settings):
 
-  source      no adaptation.
-  ttt         episodic TTT: per sample, start from the trained weights, take --steps (10) SGD steps
-              (--lr 0.001) on the self-supervised loss of --copies (32) augmented views of that one
-              sample (crop with 4-pixel padding + flip, then one random rotation or mask per view),
-              then predict the un-augmented sample with the main head. Nothing carries over.
-  ttt-online  the same update, --steps 1 by default, weights carried through the stream (mini-batches
-              of --batch consecutive samples); --reset never|every:N|on-shift, --rollback, --skip-above.
-              Segments that start from the trained weights (the per-corruption order's) are independent
-              streams: on CUDA up to 256 of them are adapted side by side, each on its own weights
-              (--set streams=1 for one at a time; per-sample policies always go one at a time).
-  norm        BatchNorm with test-batch statistics (batches of 200); BatchNorm models only.
-  tent        entropy minimisation of the normalization affine parameters, Adam 1e-3, batches of 200.
+{methods}
 
-Speed (CUDA): ttt and ttt-online run through torch.compile, so the first call compiles for tens of
-seconds (--set compile=false for short runs); bf16 for ttt and for ttt-online streams side by side,
-fp32 for one ttt-online stream and the rest (--set amp=true|false for all; results.json says which ran).
-One ttt-online stream runs each convolution on the faster of cuDNN and tta's Triton kernels, timed once
-per shape, and each GroupNorm + ReLU as one Triton kernel (--set conv_kernels=torch for torch's kernels only).
+On CUDA the first call compiles (tens of seconds). Examples:
 
-Examples:
+  tta adapt --ckpt runs/quickstart --method source,ttt --out runs/adapt
 
-  tta adapt --ckpt runs/quickstart --data runs/cifar10-c --method source,ttt,ttt-online --out runs/adapt
-
-  tta adapt --ckpt runs/sun2020 --data ~/data/CIFAR-10-C --severities 5 --n 1000 --plot runs/adapt.png
-
-  tta adapt --ckpt runs/bn --data runs/cifar10-c --method source,norm,tent,ttt-online --order continual
-
-  tta adapt --ckpt runs/sun2020 --data cifar10-mini --corruptions fog,snow --severities 3,5 --method ttt-online --reset on-shift --rollback
-
-  torchrun --nproc-per-node 4 -m tta_cli.cli -- adapt --ckpt runs/sun2020 --data ~/data/CIFAR-10-C --method source,ttt --out runs/adapt-4gpu
+  tta adapt --ckpt runs/bn --method norm,tent --set tent.lr=0.0005
 """
 
 
+class AdaptCommand(TyperCommand):
+    """`tta adapt`, whose help lists the methods registered when it is shown (a test may register one)."""
+
+    @property
+    def help(self) -> str:
+        from tta_cli.adapt.methods import help_lines
+
+        methods = "\n".join(f"  {line}" for line in help_lines())
+        return inspect.cleandoc(adapt_command.__doc__ or "") + "\n" + EXAMPLES.format(methods=methods)
+
+    @help.setter
+    def help(self, value: str | None) -> None:
+        """Click sets the help at construction; the property above supersedes it."""
+
+
 def register(app: typer.Typer) -> None:
-    app.command("adapt", help=inspect.cleandoc(adapt_command.__doc__ or "") + "\n" + EXAMPLES)(user_errors(adapt_command))
+    app.command("adapt", cls=AdaptCommand)(user_errors(adapt_command))
 
 
 def parse_ints(text: str | None, what: str) -> list[int] | None:
@@ -71,34 +64,30 @@ def parse_ints(text: str | None, what: str) -> list[int] | None:
 def adapt_command(
     ckpt: CkptOpt,
     data: DataOpt = None,
-    corruptions: Annotated[str | None, typer.Option("--corruptions", help="Comma list, `all` (the 15) or `extra`.")] = None,
-    severities: Annotated[str | None, typer.Option("--severities", help="Comma list of severities 1-5 (default 5).")] = None,
+    corruptions: Annotated[str | None, typer.Option("--corruptions", help="Comma list, all (the 15) or extra.")] = None,
+    severities: Annotated[str | None, typer.Option("--severities", help="Comma list of 1-5 (5).")] = None,
     n: Annotated[int | None, typer.Option("--n", help="First n images of each set.")] = None,
-    method: Annotated[str | None, typer.Option("--method", help="Comma list of: source, ttt, ttt-online, norm, tent.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="SGD steps per sample (ttt 10, ttt-online 1).")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="TTT learning rate (0.001).")] = None,
+    method: Annotated[str | None, typer.Option("--method", help="Comma list of the methods above.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="SGD steps per sample (ttt 10, online 1).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate (0.001).")] = None,
     copies: Annotated[int | None, typer.Option("--copies", help="Augmented views per sample (32).")] = None,
-    params: Annotated[str | None, typer.Option("--params", help="encoder | encoder+ssl (better for long ttt-online streams) | norm.")] = None,
-    batch: Annotated[int | None, typer.Option("--batch", help="ttt-online: consecutive samples per update (1).")] = None,
+    params: Annotated[str | None, typer.Option("--params", help="What adapts: encoder | encoder+ssl | norm.")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", help="ttt-online: samples per update (1).")] = None,
     reset: Annotated[str | None, typer.Option("--reset", help="ttt-online: never | every:N | on-shift.")] = None,
-    rollback: Annotated[bool | None, typer.Option("--rollback/--no-rollback", help="ttt-online: undo harmful updates.")] = None,
-    skip_above: Annotated[float | None, typer.Option("--skip-above", help="Skip an update when the rotation head's confidence exceeds P.")] = None,
-    order: Annotated[str | None, typer.Option("--order", help="per-corruption | continual | gradual | mixed | correlated.")] = None,
-    dirichlet: Annotated[float | None, typer.Option("--dirichlet", help="correlated order: Dirichlet concentration D.")] = None,
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="YAML of adapt settings (keys as in results.json 'settings').")] = None,
+    rollback: Annotated[bool | None, typer.Option("--rollback", help="ttt-online: undo harmful updates.")] = None,
+    skip_above: Annotated[float | None, typer.Option("--skip-above", help="Skip updates above this confidence.")] = None,
+    order: Annotated[str | None, typer.Option("--order", help="per-corruption, continual, gradual, mixed, correlated.")] = None,
+    dirichlet: Annotated[float | None, typer.Option("--dirichlet", help="correlated order's Dirichlet D.")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="YAML of settings (results.json's keys).")] = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
     out: OutOpt = None,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG bar chart (methods side by side per corruption).")] = None,
-    predictions: Annotated[bool, typer.Option("--predictions", help="Also write per-sample predictions to --out.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG bar chart of the errors.")] = None,
+    predictions: Annotated[bool, typer.Option("--predictions", help="Also write per-sample predictions.")] = False,
     overrides: AdaptSetOpt = None,
 ) -> None:
-    """Adapt a `tta train` checkpoint on shifted test sets and report error (%) per corruption.
-
-    --data is a CIFAR-10-C style folder (official download, or made by `tta corrupt`), CIFAR-10.1, or a
-    clean source (cifar10-mini, a folder, ...), which is then corrupted on the fly with --corruptions.
-    """
-    from tta_cli.adapt.methods import AdaptSettings
+    """Adapt a `tta train` checkpoint on shifted test sets; report error (%) per set."""
+    from tta_cli.adapt.methods import split_method_settings
     from tta_cli.train.checkpoint import load_model
 
     flags = {
@@ -107,7 +96,8 @@ def adapt_command(
         "rollback": rollback, "skip_above": skip_above, "order": order, "dirichlet": dirichlet, "seed": seed,
     }
     given = merge({k: v for k, v in flags.items() if v is not None}, parse_overrides(overrides or []))
-    settings = load_config(AdaptSettings, recipe, given)
+    shared, own = split_method_settings(merge(read_yaml(recipe) if recipe is not None else {}, given))
+    settings = load_config(AdaptSettings, None, shared)
     settings.validate()
     check_shardable(settings.methods)
     torch_device = distributed.init(resolve_device(device or "auto"))  # under torchrun: join the group, cuda:LOCAL_RANK
@@ -115,7 +105,7 @@ def adapt_command(
     from tta_cli.tasks import build_task
 
     task = build_task(train_config.task)
-    adapters = build_methods(model, task, settings, len(meta["class_names"]), torch_device)  # bad methods fail before any work
+    adapters = build_methods(model, task, settings, own, len(meta["class_names"]), torch_device)  # bad methods fail before any work
     severity_list = parse_ints(severities, "--severities") or [5]
     sets = load_sets(data or "cifar10-mini", corruptions, severity_list, n, settings.seed, torch_device, train_config.model.img_size)
     check_classes(meta["class_names"], sets, ckpt)
@@ -123,22 +113,23 @@ def adapt_command(
     table = print_table(results, sets)
     if out is not None and distributed.is_main():
         selection = {"corruptions": corruptions, "severities": severity_list, "n": n}
-        write_outputs(out, results, sets, settings, ckpt, data, selection, torch_device, table, predictions)
+        write_outputs(out, results, sets, adapters, ckpt, data, selection, torch_device, table, predictions)
     if plot is not None and distributed.is_main():
         write_plot(plot, results, sets)
 
 
 def check_shardable(methods: list[str]) -> None:
     """Under torchrun only episodic methods run: each process takes a share of the samples."""
-    from tta_cli.adapt.methods import EPISODIC, METHODS
+    from tta_cli.adapt.methods import REGISTRY
 
     world_size = distributed.requested_world_size()
-    online = [name for name in methods if name in METHODS and name not in EPISODIC]
+    online = [name for name in methods if name in REGISTRY and not REGISTRY[name].episodic]
     if world_size > 1 and online:
+        episodic = [name for name, cls in REGISTRY.items() if cls.episodic]
         raise TTAError(
             f"--method {online[0]} adapts online, so it runs as one process: the weights for sample t+1 depend on the update at "
             f"sample t, and the stream cannot be split over {world_size} torchrun processes; run it without torchrun "
-            f"(only {', '.join(EPISODIC)} split their samples over processes)"
+            f"(only {', '.join(episodic)} split their samples over processes)"
         )
 
 
@@ -186,15 +177,14 @@ def check_classes(checkpoint_classes: list[str], sets, ckpt) -> None:
             raise TTAError(f"class names of the data ({image_set.class_names[:3]}...) differ from the checkpoint's ({checkpoint_classes[:3]}...)")
 
 
-def build_methods(model, task, settings, classes: int, device) -> list:
+def build_methods(model, task, settings, own: dict, classes: int, device) -> list:
     """One adapter per --method, each on its own copy of the model; unknown or unsuitable methods raise here."""
     from tta_cli.adapt.methods import build_method
 
-    return [build_method(name, model, task, settings, classes, device) for name in settings.methods]
+    return [build_method(name, model, task, settings, classes, device, own.get(name)) for name in settings.methods]
 
 
 def run_all(adapters: list, settings, sets, device):
-    from tta_cli.adapt.methods import batch_size_for
     from tta_cli.adapt.orders import build_order
     from tta_cli.adapt.runner import run_method
 
@@ -211,7 +201,7 @@ def run_all(adapters: list, settings, sets, device):
                 rate = done / max(time.perf_counter() - started, 1e-9)
                 progress.update(bar, completed=done, rate=f"{rate:,.0f} samples/s")
 
-            results.append(run_method(adapter, sets, segments, batch_size_for(adapter, settings, total), device, on_batch))
+            results.append(run_method(adapter, sets, segments, device, on_batch))
     return results
 
 
@@ -266,8 +256,12 @@ def print_table(results, sets) -> dict:
     return {"corruptions": corruptions, "errors": grid, "mean": {k: mean(v) for k, v in grid.items()}}
 
 
-def write_outputs(out: Path, results, sets, settings, ckpt, data, selection: dict, device, table, predictions: bool) -> None:
+def write_outputs(out: Path, results, sets, adapters, ckpt, data, selection: dict, device, table, predictions: bool) -> None:
+    from tta_cli.adapt.orders import ORDER_SEMANTICS
     from tta_cli.files import write_csv, write_json
+
+    settings = {**dataclasses.asdict(adapters[0].common), **{a.name: dataclasses.asdict(a.settings) for a in adapters}}
+    semantics = {a.name: {"computes": a.semantics, "updates": a.updates} for a in adapters}
 
     rows = []
     for result in results:
@@ -285,8 +279,8 @@ def write_outputs(out: Path, results, sets, settings, ckpt, data, selection: dic
         "data": data,
         "selection": selection,
         "device": str(device),
-        "settings": dataclasses.asdict(settings),
-        "semantics": SEMANTICS,
+        "settings": settings,
+        "semantics": {**semantics, "orders": ORDER_SEMANTICS},
         "table": table,
         "rows": rows,
         "methods": {
@@ -320,15 +314,3 @@ def write_plot(path: Path, results, sets) -> None:
     grouped_bars(path, groups, series, "error (%)", "test-time adaptation: error per corruption")
     console.print(f"wrote {path}")
 
-
-SEMANTICS = {
-    "source": "no adaptation",
-    "ttt": "episodic: per sample, reset to trained weights, `steps` SGD steps on the ssl loss of `copies` augmented views, predict after",
-    "ttt-online": (
-        "online: same update, weights carried across the stream in `order`; reset per `reset` and at each segment; rollback if enabled; "
-        "independent segments run side by side (`streams` at once), each on its own weights, with the updates it would get alone"
-    ),
-    "norm": "BatchNorm with test-batch statistics",
-    "tent": "entropy minimisation on normalization affine parameters, Adam, one step per batch, predictions before the update",
-    "orders": "per-corruption resets between sets; continual/gradual/mixed never reset; correlated resets between sets",
-}

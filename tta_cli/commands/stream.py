@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tta_cli.commands.common import CkptOpt, DataOpt, DataRootOpt, DeviceOpt, OutOpt, SeedOpt, StreamSetOpt, console, single_process, user_errors
-from tta_cli.config import load_config, merge, parse_overrides
+from tta_cli.config import StreamSettings, load_config, merge, parse_overrides
 from tta_cli.errors import TTAError
 
 LOG_WIDTH = 120  # columns of the results table when output goes to a file or pipe (rich assumes 80)
@@ -41,7 +41,7 @@ Examples:
 RUN_EXAMPLES = """
 Modes (--mode): none (no adaptation), episodic (adapt on the frame, then back to the trained weights),
 implicit (weights carried from frame to frame), explicit (default: implicit memory plus each update
-trains on --batch-size frames drawn from the last --window frames, with fresh crops, flips and rotations).
+trains on --copies frames drawn from the last --window frames, with fresh crops, flips and rotations).
 
 Examples:
 
@@ -170,8 +170,8 @@ def run_command(
     ] = None,
     mode: Annotated[str | None, typer.Option("--mode", help="none | episodic | implicit | explicit (default explicit).")] = None,
     window: Annotated[int | None, typer.Option("--window", help="Explicit memory: the last W frames updates draw from (16).")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Images per update: window draws, or copies of the frame (32).")
+    copies: Annotated[
+        int | None, typer.Option("--copies", help="Images per update: window draws, or copies of the frame (32).")
     ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Updates per frame (1); 0 = no adaptation.")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate of the updates (0.0001: each scene lasts many frames).")] = None,
@@ -223,7 +223,7 @@ def run_command(
         {
             "mode": mode,
             "window": window,
-            "batch_size": batch_size,
+            "copies": copies,
             "steps": steps,
             "lr": lr,
             "params": params,
@@ -286,8 +286,6 @@ def check_finite(results) -> None:
 
 def stream_settings(flags: dict, overrides: list[str] | None):
     """Defaults <- flags <- --set, validated (bad values are TTAErrors, before anything is loaded)."""
-    from tta_cli.stream.loop import StreamSettings
-
     given = merge({key: value for key, value in flags.items() if value is not None}, parse_overrides(overrides or []))
     settings = load_config(StreamSettings, None, given)
     settings.validate()
@@ -348,8 +346,8 @@ def run_live(model, task, frames, settings, truth, class_names, fps, device, tra
 
     total = frames.length if settings.max_frames is None else min(frames.length or settings.max_frames, settings.max_frames)
     # On CUDA the first frame compiles the step (torch.compile, the Triton convolutions, each timed at its shape) and
-    # captures its CUDA graphs: 56-73 s before the first frame on a fresh H200 (benchmarks/stream_speed.py's warm-up,
-    # eighth and ninth sessions), less once the kernels are in the disk caches; say so, or the view looks stuck
+    # captures its CUDA graphs: about a minute on a machine's first run (benchmarks/stream_speed.py's warm-up), less
+    # once the kernels are in the disk caches; say so, or the view looks stuck
     slow_start = device.type == "cuda" and settings.compile
     view = LiveView(settings.name, total, class_names, "compiling kernels (about a minute on a machine's first run)" if slow_start else "")
     with Live(view.render(None), console=console, refresh_per_second=8, transient=transient) as live:

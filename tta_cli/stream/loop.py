@@ -2,7 +2,7 @@
 
 Implicit memory: the adapted weights carry over from frame to frame (OnlineTTT, with the same reset and
 rollback policies as `tta adapt`). Explicit memory: the last `window` frames stay on the device in a ring
-buffer, and each of the `steps` updates per frame trains on `batch_size` images drawn uniformly from it, each
+buffer, and each of the `steps` updates per frame trains on `copies` images drawn uniformly from it, each
 with a fresh crop/flip and rotation (or mask). With `fps` the stream is paced like a live camera and a frame
 that arrives while the loop is behind is only predicted, never dropped.
 
@@ -29,77 +29,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tta_cli.adapt.online import OnlineConfig, OnlineTTT, check_conv_kernels
+from tta_cli.adapt.methods.ttt_online import OnlineTTT
+from tta_cli.adapt.online import online_config, online_generator
 from tta_cli.adapt.policies import ResetPolicy, RollbackPolicy
-from tta_cli.config import check_range
-from tta_cli.errors import TTAError
-from tta_cli.models import triton_conv
+from tta_cli.config import StreamSettings
+from tta_cli.engine.execution import resolve
 from tta_cli.stream.sources import Pacer
 
-MODES = ("none", "episodic", "implicit", "explicit")
-MODE_NAMES = {"none": "none", "episodic": "episodic", "implicit": "implicit", "explicit": "explicit+implicit"}
 COMPARISON = (("none", False), ("episodic", False), ("implicit", False), ("implicit", True), ("explicit", False), ("explicit", True))
 ROLLING_FRAMES = 100  # rolling accuracy in the live view
 BEHIND_TOLERANCE = 1.0  # frame periods a paced frame may be late and still be adapted on
-
-
-@dataclass
-class StreamSettings:
-    """Every knob of `tta stream run`."""
-
-    mode: str = "explicit"  # none | episodic | implicit | explicit (= explicit + implicit memory)
-    window: int = 16  # frames of explicit memory
-    batch_size: int = 32  # images per update, drawn from the window (copies of the frame for implicit/episodic)
-    steps: int = 1  # updates per frame; 0 = no adaptation
-    # 10x below `tta adapt`'s 0.001: a video shows each scene for many frames, so one image gets ~30 updates
-    # in a row. On a 4,000-frame drifting stream (clips of 30 frames) 0.001 made implicit memory 5.7 +- 2.8
-    # points worse than no adaptation, 0.0001 made it 1.7 +- 1.5 points better (docs/results.md).
-    lr: float = 0.0001
-    momentum: float = 0.0
-    params: str = "encoder"
-    reset: str = "never"  # never | every:N | on-shift (episodic always resets after every frame)
-    rollback: bool = False
-    pre_update: bool = False  # predict before the frame's update (lowest latency)
-    seed: int = 0
-    max_frames: int | None = None
-    # bf16 autocast on CUDA. Off: for the reference ResNet-26's 0.64M parameters the casts cost more than bf16 saves,
-    # and fp32 is the faster step on an H200 (docs/results.md). Larger backbones may want --set amp=true.
-    amp: bool = False
-    cuda_graph: bool = True
-    compile: bool = True  # torch.compile the forward passes on CUDA (inside the CUDA graph); never on the CPU
-    # channels_last weights and inputs, and cuDNN's autotuner for the fixed step shapes (process-wide): off, since on
-    # an H200 channels_last made the online step slower and the autotuner left it unchanged (docs/speed-notes.md)
-    channels_last: bool = False
-    cudnn_benchmark: bool = False
-    # auto | torch | triton: who runs the step's convolutions and norms (OnlineConfig). auto = Triton's convolutions
-    # where they time faster than cuDNN's, and the fused GroupNorm + ReLU, on CUDA: each the faster for the reference
-    # ResNet-26 on an H200 (docs/speed-notes.md, the stream step)
-    conv_kernels: str = "auto"
-    # unpaced runs that predict after the update, without rollback or resets: frame t's prediction (on the weights
-    # after its update) runs on a side stream beside frame t+1's update, in one CUDA graph (OnlineTTT.adapt_overlapped);
-    # the same logits, the prediction off the critical path. Off: each frame's update, then its prediction.
-    overlap: bool = True
-    block: int = 64  # frames per device-to-host copy of the per-frame log
-    view_every: float = 0.5  # seconds between progress reports at most
-    max_inflight: int = 2  # paced CUDA runs: frames queued on the GPU before the loop waits
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise TTAError(f"unknown --mode {self.mode!r}; choose one of: {', '.join(MODES)}")
-        for name in ("window", "batch_size", "block", "max_inflight", "max_frames"):
-            check_range(f"--{name.replace('_', '-')}", getattr(self, name), 1)
-        check_range("--steps", self.steps, 0)
-        check_range("--lr", self.lr, 0)
-        ResetPolicy.parse(self.reset)
-        check_conv_kernels(self.conv_kernels)
-
-    @property
-    def adapting(self) -> bool:
-        return self.mode != "none" and self.steps > 0
-
-    @property
-    def name(self) -> str:
-        return MODE_NAMES[self.mode] + ("+rollback" if self.rollback and self.adapting else "")
 
 
 def comparison_settings(settings: StreamSettings) -> list[StreamSettings]:
@@ -141,33 +80,16 @@ def build_stream_method(
     model: torch.nn.Module, task, settings: StreamSettings, classes: int, device: torch.device, frame_shape: tuple[int, ...]
 ) -> tuple[OnlineTTT, FrameWindow | None]:
     """A fresh copy of the model behind OnlineTTT, configured for the mode; the window for explicit memory."""
-    use_graph = settings.cuda_graph and device.type == "cuda"
-    generator = None
-    if use_graph:  # graph capture draws from the default CUDA generator
-        torch.cuda.manual_seed(settings.seed)
-    else:
-        generator = torch.Generator(device=device).manual_seed(settings.seed)
-    episodic = settings.mode == "episodic"
-    config = OnlineConfig(
-        steps=settings.steps if settings.adapting else 0,
-        lr=settings.lr,
-        copies=settings.batch_size,
-        momentum=settings.momentum,
-        params=settings.params,
-        reset=ResetPolicy(kind="every", every=1) if episodic else ResetPolicy.parse(settings.reset),
-        rollback=RollbackPolicy(enabled=settings.rollback and settings.adapting),
-        pre_update=settings.pre_update,
-        amp=settings.amp,
-        cuda_graph=use_graph,
-        compile=settings.compile and device.type == "cuda",
-        channels_last=settings.channels_last,
-        cudnn_benchmark=settings.cudnn_benchmark,
-        conv_kernels=settings.conv_kernels,
-    )
+    execution = resolve(settings, device)
+    generator = online_generator(settings, execution)
+    changes = {"rollback": RollbackPolicy(enabled=False)} if not settings.adapting else {}
+    if settings.mode == "episodic":
+        changes["reset"] = ResetPolicy(kind="every", every=1)
+    config = online_config(settings, execution, settings.steps if settings.adapting else 0, **changes)
     window = None
     if settings.mode == "explicit" and settings.window > 1 and settings.adapting:
         window = FrameWindow(settings.window, frame_shape, device, generator)
-    train_source = (lambda: window.sample(settings.batch_size)) if window is not None else None
+    train_source = (lambda: window.sample(settings.copies)) if window is not None else None
     model = copy.deepcopy(model).to(device)
     return OnlineTTT(model, task, config, classes, generator, train_source=train_source), window
 
@@ -430,7 +352,7 @@ def run_stream(
     seconds = clock() - started
     counters = method.counters() if method is not None else {}
     result = StreamResult(settings.name, settings, log.columns(), seconds, counters, interrupted)
-    result.summary = summarize(result, triton_conv.kernels_in(method.model) if method is not None else "torch", overlap)
+    result.summary = summarize(result, method.convolutions() if method is not None else "torch", overlap)
     return result
 
 
@@ -454,7 +376,7 @@ def graph_kinds(settings: StreamSettings, method: OnlineTTT, overlap: bool) -> t
 
 def summarize(result: StreamResult, convolutions: str, overlapped: bool = False) -> dict:
     """Accuracy, latency percentiles, throughput and event counts of one run, who ran its convolutions ("torch" or
-    "triton where faster": models/triton_conv.py) and whether each prediction ran beside the next update (`overlaps`)."""
+    "triton where faster") and whether each prediction ran beside the next update (`overlaps`)."""
     columns = result.columns
     frames = len(result)
     known = columns["label"] >= 0

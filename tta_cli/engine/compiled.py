@@ -42,9 +42,12 @@ class CompiledOrEager:
             return self.eager(*args, **kwargs)
 
 
-def maybe_compile(function: Callable, enabled: bool, backend: str = "inductor", options: dict | None = None) -> Callable:
-    """`function` compiled (with the eager fallback) when `enabled`, else unchanged; `options`: inductor's."""
-    return CompiledOrEager(function, backend, options=options) if enabled else function
+BACKEND = "inductor"  # tests on the CPU set "aot_eager" (traces without generating code)
+
+
+def maybe_compile(function: Callable, enabled: bool, options: dict | None = None) -> Callable:
+    """`function` compiled with BACKEND (with the eager fallback) when `enabled`, else unchanged; `options`: inductor's."""
+    return CompiledOrEager(function, BACKEND, options=options) if enabled else function
 
 
 # For compiled code that draws random numbers: inductor's own generator would draw other numbers than eager torch

@@ -1,12 +1,12 @@
 """Zeroed outputs for the atomic launches (convolutions, norms), zeroed together at a call's start: one kernel per
 call of a step instead of one fill per launch.
 
-Why: an atomic launch (triton_conv.Launch(atomic=True)) adds its split sums into a zeroed fp32 output, and zeroing
-each output on its own costs a fill kernel per launch: 65 fills a frame of the stream step, 60 us of its 1,159 us of
-kernels on an H200 (docs/speed-notes.md). Inside `one_fill(plan)` the outputs that the earlier calls with that plan
-asked for are allocated when the call starts and zeroed by one `torch._foreach_zero_`, and each request takes the
-next one of its role, shape and dtype. A request beyond them (the first call, new shapes) gets torch.zeros, as
-outside any `one_fill`, and the next call has it ready.
+Why: an atomic launch (triton_conv.Launch(atomic=True)) adds its split sums into a zeroed fp32 output, and that
+zeroing would be its own fill kernel, dozens a frame of the stream step (docs/speed-notes.md). Inside
+`one_fill(plan)` the outputs that the earlier calls with that plan asked for are allocated when the call starts and
+zeroed by one `torch._foreach_zero_`, and each request takes the next one of its role, shape and dtype. A request
+beyond them (the first call, new shapes) gets torch.zeros, as outside any `one_fill`, and the next call has it
+ready.
 
 What a caller promises: the outputs are used on the call's stream, or on streams that wait for it after the call
 starts (the zeroing runs on the stream current at the start). OnlineTTT's calls hold that: the overlapped

@@ -19,17 +19,18 @@ import torch
 from torch import nn
 
 from tta_cli import distributed
-from tta_cli.adapt import grouped
-from tta_cli.adapt.params import UpdateConfig, adapted_parameter_names, check_per_sample
-from tta_cli.adapt.per_sample import PerSampleModel, adapt_streams_reference
-from tta_cli.adapt.views import make_views
+from tta_cli.engine import grouped
+from tta_cli.engine.execution import CPU_CHUNK, CUDA_CHUNK
+from tta_cli.engine.per_sample import PerSampleModel, UpdateConfig, adapt_streams_reference, check_per_sample
+from tta_cli.models.params import adapted_parameter_names
+from tta_cli.tasks.views import make_views
 
 
 @dataclass
 class EpisodicConfig(UpdateConfig):
     steps: int = 10
     skip_above: float | None = None  # skip a step when the rotation head's confidence exceeds this
-    chunk: int | None = None  # samples adapted together; None sizes it to free GPU memory
+    chunk: int | None = None  # samples adapted together; None: CUDA_CHUNK clipped to free GPU memory (CPU_CHUNK on the CPU)
     amp: bool = True  # bf16 autocast on CUDA
     compile: bool = False  # torch.compile the per-sample gradient (CUDA; the last chunk is padded)
 
@@ -113,11 +114,10 @@ class EpisodicTTT:
         return 4 * (self._chunk or self.auto_chunk(sample))
 
     def auto_chunk(self, images: torch.Tensor) -> int:
-        """On CUDA, measure one step's memory per sample on a small probe chunk and fill ~70% of free memory.
-        On the CPU small chunks are fastest: from 16 up the large per-sample buffers are paged in afresh every
-        step (2-core CPU, depth-8 ResNet, 10 x 32: chunk 8 is 2.4 samples/s, chunk 64 is 1.0)."""
+        """On CUDA, CUDA_CHUNK samples, or fewer where one step's memory per sample (measured on a small probe chunk)
+        would fill more than ~70% of free memory; on the CPU, CPU_CHUNK (docs/speed-notes.md)."""
         if self.device.type != "cuda":
-            self._chunk = 8
+            self._chunk = CPU_CHUNK
             return self._chunk
         probe = min(8, images.shape[0])
         torch.cuda.synchronize()
@@ -138,7 +138,7 @@ class EpisodicTTT:
         per_sample = max((torch.cuda.max_memory_allocated() - base) / probe, 1)
         free, _ = torch.cuda.mem_get_info()
         free += torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # cached by PyTorch's allocator: reusable
-        self._chunk = int(max(8, min(4096, 0.7 * free // per_sample)) // 8 * 8)
+        self._chunk = int(max(8, min(CUDA_CHUNK, 0.7 * free // per_sample)) // 8 * 8)
         return self._chunk
 
 

@@ -20,13 +20,3 @@ def grouped_views(task, images: torch.Tensor, copies: int, generator: torch.Gene
     """`make_views`, shaped per image: inputs (B, copies, C, H, W), targets (B, copies, ...), for per-sample weights."""
     inputs, targets = make_views(task, images, copies, generator)
     return inputs.reshape(images.shape[0], copies, *inputs.shape[1:]), targets.reshape(images.shape[0], copies, *targets.shape[1:])
-
-
-def autocast_bf16(device: torch.device, enabled: bool):
-    """bf16 autocast when `enabled` and on CUDA; on the CPU always full precision."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
-
-
-def full_precision(logits: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 autocast outputs -> float32; float32/float64 stay as they are."""
-    return logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits

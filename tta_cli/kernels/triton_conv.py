@@ -3,7 +3,7 @@ tilings, the choice between them and cuDNN per shape, and the torch ops (the ker
 
 Why: the online step of the reference ResNet-26 convolves 32 images of 16-64 channels at 8-32 px. cuDNN runs
 each such convolution in ~15 us (with NCHW<->NHWC transposes around its kernels), far above what its ~2 MB of
-data needs; 73% of the step's device time on an H200 (docs/speed-notes.md). An implicit GEMM reads the input
+data needs, and the convolutions are most of the step's device time (docs/speed-notes.md). An implicit GEMM reads the input
 where it lies (no im2col copy, no transposes): one program per tile of output pixels x output channels, the
 K = in_channels x kH x kW reduction gathered from the input with masks for padding and stride. Neither these
 kernels nor cuDNN's win at every shape, so each operation runs on whichever measured faster for its shapes
@@ -28,19 +28,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tta_cli.models import zeroed_outputs
-from tta_cli.models.conv_kernels import tl, triton
+from tta_cli.kernels import zeroed_outputs
+from tta_cli.kernels.conv_kernels import tl, triton
 
 if triton is not None:
-    from tta_cli.models.conv_kernels import forward_kernel, grads_kernel, input_grad_kernel, input_grad_subpixel_kernel, weight_grad_kernel
+    from tta_cli.kernels.conv_kernels import forward_kernel, grads_kernel, input_grad_kernel, input_grad_subpixel_kernel, weight_grad_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Where the kernels are even tried: the range they were written and measured for, the CIFAR ResNets' latency-bound
-# convolutions (3-64 channels, 8-32 px, tensors of up to 2^19 elements at a batch of 32). Outside it they are not
-# known to win, and trying them would compile and time every launch at every shape of a large model's first call (a
-# ResNet-50 at 224 px gave no result within 175 s on an H200: docs/speed-notes.md). So use_triton_convs swaps only
-# convolutions of at most MAX_CHANNELS channels in and out, and `_run` sends tensors of more than MAX_ELEMENTS
-# elements straight to torch, untimed.
+# Where the kernels are even tried: the CIFAR ResNets' latency-bound convolutions (3-64 channels, 8-32 px, tensors of
+# up to 2^19 elements at a batch of 32), the range they were written and measured for (docs/speed-notes.md). Outside
+# it they have no measured win, and the first call would compile and time every tile at every shape (minutes for a
+# ResNet-50 at 224 px). So use_triton_convs swaps only convolutions of at most MAX_CHANNELS channels in and out, and
+# `_run` sends tensors of more than MAX_ELEMENTS elements straight to torch, untimed.
 MAX_CHANNELS = 64
 MAX_ELEMENTS = 2**20
 
@@ -309,20 +308,19 @@ def _separate_grads(dy, x, w, stride, padding):
     return _run("input_grad", dy, w, list(x.shape), stride, padding), _run("weight_grad", dy, x, list(w.shape), stride, padding)
 
 
-# Per operation: torch's kernel (cuDNN) and the Triton launches tried (Launch's fields in order; the rest default). No
-# one wins everywhere: at the ResNet-26's shapes the fastest of cuDNN and these launches differs by operation and by
-# layer (docs/speed-notes.md), so each is timed per shape. The split launches are for the small grids (the 64-channel
-# 8 px layers and the 1-image prediction), whose 64 programs leave most of the GPU idle through 18 steps. A plain
-# split launch costs one more kernel to add its partial sums, so most split launches are `atomic`: they add into a
-# zeroed output instead, in no fixed order, so not bitwise reproducible run to run (skipped under
-# torch.use_deterministic_algorithms; one plain split launch per operation remains for that). Inside OnlineTTT's calls
-# those outputs are zeroed together when the call starts (zeroed_outputs.py); the choice times each atomic launch with
-# its own fill. The lists hold the launches that benchmarks/conv_sweep.py's sweep (72 launches per operation at every
-# shape) found fastest for the stream step and a ResNet-50 on an H200: no pipelining (stages 1) and 2 or 8 warps often
-# beat Triton's defaults. The lists stay short because each launch tried costs a compile (~1 s) at each new shape on a
-# machine's first run.
-# The ordered launches: the atomic split launches again, their sums added in order by each tile's last program
-# instead, so they need no zeroed output and are deterministic; the choice where atomics are not allowed.
+# Per operation: torch's kernel (cuDNN) and the Triton launches tried (Launch's fields in order; the rest default).
+# No one wins everywhere (benchmarks/conv_speed.py; docs/speed-notes.md): Triton wins most weight gradients and
+# forwards, cuDNN most input gradients, and the best launch differs by layer, so each shape is timed. The split
+# launches are for the small grids (the 64-channel 8 px layers and the 1-image prediction), whose 64 programs leave
+# most of the GPU idle. Their partial sums would cost one more kernel each, so most split launches are `atomic`: they
+# add into a zeroed output instead, in no fixed order, so not bitwise reproducible run to run (skipped under
+# torch.use_deterministic_algorithms; one plain split launch per operation remains for that). Inside an online
+# method's calls those outputs are zeroed together when the call starts (zeroed_outputs.py); the choice times each
+# atomic launch with its own fill. The lists are the launches that the stream step and a ResNet-50 chose out of
+# benchmarks/conv_sweep.py's winners (72 launches per operation at every shape): no pipelining (stages 1) and 2 or 8
+# warps often beat Triton's defaults. Each launch tried costs a compile (~1 s) at each new shape on a machine's first
+# run. _ORDERED: the chosen atomic split launches with their sums in order by each tile's last program instead (no
+# zeroed output, deterministic): the choice where atomics are not allowed.
 _ORDERED = (Launch(32, 32, 4, 8, 1, ordered=True), Launch(32, 32, 4, 2, 1, ordered=True), Launch(32, 32, 4, ordered=True))
 CANDIDATES = {
     "forward": (_torch_forward, _conv_forward, (
@@ -332,7 +330,7 @@ CANDIDATES = {
     )),
     "input_grad": (_torch_input_grad, _conv_input_grad, (
         (64, 32, 1), (64, 32, 1, 4, 1), (32, 32, 1, 2, 1), (32, 32, 4), Launch(32, 32, 4, 8, 1, True), Launch(32, 32, 4, 2, 1, True),
-        # the strided layers' input gradients by sub-pixel classes, where masked taps make the plain launches lose to cuDNN
+        # the strided layers' input gradients by sub-pixel classes, which beat cuDNN there (conv_speed.py)
         Launch(64, 32, 1, 4, 1, subpixel=True), Launch(32, 32, 1, 2, 1, subpixel=True), Launch(32, 32, 1, 4, 3, subpixel=True),
         *_ORDERED,
     )),
@@ -340,8 +338,8 @@ CANDIDATES = {
         (64, 32), (128, 64), Launch(64, 32, 0, atomic=True), Launch(64, 32, 0, 4, 1, True), Launch(128, 64, 0, atomic=True),
         Launch(128, 64, 0, 4, 1, True),
     )),
-    # Both gradients of a layer that needs both (the encoder's), in one launch, against the two separately: two small
-    # grids in one launch fill more of the GPU. The tilings are the sweep's best for the two apart at layer1 and layer2.
+    # Both gradients of a layer that needs both (the encoder's), in one launch, against the two separately. The
+    # tilings are the sweep's best for the two apart at layer1 and layer2 (conv_speed.py).
     "grads": (_separate_grads, _conv_grads, (
         GradsLaunch(64, 32, 1, 64, 32, 4, 1), GradsLaunch(32, 32, 1, 64, 32, 2, 1), GradsLaunch(32, 32, 4, 64, 32, 2, 1),
         GradsLaunch(32, 32, 4, 64, 32, 4, 1), GradsLaunch(64, 32, 1, 64, 32, 4, 1, atomic=False),
@@ -463,8 +461,7 @@ def _agreeing(triton_call, args, launches: list, expected, key: tuple) -> list:
 def run_side_by_side(call, args, launches: list) -> list:
     """`call(*args, *launch)` for each launch, on a pool of threads, on the caller's device and stream; each
     result, or the exception it raised. A launch's first run at a new shape compiles it (~1 s each, most of a
-    shape's first-use cost), and Triton's compiler leaves Python's lock free for most of it, so the compiles
-    overlap."""
+    shape's first-use cost), and Triton's compiler leaves Python's lock free for most of it, so the compiles overlap."""
     device = args[0].device
     caller = torch.cuda.current_stream(device) if device.type == "cuda" else None
 

@@ -9,14 +9,42 @@ as ordinary batched layers. Episodic TTT (one copy per test sample, reset after 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from tta_cli.adapt.compiled import maybe_compile
-from tta_cli.adapt.params import adapted_parameter_names
-from tta_cli.adapt.views import autocast_bf16, full_precision, grouped_views
+from tta_cli.config import PER_SAMPLE
+from tta_cli.engine.compiled import maybe_compile
+from tta_cli.engine.precision import autocast_bf16, full_precision
+from tta_cli.errors import TTAError
+from tta_cli.models.params import adapted_parameter_names
+from tta_cli.tasks.views import grouped_views
+
+
+@dataclass
+class UpdateConfig:
+    """The ssl update of episodic and online TTT: `steps` SGD steps (`lr`, `momentum`) on `copies` augmented
+    views of the input, moving the `params` group."""
+
+    steps: int = 1
+    lr: float = 0.001
+    copies: int = 32
+    momentum: float = 0.0
+    params: str = "encoder"
+    # How copies with their own weights (episodic samples, parallel online streams) are computed: "vmap" (torch.func,
+    # any model) or "grouped" (the CIFAR pre-activation ResNet with rotation folded into grouped convolutions:
+    # engine/grouped.py; other models keep vmap). Equal results (float64-tested). "auto": the faster on the device
+    # (grouped on the CPU, vmap on CUDA: docs/speed-notes.md).
+    per_sample: str = "auto"
+
+
+def check_per_sample(config: UpdateConfig) -> None:
+    """A one-line user error for an unknown `per_sample`, raised before any work (build_methods builds every
+    method first)."""
+    if config.per_sample not in PER_SAMPLE:
+        raise TTAError(f"unknown per_sample {config.per_sample!r}; choose one of: {', '.join(PER_SAMPLE)}")
 
 
 def split_state(model: nn.Module, names: list[str]) -> tuple[dict, dict]:

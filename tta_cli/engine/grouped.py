@@ -1,16 +1,16 @@
 """Per-sample weights without vmap: S copies of the CIFAR pre-activation ResNet folded into one grouped network.
 
-The profile of vmap's episodic path (docs/results.md, third session) spends 44% of its device time moving data:
-vmap folds the sample dimension into convolution groups with copies, and cuDNN transposes every NCHW grouped
-convolution to NHWC and back. Here the fold is the layout itself: the views of S samples are one batch of
-(views, S * channels, H, W), sample s owning channels [s * C, (s + 1) * C) at every layer, so each convolution is
-one grouped convolution (groups = S, the weights of the S samples stacked), each GroupNorm one GroupNorm with S
-times the groups (a group never spans two samples), and the tensor can stay channels-last from input to loss.
-The S losses are independent, so the gradient of their sum is each sample's own gradient: plain autograd, no vmap.
+vmap's episodic path spends much of its device time moving data (docs/speed-notes.md): vmap folds the sample
+dimension into convolution groups with copies, and cuDNN transposes every NCHW grouped convolution to NHWC and back.
+Here the fold is the layout itself: the views of S samples are one batch of (views, S * channels, H, W), sample s
+owning channels [s * C, (s + 1) * C) at every layer, so each convolution is one grouped convolution (groups = S, the
+weights of the S samples stacked), each GroupNorm one GroupNorm with S times the groups (a group never spans two
+samples), and the tensor can stay channels-last from input to loss. The S losses are independent, so the gradient of
+their sum is each sample's own gradient: plain autograd, no vmap.
 
-Measured: 1.2-1.6x vmap on a 2-core CPU, but 0.77x on an H200 (docs/results.md, fourth session): cuDNN runs a
-grouped convolution of hundreds of groups as many small kernels, each with its own layout transposes, whatever
-layout it is handed. So `per_sample=auto` folds on the CPU only.
+It is faster than vmap on the CPU but slower on CUDA (docs/speed-notes.md): cuDNN runs a grouped convolution of
+hundreds of groups as many small kernels, each with its own layout transposes, whatever layout it is handed. So
+`per_sample=auto` folds on the CPU only.
 
 Only the modules of the CIFAR pre-activation ResNet with the rotation task are folded (`supports`); anything else
 keeps vmap (`PerSampleModel`). tests/test_adapt_grouped.py and test_adapt_episodic.py hold it equal to vmap and to
@@ -23,9 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from tta_cli.adapt.compiled import maybe_compile
-from tta_cli.adapt.params import check_per_sample
-from tta_cli.adapt.per_sample import PerSampleModel
+from tta_cli.engine.compiled import maybe_compile
+from tta_cli.engine.per_sample import PerSampleModel, check_per_sample
 from tta_cli.models.features import GlobalPool
 from tta_cli.models.preact_resnet import Downsample, NormReLU, PreActBlock
 from tta_cli.tasks.rotation import RotationTask

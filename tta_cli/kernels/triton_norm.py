@@ -2,8 +2,8 @@
 ResNet's norm-ReLU pairs.
 
 Why: torch.compile turns each GroupNorm + ReLU of the stream step into a statistics kernel and a normalising kernel,
-and its backward into three or four more: ~200 of the ~400 kernels of a stream frame on an H200, ~1.6 us each,
-on a GPU the step leaves mostly idle (docs/speed-notes.md). One program per (image, group) holds the whole group in
+and its backward into three or four more: about half of a stream frame's kernels, each tiny, on a GPU the step
+leaves mostly idle (docs/speed-notes.md). One program per (image, group) holds the whole group in
 registers (the ResNet-26's groups are 512-2,048 values), so the statistics, the normalisation and the ReLU are one
 kernel, and the backward pass (through the ReLU, the normalisation, and into the weight and bias) one more.
 
@@ -19,12 +19,12 @@ import math
 import torch
 from torch import nn
 
-from tta_cli.models import zeroed_outputs
-from tta_cli.models.norm_kernels import triton
-from tta_cli.models.triton_conv import INTERPRET, _accumulator, available
+from tta_cli.kernels import zeroed_outputs
+from tta_cli.kernels.norm_kernels import triton
+from tta_cli.kernels.triton_conv import INTERPRET, _accumulator, available
 
 if triton is not None:
-    from tta_cli.models.norm_kernels import group_norm_relu_backward_kernel, group_norm_relu_kernel
+    from tta_cli.kernels.norm_kernels import group_norm_relu_backward_kernel, group_norm_relu_kernel
 
 MAX_GROUP = 16384  # values per (image, group) one program holds in registers; larger groups run torch's kernels
 

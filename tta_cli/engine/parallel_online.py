@@ -17,10 +17,11 @@ from functools import partial
 import torch
 from torch import nn
 
-from tta_cli.adapt import grouped
-from tta_cli.adapt.graphs import CapturedCall
-from tta_cli.adapt.params import adapted_parameter_names
 from tta_cli.data.imageset import to_float_nchw
+from tta_cli.engine import grouped
+from tta_cli.engine.graphs import CapturedCall
+from tta_cli.kernels import triton_conv
+from tta_cli.models.params import adapted_parameter_names
 
 
 def supports_parallel(config) -> bool:
@@ -90,6 +91,9 @@ class ParallelOnlineTTT:
 
     def counters(self) -> dict:
         return {name: int(value) for name, value in self.counts.items()}
+
+    def convolutions(self) -> str:
+        return triton_conv.kernels_in(self.model)
 
     # ---- one position's step (captured as a CUDA graph when every stream is active) ---------
     def _graphable(self) -> bool:
