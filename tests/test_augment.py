@@ -124,3 +124,27 @@ def test_loader_on_cuda_keeps_data_and_batches_on_the_gpu():
         assert images.is_cuda and labels.is_cuda
         seen.extend(labels.tolist())
     assert sorted(seen) == list(range(10))
+
+
+def test_reflect_padded_crops_equal_the_per_image_loop_and_keep_a_flat_image_flat():
+    from tta_cli.data.augment import crop_flip, random_crop_flip_reference, sample_crop_flip
+
+    images = torch.rand(6, 3, 8, 8, dtype=torch.float64)
+    offsets_y, offsets_x, flips = sample_crop_flip(6, 2, torch.Generator().manual_seed(0))
+    fast = crop_flip(images, offsets_y, offsets_x, flips, padding=2, pad_mode="reflect")
+    torch.testing.assert_close(fast, random_crop_flip_reference(images, offsets_y, offsets_x, flips, padding=2, pad_mode="reflect"))
+    flat = torch.full((4, 3, 8, 8), 0.5)
+    assert torch.equal(crop_flip(flat, offsets_y[:4], offsets_x[:4], flips[:4], padding=2, pad_mode="reflect"), flat)
+
+
+def test_test_time_views_pad_as_the_checkpoint_was_trained():
+    from tta_cli.config import TaskConfig
+    from tta_cli.tasks import build_task
+    from tta_cli.tasks.views import make_views
+
+    flat = torch.full((2, 3, 32, 32), 0.5)
+    generator = torch.Generator().manual_seed(0)
+    reflect_views, _ = make_views(build_task(TaskConfig(), "reflect"), flat, 16, generator)
+    zero_views, _ = make_views(build_task(TaskConfig(), "zeros"), flat, 16, generator)
+    assert torch.equal(reflect_views, torch.full_like(reflect_views, 0.5))
+    assert (zero_views == 0).any()

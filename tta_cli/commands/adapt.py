@@ -104,7 +104,7 @@ def adapt_command(
     model, train_config, meta = load_model(ckpt, torch_device)
     from tta_cli.tasks import build_task
 
-    task = build_task(train_config.task)
+    task = build_task(train_config.task, train_config.data.pad_mode)
     adapters = build_methods(model, task, settings, own, len(meta["class_names"]), torch_device)  # bad methods fail before any work
     severity_list = parse_ints(severities, "--severities") or [5]
     sets = load_sets(data or "cifar10-mini", corruptions, severity_list, n, settings.seed, torch_device, train_config.model.img_size)

@@ -249,7 +249,7 @@ def run_command(
         f"{f', paced at {pace:g} fps' if pace else ''}) on {torch_device}; labels: {'yes' if truth else 'none'}",
         highlight=False,
     )
-    task = build_task(train_config.task)
+    task = build_task(train_config.task, train_config.data.pad_mode)
     runs = comparison_settings(settings) if compare else [settings]
     results = []
     with frames:

@@ -44,10 +44,12 @@ def crop_flip(
     return gathered.view(batch, channels, height, width)
 
 
-def random_crop_flip(images: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop (zero padding `padding`) + random horizontal flip of each image of a float (B, C, H, W) batch."""
+def random_crop_flip(
+    images: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None, pad_mode: str = "zeros"
+) -> torch.Tensor:
+    """Random crop (padding `padding`, zeros or reflect) + random horizontal flip of each image of a float (B, C, H, W) batch."""
     offsets_y, offsets_x, flips = sample_crop_flip(images.shape[0], padding, generator, images.device)
-    return crop_flip(images, offsets_y, offsets_x, flips, padding)
+    return crop_flip(images, offsets_y, offsets_x, flips, padding, pad_mode)
 
 
 def random_crop_flip_reference(

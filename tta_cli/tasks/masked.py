@@ -69,11 +69,12 @@ class MaskedTask:
 
     name = "masked"
 
-    def __init__(self, mask_ratio: float = 0.75, patch_size: int = 4):
+    def __init__(self, mask_ratio: float = 0.75, patch_size: int = 4, view_pad_mode: str = "zeros"):
         if not 0.0 < mask_ratio < 1.0:
             raise TTAError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.mask_ratio = mask_ratio
         self.patch = patch_size
+        self.view_pad_mode = view_pad_mode  # the crop padding of test-time views (tasks/views.py)
 
     def build_output(self, spec: FeatureSpec, img_size: int) -> nn.Module:
         if img_size % self.patch:

@@ -28,10 +28,11 @@ class RotationTask:
     name = "rotation"
     classes = 4
 
-    def __init__(self, mode: str = "expand"):
+    def __init__(self, mode: str = "expand", view_pad_mode: str = "zeros"):
         if mode not in MODES:
             raise TTAError(f"unknown rotation mode {mode!r}; choose one of: {', '.join(MODES)}")
         self.mode = mode
+        self.view_pad_mode = view_pad_mode  # the crop padding of test-time views (tasks/views.py)
 
     def build_output(self, spec: FeatureSpec, img_size: int) -> nn.Module:
         return LinearClassifier(spec, self.classes)

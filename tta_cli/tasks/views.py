@@ -1,5 +1,6 @@
-"""Augmented views of test inputs for the self-supervised loss: crop (4-pixel padding) + flip, then
-one random task transformation (rotation or mask) per view. Drawn on the inputs' device."""
+"""Augmented views of test inputs for the self-supervised loss: crop (4-pixel padding, as the checkpoint's
+training crop padded: `task.view_pad_mode`) + flip, then one random task transformation (rotation or mask)
+per view. Drawn on the inputs' device."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def make_views(task, images: torch.Tensor, copies: int, generator: torch.Generat
     """images (B, C, H, W) in [0, 1] -> inputs (B * copies, C, H, W), targets (B * copies, ...),
     grouped per image: rows i*copies .. (i+1)*copies-1 come from image i."""
     repeated = images.repeat_interleave(copies, dim=0)
-    augmented = random_crop_flip(repeated, padding=4, generator=generator)
+    augmented = random_crop_flip(repeated, padding=4, generator=generator, pad_mode=task.view_pad_mode)
     return task.make_batch(augmented, mode="adapt", generator=generator)
 
 

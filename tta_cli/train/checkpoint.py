@@ -62,7 +62,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[TT
     folder = resolve_checkpoint(path)
     meta = read_meta(folder)
     config = from_dict(TrainConfig, meta["config"])
-    task = build_task(config.task)
+    task = build_task(config.task, config.data.pad_mode)
     norm = meta["normalization"]
     model = build_model(config.model, task, norm["mean"], norm["std"])
     try:
