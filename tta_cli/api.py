@@ -1,0 +1,135 @@
+"""The Python API: load a checkpoint, build a method on it, adapt images, keep the adapted weights.
+
+    import tta_cli as tta
+    checkpoint = tta.load_checkpoint("runs/quickstart")
+    method = tta.build_method("ttt-online", checkpoint, lr=0.001)
+    logits = method.adapt(images)          # uint8 (N, H, W, 3) or float (N, 3, H, W) in [0, 1]
+    method.save("runs/adapted")            # a checkpoint folder `tta adapt --ckpt` loads
+
+The same registry, settings and checks as `tta adapt`: keyword settings are its shared ones (`lr`, `steps`,
+`copies`, `params`, `reset`, ...); a method's own ones (`--set tent.lr=...` on the CLI) go in `own={"lr": ...}`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tta_cli.config import AdaptSettings, TrainConfig, load_config
+from tta_cli.device import resolve_device
+from tta_cli.errors import TTAError
+from tta_cli.models import TTTModel
+
+
+@dataclass
+class Checkpoint:
+    """A trained TTT model with what adapting it needs: its task, training config and class names."""
+
+    model: TTTModel
+    task: Any
+    config: TrainConfig
+    class_names: list[str]
+    metrics: dict
+
+    @property
+    def image_size(self) -> int:
+        return self.config.model.img_size
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
+    """A `tta train` output folder (or its model.safetensors) on `device` ("cpu", "cuda", "auto")."""
+    from tta_cli.tasks import build_task
+    from tta_cli.train.checkpoint import load_model
+
+    model, config, meta = load_model(path, resolve_device(device))
+    task = build_task(config.task, config.data.pad_mode)
+    return Checkpoint(model.eval(), task, config, list(meta["class_names"]), dict(meta.get("metrics", {})))
+
+
+class Adapter:
+    """One method on its own copy of a checkpoint's model. `adapt` takes a batch for batch methods (norm, tent),
+    a stream in order for online ones (ttt-online: `batch` samples per update) and independent samples for
+    episodic ones (ttt); `reset` goes back to the checkpoint's weights."""
+
+    def __init__(self, method, checkpoint: Checkpoint):
+        self.method = method
+        self.checkpoint = checkpoint
+
+    @property
+    def name(self) -> str:
+        return self.method.name
+
+    def adapt(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """images uint8 (N, H, W, 3) or float (N, 3, H, W) in [0, 1] -> logits (N, classes) on the method's device."""
+        batch = as_model_input(images, self.checkpoint.image_size, self.method.device)
+        if self.method.takes_sequences:
+            return self.method.adapt_sequence(batch)
+        return self.method.adapt(batch)
+
+    def predict(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Class indices (N,) of `images` (adapting on them as `adapt` does)."""
+        return self.adapt(images).argmax(1)
+
+    def reset(self) -> None:
+        self.method.reset()
+
+    def counters(self) -> dict[str, int]:
+        return self.method.counters()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapted weights, keyed as the checkpoint's (BatchNorm statistics are the checkpoint's own)."""
+        adapted = self.method.model.state_dict()
+        source = self.checkpoint.model.state_dict()
+        return {key: (adapted[key] if adapted.get(key) is not None else value).detach().cpu().clone() for key, value in source.items()}
+
+    def save(self, out: str | Path, force: bool = False) -> Path:
+        """Write the adapted weights as a checkpoint folder that `load_checkpoint` and `tta adapt --ckpt` read."""
+        from tta_cli.train.checkpoint import save_model
+
+        out = Path(out)
+        if out.exists() and any(out.iterdir()) and not force:
+            raise TTAError(f"{out} exists and is not empty; pass force=True to replace its checkpoint")
+        model = copy.deepcopy(self.checkpoint.model).cpu()
+        model.load_state_dict(self.state_dict())
+        out.mkdir(parents=True, exist_ok=True)
+        metrics = {**self.checkpoint.metrics, "adapted_by": self.name, "adapted_counters": self.counters()}
+        save_model(out, model, self.checkpoint.config, self.checkpoint.class_names, metrics)
+        return out
+
+
+def build_method(name: str, checkpoint: Checkpoint, own: dict[str, Any] | None = None, **settings: Any) -> Adapter:
+    """Method `name` on a copy of `checkpoint`'s model. `settings` are `tta adapt`'s shared settings (lr, steps,
+    copies, params, batch, reset, rollback, seed, ...); a keyword the shared settings lack, and `own`, set the
+    method's own (e.g. tent's lr). Bad values are TTAErrors with one line, as on the CLI."""
+    from tta_cli.adapt.methods import build_method as build_registered
+
+    shared_names = {f.name for f in dataclasses.fields(AdaptSettings)}
+    shared = {key: value for key, value in settings.items() if key in shared_names}
+    own = {**{key: value for key, value in settings.items() if key not in shared_names}, **(own or {})}
+    common = load_config(AdaptSettings, None, {**shared, "methods": [name]})
+    common.validate()
+    device = next(checkpoint.model.parameters()).device
+    method = build_registered(name, checkpoint.model, checkpoint.task, common, len(checkpoint.class_names), device, own)
+    return Adapter(method, checkpoint)
+
+
+def as_model_input(images: np.ndarray | torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    """uint8 (N, H, W, 3) or float (N, 3, H, W) in [0, 1], numpy or torch -> float (N, 3, size, size) on `device`."""
+    tensor = torch.as_tensor(images)
+    if tensor.dim() == 3:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dtype == torch.uint8:
+        if tensor.dim() != 4 or tensor.shape[-1] != 3:
+            raise TTAError(f"uint8 images must be (N, H, W, 3), got {tuple(tensor.shape)}")
+        tensor = tensor.permute(0, 3, 1, 2).float().div(255.0)
+    elif not tensor.is_floating_point() or tensor.dim() != 4 or tensor.shape[1] != 3:
+        raise TTAError(f"images must be uint8 (N, H, W, 3) or float (N, 3, H, W) in [0, 1], got {tensor.dtype} {tuple(tensor.shape)}")
+    if tuple(tensor.shape[-2:]) != (size, size):
+        raise TTAError(f"the checkpoint takes {size}x{size} images, got {tensor.shape[-2]}x{tensor.shape[-1]}")
+    return tensor.float().to(device)
