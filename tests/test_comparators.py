@@ -1,0 +1,121 @@
+"""The published comparators (memo, eata, sar, cotta): what each paper says the method does, then one update against
+a hand-written float64 step, then the guards and the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from tta_cli.adapt.methods import build_method
+from tta_cli.config import AdaptSettings, ModelConfig, TaskConfig
+from tta_cli.data.augmix import augmix
+from tta_cli.errors import TTAError
+from tta_cli.models import build_model
+from tta_cli.tasks import build_task
+
+CPU = torch.device("cpu")
+
+
+def tiny_model(norm: str = "gn", dtype=torch.float64):
+    """Depth-8 pre-activation ResNet, split after layer2; a BatchNorm variant gets non-trivial running statistics."""
+    torch.manual_seed(0)
+    task = build_task(TaskConfig(name="rotation"))
+    model = build_model(ModelConfig(depth=8, width=1, split="layer2", groups=4, norm=norm), task).to(dtype)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+    return model.eval(), task
+
+
+def build(name: str, model, task, **own):
+    return build_method(name, model, task, AdaptSettings(), 10, CPU, own)
+
+
+def images(count: int, seed: int = 1, dtype=torch.float64) -> torch.Tensor:
+    return torch.rand(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+
+def named_values(model) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def moved(before: dict, model) -> set[str]:
+    return {name for name, param in model.named_parameters() if not torch.equal(before[name], param.detach())}
+
+
+# ---- memo ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", ["gn", "bn"])
+def test_memo_leaves_the_weights_as_it_found_them(norm):
+    model, task = tiny_model(norm, torch.float32)
+    method = build("memo", model, task, copies=4, lr=0.1)
+    before = {name: value.clone() for name, value in method.model.state_dict().items()}
+    method.adapt(images(2, dtype=torch.float32))
+    assert all(torch.equal(before[name], value) for name, value in method.model.state_dict().items())
+
+
+def test_memo_moves_every_encoder_and_main_head_parameter_and_nothing_else():
+    model, task = tiny_model()
+    method = build("memo", model, task, copies=4, lr=0.1)
+    method.reset = lambda: None  # keep the adapted weights to look at them
+    before = named_values(method.model)
+    method.adapt(images(1))
+    expected = {name for name in before if name.startswith(("encoder.", "main_head."))}
+    assert moved(before, method.model) == expected
+
+
+def test_memo_step_is_sgd_on_the_marginal_entropy_of_the_views():
+    model, task = tiny_model()
+    image = images(1)
+    logits = build("memo", model, task, copies=4, lr=0.05).adapt(image)
+
+    views = augmix(image.expand(4, -1, -1, -1), torch.Generator().manual_seed(AdaptSettings().seed))
+    params = {name: param for name, param in model.named_parameters() if name.startswith(("encoder.", "main_head."))}
+    marginal = functional_call(model, params, (views,)).softmax(1).mean(0)  # the paper's p(y|x) over the views
+    loss = -(marginal * marginal.log()).sum()
+    grads = torch.autograd.grad(loss, list(params.values()))
+    stepped = {name: value - 0.05 * grad for (name, value), grad in zip(params.items(), grads, strict=True)}
+    assert torch.allclose(logits, functional_call(model, stepped, (image,)), atol=1e-10, rtol=1e-8)
+
+
+def test_memo_lowers_the_marginal_entropy_of_the_views_it_adapts_on():
+    model, task = tiny_model("bn")
+    method = build("memo", model, task, copies=8, lr=0.01)
+    method.reset = lambda: None
+    image = images(1)
+    views = augmix(image.expand(8, -1, -1, -1), torch.Generator().manual_seed(AdaptSettings().seed))
+    with torch.no_grad():
+        before = method.model(views).softmax(1).mean(0)
+    method.adapt(image)
+    with torch.no_grad():
+        after = method.model(views).softmax(1).mean(0)
+    assert -(after * after.log()).sum() < -(before * before.log()).sum()
+
+
+def test_memo_batchnorm_mixes_running_and_test_statistics_with_prior_strength():
+    model, task = tiny_model("bn")
+    method = build("memo", model, task, prior_strength=16)
+    layer = method.model.encoder.layer1[0].norm1
+    norm = layer.norm
+    x = images(1)[:, :1].expand(1, 16, 32, 32) * 3 + 1
+    prior = 16 / 17
+    mean = prior * norm.running_mean + (1 - prior) * x.mean((0, 2, 3))
+    var = prior * norm.running_var + (1 - prior) * x.var((0, 2, 3), correction=1)
+    expected = (x - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + norm.eps).sqrt()
+    expected = expected * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+    assert torch.allclose(layer(x), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("setting, value", [("copies", 0), ("lr", -0.1), ("steps", -1), ("prior_strength", -1)])
+def test_memo_bad_settings_are_one_line_errors_at_build(setting, value):
+    model, task = tiny_model()
+    with pytest.raises(TTAError, match=f"memo.{setting}") as error:
+        build("memo", model, task, **{setting: value})
+    assert "\n" not in str(error.value)
