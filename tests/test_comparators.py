@@ -3,6 +3,8 @@ a hand-written float64 step, then the guards and the CLI."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.func import functional_call
@@ -118,4 +120,82 @@ def test_memo_bad_settings_are_one_line_errors_at_build(setting, value):
     model, task = tiny_model()
     with pytest.raises(TTAError, match=f"memo.{setting}") as error:
         build("memo", model, task, **{setting: value})
+    assert "\n" not in str(error.value)
+
+
+# ---- sar ----------------------------------------------------------------------------------------
+
+
+def margin_for_half(model, batch: torch.Tensor) -> float:
+    """An e_margin (a fraction of ln 10) that keeps about half of `batch` as reliable for the source model."""
+    with torch.no_grad():
+        return float(entropy(model(batch)).median()) / math.log(10) + 1e-9
+
+
+@pytest.mark.parametrize("norm", ["gn", "bn"])
+def test_sar_moves_only_norm_affine_parameters_below_the_deepest_stage(norm):
+    model, task = tiny_model(norm)
+    method = build("sar", model, task, e_margin=1.0, lr=0.1)
+    before = named_values(method.model)
+    method.adapt(images(8))
+    assert moved(before, method.model) == {
+        f"encoder.{stage}.0.{layer}.{kind}" for stage in ("layer1", "layer2") for layer in ("norm1", "norm2") for kind in ("weight", "bias")
+    }  # layer3 and the final norm (the deepest stage, in the main head here) stay
+
+
+def test_sar_step_is_sgd_with_the_gradient_at_the_sam_perturbed_weights():
+    model, task = tiny_model()
+    batch = images(8)
+    margin = margin_for_half(model, batch) * math.log(10)
+    method = build("sar", model, task, e_margin=margin / math.log(10), lr=0.2, batch=8, rho=0.5)
+    method.adapt(batch)
+
+    names = [name for name, _ in model.named_parameters() if ".norm" in name and name.startswith("encoder.")]
+    params = {name: param for name, param in model.named_parameters() if name in names}
+    first = entropy(model(batch))
+    reliable = first < margin
+    assert 0 < reliable.sum() < 8
+    grads = torch.autograd.grad(first[reliable].mean(), list(params.values()))
+    scale = 0.5 / torch.cat([grad.flatten() for grad in grads]).norm()
+    perturbed = {name: value + scale * grad for (name, value), grad in zip(params.items(), grads, strict=True)}
+    second = entropy(functional_call(model, perturbed, (batch,)))[reliable]
+    grads = torch.autograd.grad(second[second < margin].mean(), list(params.values()))
+    lr = 0.2 * 8 / 32  # the authors' scaling below a batch of 32
+    for (name, value), grad in zip(params.items(), grads, strict=True):
+        assert torch.allclose(method.model.get_parameter(name), value - lr * grad, atol=1e-12), name
+
+
+def test_sar_recovers_the_source_when_the_loss_average_falls_under_the_constant():
+    model, task = tiny_model()
+    method = build("sar", model, task, e_margin=1.0, lr=0.1, reset_constant=0.2)
+    source = named_values(method.model)
+    method.adapt(images(4))  # a real update, so that a recovery has something to undo
+    assert moved(source, method.model)
+    method.loss_average = None  # start the average afresh: 0.5, then 0.1 per batch
+    average = None
+    for batch, loss in enumerate([0.5] + [0.1] * 30):
+        average = loss if average is None else 0.9 * average + 0.1 * loss
+        method.track(loss)
+        assert method.counters()["recoveries"] == (average < 0.2)
+        if average < 0.2:
+            recovered_at = batch
+            break
+    assert recovered_at == 14  # 0.1 + 0.4 * 0.9**14 < 0.2: several low losses in a row, not one
+    assert method.loss_average is None and not moved(source, method.model)
+
+
+def test_sar_reset_restores_the_source():
+    model, task = tiny_model()
+    method = build("sar", model, task, e_margin=1.0, lr=0.1)
+    source = named_values(method.model)
+    method.adapt(images(4))
+    method.reset()
+    assert not moved(source, method.model)
+
+
+@pytest.mark.parametrize("setting, value", [("lr", -1e-3), ("rho", -0.05), ("e_margin", -0.4), ("reset_constant", -1), ("batch", 0)])
+def test_sar_bad_settings_are_one_line_errors_at_build(setting, value):
+    model, task = tiny_model()
+    with pytest.raises(TTAError, match=f"sar.{setting}") as error:
+        build("sar", model, task, **{setting: value})
     assert "\n" not in str(error.value)
