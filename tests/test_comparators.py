@@ -199,3 +199,94 @@ def test_sar_bad_settings_are_one_line_errors_at_build(setting, value):
     with pytest.raises(TTAError, match=f"sar.{setting}") as error:
         build("sar", model, task, **{setting: value})
     assert "\n" not in str(error.value)
+
+
+# ---- eata ---------------------------------------------------------------------------------------
+
+
+def norm_names(model) -> list[str]:
+    return [name for name, _ in model.named_parameters() if ".norm" in name or ".final." in name if not name.startswith("ssl_head.")]
+
+
+@pytest.mark.parametrize("norm", ["gn", "bn"])
+def test_eata_moves_only_the_normalization_affine_parameters(norm):
+    model, task = tiny_model(norm)
+    method = build("eata", model, task, e_margin=1.0, lr=0.1, fisher_samples=4)
+    before = named_values(method.model)
+    method.adapt(images(8))
+    assert moved(before, method.model) == set(norm_names(model))
+
+
+def hand_written_eata(model, batches, margin, alpha, lr):
+    """Two EATA updates from the paper's formulas; the second picks d_margin to keep about half of the reliable
+    samples as non-redundant. Returns (the weights after, the d_margin picked, samples updated per batch)."""
+    names = norm_names(model)
+    source = {name: model.get_parameter(name).detach().clone().requires_grad_(True) for name in names}
+    logits = functional_call(model, source, (batches[0],))  # the Fisher from the first batch, at the source
+    grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, logits.argmax(1)), list(source.values()))
+    fisher = [grad**2 for grad in grads]
+    params, average, buffers, d_margin, updated = dict(source), None, None, None, []
+    for x in batches:
+        logits = functional_call(model, params, (x,))
+        ent = entropy(logits)
+        probs = logits.detach().softmax(1)
+        selected = ent < margin
+        if average is not None:
+            cosine = (probs @ average) / (probs.norm(dim=1) * average.norm())
+            d_margin = float(cosine.abs()[selected].median()) + 1e-9
+            selected = selected & (cosine.abs() < d_margin)
+        loss = (torch.exp(margin - ent.detach()) * ent)[selected].mean()
+        loss = loss + alpha * sum((f * (p - s) ** 2).sum() for f, p, s in zip(fisher, params.values(), source.values(), strict=True))
+        grads = torch.autograd.grad(loss, list(params.values()))
+        buffers = list(grads) if buffers is None else [0.9 * b + g for b, g in zip(buffers, grads, strict=True)]
+        params = {name: value - lr * b for (name, value), b in zip(params.items(), buffers, strict=True)}
+        mean = probs[selected].mean(0)
+        average = mean if average is None else 0.9 * average + 0.1 * mean
+        updated.append(int(selected.sum()))
+    return params, d_margin, updated
+
+
+def test_eata_updates_equal_the_weighted_entropy_and_fisher_steps_written_out():
+    model, task = tiny_model()
+    batches = [images(8, seed=1), images(8, seed=2)]
+    e_margin = margin_for_half(model, torch.cat(batches)) * 1.3
+    expected, d_margin, updated = hand_written_eata(model, batches, e_margin * math.log(10), alpha=300.0, lr=0.1)
+    method = build("eata", model, task, e_margin=e_margin, d_margin=d_margin, fisher_alpha=300.0, lr=0.1, fisher_samples=8)
+    for batch in batches:
+        method.adapt(batch)
+    assert 0 < updated[1] < method.counters()["reliable_samples"] - updated[0]  # the redundancy filter took some
+    assert method.counters()["updated_samples"] == sum(updated)
+    for name, value in expected.items():
+        assert torch.allclose(method.model.get_parameter(name), value, atol=1e-12), name
+
+
+def test_eata_skips_high_entropy_and_redundant_samples():
+    model, task = tiny_model()
+    nothing_reliable = build("eata", model, task, e_margin=1e-6, fisher_samples=0)
+    before = named_values(nothing_reliable.model)
+    nothing_reliable.adapt(images(8))
+    assert nothing_reliable.counters() == {"reliable_samples": 0, "updated_samples": 0}
+    assert not moved(before, nothing_reliable.model)
+
+    method = build("eata", model, task, e_margin=1.0, d_margin=0.4, fisher_samples=0)
+    method.adapt(images(8))
+    method.adapt(images(1).expand(8, -1, -1, -1))  # a softmax close to the running average: all redundant
+    assert method.counters() == {"reliable_samples": 16, "updated_samples": 8}
+
+
+def test_eata_without_fisher_samples_has_no_penalty_and_reset_restores_the_source():
+    model, task = tiny_model()
+    method = build("eata", model, task, e_margin=1.0, lr=0.1, fisher_samples=0)
+    source = named_values(method.model)
+    method.adapt(images(8))
+    assert method.fisher is None and method.fisher_penalty() == 0.0
+    method.reset()
+    assert not moved(source, method.model) and method.average_probs is None
+
+
+@pytest.mark.parametrize("setting, value", [("lr", -0.1), ("e_margin", -0.4), ("d_margin", -0.1), ("fisher_samples", -1), ("batch", 0)])
+def test_eata_bad_settings_are_one_line_errors_at_build(setting, value):
+    model, task = tiny_model()
+    with pytest.raises(TTAError, match=f"eata.{setting}") as error:
+        build("eata", model, task, **{setting: value})
+    assert "\n" not in str(error.value)
