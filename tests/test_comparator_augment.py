@@ -61,3 +61,32 @@ def test_augmix_views_are_in_range_different_per_row_and_reproducible(batch):
     assert views.shape == image.shape and views.min() >= 0 and views.max() <= 1
     assert len({tuple(view.flatten()[:50].tolist()) for view in views}) == 6
     assert torch.equal(views, ops.augmix(image, torch.Generator().manual_seed(3)))
+
+
+# ---- CoTTA ----------------------------------------------------------------------------------------
+
+
+def test_cotta_colour_operations_match_torchvision(batch):
+    from torchvision.transforms import functional as tvf
+
+    from tta_cli.data import cotta_augment as cotta
+
+    factor = torch.tensor([0.8, 1.3], dtype=torch.float64).view(-1, 1, 1, 1)
+    shift = torch.tensor([-0.05, 0.04], dtype=torch.float64).view(-1, 1, 1, 1)
+    for ours, theirs, amount in [
+        (cotta.brightness, tvf.adjust_brightness, factor), (cotta.contrast, tvf.adjust_contrast, factor),
+        (cotta.saturation, tvf.adjust_saturation, factor), (cotta.hue, tvf.adjust_hue, shift),
+        (cotta.gamma, tvf.adjust_gamma, factor),
+    ]:
+        expected = torch.stack([theirs(image, float(value)) for image, value in zip(batch, amount.flatten(), strict=True)])
+        assert torch.allclose(ours(batch, amount), expected, atol=1e-6), ours.__name__
+
+
+def test_cotta_geometry_is_the_identity_at_zero_angle_shift_and_blur(batch):
+    from tta_cli.data import cotta_augment as cotta
+
+    padded = torch.nn.functional.pad(batch, (2, 2, 2, 2), mode="replicate")
+    assert torch.allclose(cotta.gaussian_blur(padded, torch.full((2,), 1e-3, dtype=torch.float64)), batch, atol=1e-12)
+    views = cotta.cotta_augment(batch, torch.Generator().manual_seed(0))
+    assert views.shape == batch.shape and views.min() >= 0 and views.max() <= 1
+    assert 0.01 < (views - batch).abs().mean() < 0.5  # changed, but still the same picture
