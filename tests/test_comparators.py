@@ -290,3 +290,74 @@ def test_eata_bad_settings_are_one_line_errors_at_build(setting, value):
     with pytest.raises(TTAError, match=f"eata.{setting}") as error:
         build("eata", model, task, **{setting: value})
     assert "\n" not in str(error.value)
+
+
+# ---- cotta --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", ["gn", "bn"])
+def test_cotta_moves_the_student_and_its_teacher_but_never_the_anchor(norm):
+    model, task = tiny_model(norm)
+    method = build("cotta", model, task, lr=0.01)
+    student, teacher, anchor = named_values(method.model), named_values(method.teacher), named_values(method.anchor)
+    method.adapt(images(8))
+    trained = {name for name in student if name.startswith(("encoder.", "main_head."))}
+    assert moved(student, method.model) == trained
+    assert moved(teacher, method.teacher) == trained
+    assert not moved(anchor, method.anchor)
+
+
+def test_cotta_step_is_adam_on_the_teacher_cross_entropy_then_ema_then_stochastic_restore():
+    model, task = tiny_model()
+    batch = images(8)
+    method = build("cotta", model, task, lr=0.01, anchor_threshold=0.0, restore_probability=0.5, teacher_momentum=0.9)
+    logits = method.adapt(batch)
+
+    params = {name: param for name, param in model.named_parameters() if name.startswith(("encoder.", "main_head."))}
+    with torch.no_grad():
+        teacher = model(batch)  # the teacher starts as the source; confident enough anchor: no augmentation
+    assert torch.allclose(logits, teacher, atol=1e-12)
+    loss = -(teacher.softmax(1) * functional_call(model, params, (batch,)).log_softmax(1)).sum(1).mean()
+    grads = torch.autograd.grad(loss, list(params.values()))
+    generator = torch.Generator().manual_seed(AdaptSettings().seed)
+    for (name, value), grad in zip(params.items(), grads, strict=True):
+        first, second = (1 - 0.9) * grad / (1 - 0.9), (1 - 0.999) * grad**2 / (1 - 0.999)  # Adam's bias-corrected moments
+        stepped = value - 0.01 * first / (second.sqrt() + 1e-8)
+        assert torch.allclose(method.teacher.get_parameter(name), 0.9 * value + 0.1 * stepped, atol=1e-12), name
+        restore = torch.rand(value.shape, generator=generator) < 0.5
+        assert torch.allclose(method.model.get_parameter(name), torch.where(restore, value, stepped), atol=1e-12), name
+
+
+def test_cotta_averages_the_teacher_over_augmentations_when_the_anchor_is_unsure():
+    from tta_cli.data.cotta_augment import cotta_augment
+
+    model, task = tiny_model()
+    batch = images(4)
+    method = build("cotta", model, task, anchor_threshold=1.0, augmentations=3)
+    logits = method.adapt(batch)
+    generator = torch.Generator().manual_seed(AdaptSettings().seed)
+    with torch.no_grad():
+        expected = torch.stack([model(cotta_augment(batch, generator)) for _ in range(3)]).mean(0)
+    assert torch.allclose(logits, expected, atol=1e-12)
+    assert method.counters() == {"augmented_batches": 1}
+
+
+def test_cotta_restores_about_the_stated_fraction_of_weights_and_reset_restores_all():
+    model, task = tiny_model(dtype=torch.float32)
+    method = build("cotta", model, task, lr=0.01, anchor_threshold=0.0, restore_probability=0.3)
+    source = [param.detach().clone() for param in method.params]
+    method.adapt(images(8, dtype=torch.float32))
+    same = sum(int((param == value).sum()) for param, value in zip(method.params, source, strict=True))
+    assert 0.27 < same / sum(value.numel() for value in source) < 0.33
+    method.reset()
+    assert all(torch.equal(param, value) for param, value in zip(method.params, source, strict=True))
+    assert all(torch.equal(param, value) for param, value in zip(method.teacher_params, source, strict=True))
+
+
+@pytest.mark.parametrize("setting, value", [("lr", -1e-3), ("restore_probability", 1.5), ("anchor_threshold", -0.1),
+                                            ("augmentations", 0), ("teacher_momentum", 2.0)])
+def test_cotta_bad_settings_are_one_line_errors_at_build(setting, value):
+    model, task = tiny_model()
+    with pytest.raises(TTAError, match=f"cotta.{setting}") as error:
+        build("cotta", model, task, **{setting: value})
+    assert "\n" not in str(error.value)
