@@ -9,6 +9,8 @@ from PIL import Image, ImageOps
 
 from tta_cli.data import augmix as ops
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the machine is shared: one thread is faster
+
 
 @pytest.fixture
 def batch():

@@ -16,6 +16,8 @@ from tta_cli.errors import TTAError
 from tta_cli.models import build_model
 from tta_cli.tasks import build_task
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the machine is shared: one thread is faster
+
 CPU = torch.device("cpu")
 
 
@@ -298,7 +300,7 @@ def test_eata_bad_settings_are_one_line_errors_at_build(setting, value):
 @pytest.mark.parametrize("norm", ["gn", "bn"])
 def test_cotta_moves_the_student_and_its_teacher_but_never_the_anchor(norm):
     model, task = tiny_model(norm)
-    method = build("cotta", model, task, lr=0.01)
+    method = build("cotta", model, task, lr=0.01, augmentations=2)
     student, teacher, anchor = named_values(method.model), named_values(method.teacher), named_values(method.anchor)
     method.adapt(images(8))
     trained = {name for name in student if name.startswith(("encoder.", "main_head."))}
