@@ -363,3 +363,34 @@ def test_cotta_bad_settings_are_one_line_errors_at_build(setting, value):
     with pytest.raises(TTAError, match=f"cotta.{setting}") as error:
         build("cotta", model, task, **{setting: value})
     assert "\n" not in str(error.value)
+
+
+# ---- the papers' shared claim: each update lowers the loss of the batch it updates on (BatchNorm models) --------
+
+
+@pytest.mark.parametrize("name", ["eata", "sar"])
+def test_entropy_methods_lower_the_entropy_of_the_batch_they_update_on(name):
+    model, task = tiny_model("bn")
+    method = build(name, model, task, e_margin=1.0, lr=0.05, **({"fisher_samples": 0} if name == "eata" else {}))
+    batch = images(16)
+    before = entropy(method.adapt(batch)).mean()  # predictions come before the update
+    with torch.no_grad():
+        after = entropy(method.model(batch)).mean()
+    assert after < before
+
+
+def test_cotta_student_moves_towards_the_augmentation_averaged_teacher():
+    """(Without augmentation the first teacher is the student itself, whose cross-entropy gradient is zero.)"""
+    model, task = tiny_model("bn")
+    method = build("cotta", model, task, lr=1e-4, anchor_threshold=1.0, augmentations=4, restore_probability=0.0)
+    batch = images(16)
+
+    def cross_entropy_to(teacher_logits):
+        with torch.no_grad():
+            return -(teacher_logits.softmax(1) * method.model(batch).log_softmax(1)).sum(1).mean()
+
+    teacher_logits = method.pseudo_labels(batch)
+    before = cross_entropy_to(teacher_logits)
+    method.generator.manual_seed(AdaptSettings().seed)  # the same views again inside adapt
+    assert torch.equal(method.adapt(batch), teacher_logits)
+    assert cross_entropy_to(teacher_logits) < before
