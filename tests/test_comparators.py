@@ -4,16 +4,19 @@ a hand-written float64 step, then the guards and the CLI."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 from torch.func import functional_call
 
 from tta_cli.adapt.methods import build_method
+from tta_cli.adapt.methods.sar import sar_parameter_names
 from tta_cli.config import AdaptSettings, ModelConfig, TaskConfig
 from tta_cli.data.augmix import augmix
 from tta_cli.errors import TTAError
 from tta_cli.models import build_model
+from tta_cli.models.params import norm_parameter_names
 from tta_cli.tasks import build_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the machine is shared: one thread is faster
@@ -143,6 +146,18 @@ def test_sar_moves_only_norm_affine_parameters_below_the_deepest_stage(norm):
     assert moved(before, method.model) == {
         f"encoder.{stage}.0.{layer}.{kind}" for stage in ("layer1", "layer2") for layer in ("norm1", "norm2") for kind in ("weight", "bias")
     }  # layer3 and the final norm (the deepest stage, in the main head here) stay
+
+
+@pytest.mark.parametrize("config, skipped", [
+    (ModelConfig(backbone="vit", vit_depth=4, embed_dim=48, vit_heads=2, split="block2"), r"main_head\.0\.(blocks\.3\.norm[12]|norm)\."),
+    (ModelConfig(backbone="timm_resnet", timm_name="resnet18", split="layer3"), r"main_head\.0\.layer4\."),
+])
+def test_sar_skips_the_deepest_stage_of_other_backbones_as_the_authors_do(config, skipped):
+    """ViT-B's blocks 9-11 of 12 and final norm -> a ViT's last quarter of blocks and final norm; ResNet's layer4."""
+    model = build_model(config, build_task(TaskConfig(name="rotation")))
+    every = norm_parameter_names(model.encoder, "encoder.") + norm_parameter_names(model.main_head, "main_head.")
+    left_out = set(every) - set(sar_parameter_names(model))
+    assert left_out and left_out == {name for name in every if re.match(skipped, name)}
 
 
 def test_sar_step_is_sgd_with_the_gradient_at_the_sam_perturbed_weights():
