@@ -93,24 +93,23 @@ class SAR(Method):
         first_loss = entropy[reliable].sum() / reliable.sum().clamp_min(1)  # (no reliable sample: zero gradients)
         gradients = torch.autograd.grad(first_loss, self.params)
         norm = torch.cat([gradient.flatten() for gradient in gradients]).norm()
-        perturbations = [self.settings.rho * gradient / (norm + 1e-12) for gradient in gradients]
-        self.move(perturbations, 1)  # to the sharpest point within rho
+        here = [param.detach().clone() for param in self.params]
+        with torch.no_grad():  # to the sharpest point within rho
+            for param, gradient in zip(self.params, gradients, strict=True):
+                param.add_(gradient, alpha=self.settings.rho / float(norm + 1e-12))
         entropy = softmax_entropy(self.model(images))[reliable]
         still_reliable = entropy < self.margin
         second_loss = entropy[still_reliable].sum() / still_reliable.sum().clamp_min(1)
         gradients = torch.autograd.grad(second_loss, self.params)
-        self.move(perturbations, -1)  # back, to step with the gradient from there
+        with torch.no_grad():  # back, to step from here with the gradient from there
+            for param, value in zip(self.params, here, strict=True):
+                param.copy_(value)
         for param, gradient in zip(self.params, gradients, strict=True):
             param.grad = gradient
         self.optimizer.step()  # (always, as the authors': with no reliable sample, momentum alone moves)
         if still_reliable.any():
             self.track(float(second_loss.detach()))
         return logits.detach()
-
-    @torch.no_grad()
-    def move(self, offsets: list[torch.Tensor], sign: int) -> None:
-        for param, offset in zip(self.params, offsets, strict=True):
-            param.add_(offset, alpha=sign)
 
     def track(self, second_loss: float) -> None:
         """Model recovery: back to the source when the moving average of the second loss shows a collapse."""
