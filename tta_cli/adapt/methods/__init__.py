@@ -65,4 +65,4 @@ def help_lines(width: int = 74) -> list[str]:
     return lines
 
 
-from tta_cli.adapt.methods import norm, source, tent, ttt, ttt_online  # noqa: E402,F401  (registers them)
+from tta_cli.adapt.methods import cotta, eata, memo, norm, sar, source, tent, ttt, ttt_online  # noqa: E402,F401  (registers them)
