@@ -156,3 +156,17 @@ def test_a_run_whose_predictions_turn_nan_is_an_error_not_a_table():
     with pytest.raises(TTAError, match="3 of 5 predictions were NaN or infinite"):
         method = NaNAfterTwo(tiny("gn"), None, None, AdaptSettings(), len(CLASSES), torch.device("cpu"))
         run_method(method, sets, build_order(sets, "per-corruption"), device=torch.device("cpu"))
+
+
+def test_combine_seeds_gives_the_mean_and_sample_std_per_set():
+    from tta_cli.adapt.runner import RunResult, combine_seeds
+
+    def run(errors):
+        return RunResult("ttt", errors, torch.zeros(2, dtype=torch.long), 1.0, 10, {"updates": 5}, "float32")
+
+    combined = combine_seeds([run([10.0, 20.0]), run([14.0, 20.0]), run([12.0, 26.0])])
+    assert combined.errors == pytest.approx([12.0, 22.0])
+    assert combined.errors_std == pytest.approx([2.0, 12 ** 0.5])
+    assert combined.seed_errors == [[10.0, 20.0], [14.0, 20.0], [12.0, 26.0]]
+    assert combined.counters == {"updates": 15} and combined.samples == 30
+    assert combine_seeds([run([10.0, 20.0])]).errors_std == [0.0, 0.0]

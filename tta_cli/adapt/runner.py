@@ -32,6 +32,22 @@ class RunResult:
     counters: dict
     precision: str  # what the path taken computed in: "bf16 autocast" or the model's dtype
     convolutions: str = "torch"  # who ran them: "torch" or "triton where faster"
+    errors_std: list[float] | None = None  # over seeds (combine_seeds); None for one run
+    seed_errors: list[list[float]] | None = None  # seed_errors[k][i]: run k's error on sets[i]
+
+
+def combine_seeds(runs: list[RunResult]) -> RunResult:
+    """One method's runs with different seeds as one result: per set the mean error and its standard deviation
+    over the runs (n - 1 in the denominator; 0 for one run); seconds and samples summed, the first run's
+    predictions and counters summed."""
+    errors = torch.tensor([run.errors for run in runs], dtype=torch.float64)  # (runs, sets)
+    std = errors.std(0, correction=1) if len(runs) > 1 else torch.zeros(errors.shape[1], dtype=torch.float64)
+    counters = {name: sum(run.counters.get(name, 0) for run in runs) for name in runs[0].counters}
+    first = runs[0]
+    return RunResult(
+        first.method, errors.mean(0).tolist(), first.predictions, sum(run.seconds for run in runs), sum(run.samples for run in runs),
+        counters, first.precision, first.convolutions, std.tolist(), errors.tolist(),
+    )
 
 
 def run_method(
