@@ -25,6 +25,7 @@ from torch.nn import functional
 
 from tta_cli.corrupt import REGISTRY, resolve_corruptions
 from tta_cli.data.imageset import ImageSet
+from tta_cli.data.labels import as_class_indices
 from tta_cli.data.sources import load_split
 from tta_cli.device import resolve_device
 from tta_cli.errors import TTAError
@@ -41,6 +42,8 @@ DEFAULT_SEGMENT_CLIPS = 40
 MIN_ZOOM = 0.7  # the tightest crop shows 70% of the image side
 PAN_SLACK = 0.1  # the crop may leave the image by this much (normalised units); reflection fills it
 CHUNK_PIXELS = 2**24  # pixels rendered / corrupted per batch (16384 frames of 32x32), to bound memory
+FRAME_COPIES = 3  # uint8 copies of all frames alive at once while saving (device tensor, numpy, the file's buffer)
+PER_FRAME_BYTES = 1024  # labels, clip ids, severity, camera motion and the schedule row (a dict) of one frame
 
 
 @dataclass
@@ -340,11 +343,10 @@ def read_labels(path: str | Path) -> StreamLabels:
 def _read_labels_npy(path: Path, class_names: list[str] | None) -> StreamLabels:
     try:
         labels = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise TTAError(f"cannot read labels {path}: {error}") from None
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise TTAError(f"{path} must hold one integer label per frame, got {labels.dtype} {labels.shape}")
-    return StreamLabels(labels=torch.from_numpy(labels.astype(np.int64)), class_names=class_names)
+    except (OSError, ValueError, EOFError) as error:
+        raise TTAError(f"cannot read labels {path}: {' '.join(str(error).split()) or 'empty file'}") from None
+    labels = as_class_indices(labels, str(path), len(class_names) if class_names else None, unknown_allowed=True)
+    return StreamLabels(labels=torch.from_numpy(labels), class_names=class_names)
 
 
 def _read_schedule(path: Path, class_names: list[str] | None) -> StreamLabels:
@@ -359,7 +361,7 @@ def _read_schedule(path: Path, class_names: list[str] | None) -> StreamLabels:
             severity=torch.tensor([float(row["severity"]) for row in rows], dtype=torch.float32),
             class_names=class_names,
         )
-    except (KeyError, ValueError, TypeError) as error:
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error) as error:
         raise TTAError(f"{path} is not a stream schedule (columns frame, clip, label, corruption, severity): {error}") from None
 
 
@@ -368,7 +370,7 @@ def _read_class_names(path: Path) -> list[str] | None:
         return None
     try:
         return json.loads(path.read_text()).get("class_names")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, AttributeError) as error:
         raise TTAError(f"cannot read {path}: {error}") from None
 
 
@@ -392,13 +394,22 @@ def make_stream_command(
     `size` defaults to the test images' own side (32 for CIFAR-10). Without PyAV a video cannot be written: that
     fails here, before any work or file, rather than after frames.npy is already on disk.
     """
+    from tta_cli.outputs import staged_folder
+    from tta_cli.validation import check_memory, check_seed
+
     if size is not None and size < 1:
         raise TTAError(f"--size must be at least 1 pixel, got {size}")
     if not fps > 0:  # the rate `tta stream run --fps native` paces by
         raise TTAError(f"--fps must be above 0, got {fps}")
+    if frames < 1:
+        raise TTAError(f"a stream needs at least one frame, got --frames {frames}")
+    check_seed(seed)
     if video:
         import_av("or add --no-video to write the stream as frames.npy only")
     images = load_split(data, "test", root=data_root)
+    side = int(min(images.images.shape[1:3])) if size is None else size
+    # the frames live on the device, then as a numpy copy and in the file buffers; per-frame tensors besides
+    check_memory(FRAME_COPIES * frames * side * side * 3 + frames * PER_FRAME_BYTES, f"--frames {frames} at --size {side}")
     compute_device = resolve_device(device or "auto")
     stream = make_stream(
         images,
@@ -407,11 +418,12 @@ def make_stream_command(
         corruptions=corruptions,
         max_severity=max_severity,
         seed=seed,
-        size=int(min(images.images.shape[1:3])) if size is None else size,
+        size=side,
         segment_clips=DEFAULT_SEGMENT_CLIPS if segment_clips is None else segment_clips,
         device=compute_device,
     )
-    written = save_stream(stream, out, video=video, fps=fps)
+    with staged_folder(out, "tta stream make") as folder:
+        written = {kind: out / path.name for kind, path in save_stream(stream, folder, video=video, fps=fps).items()}
     return {
         "out": str(out),
         "frames": len(stream),
