@@ -73,7 +73,8 @@ def one_line(output: str) -> str:
 
 
 def test_make_writes_a_video_the_labels_and_the_schedule(stream_dir):
-    assert sorted(path.name for path in stream_dir.iterdir()) == ["frames.npy", "labels.npy", "schedule.csv", "stream.json", "stream.mp4"]
+    names = ["frames.npy", "labels.npy", "manifest.json", "schedule.csv", "stream.json", "stream.mp4"]
+    assert sorted(path.name for path in stream_dir.iterdir()) == names
     labels = np.load(stream_dir / "labels.npy")
     assert labels.shape == (FRAMES,) and labels.max() < 10
     schedule = read_csv(stream_dir / "schedule.csv")

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tta_cli import distributed
-from tta_cli.commands.common import AdaptSetOpt, CkptOpt, DataOpt, DeviceOpt, OutOpt, SeedOpt, console, user_errors
+from tta_cli.commands.common import AdaptSetOpt, CkptOpt, DataOpt, DeviceOpt, ForceOpt, OutOpt, SeedOpt, console, user_errors
 from tta_cli.config import load_config, merge, parse_overrides
 from tta_cli.device import resolve_device
 from tta_cli.errors import TTAError
@@ -91,6 +91,7 @@ def adapt_command(
     out: OutOpt = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG bar chart (methods side by side per corruption).")] = None,
     predictions: Annotated[bool, typer.Option("--predictions", help="Also write per-sample predictions to --out.")] = False,
+    force: ForceOpt = False,
     overrides: AdaptSetOpt = None,
 ) -> None:
     """Adapt a `tta train` checkpoint on shifted test sets and report error (%) per corruption.
@@ -99,10 +100,16 @@ def adapt_command(
     clean source (cifar10-mini, a folder, ...), which is then corrupted on the fly with --corruptions.
     """
     from tta_cli.adapt.methods import AdaptSettings
+    from tta_cli.outputs import check_out_file, check_out_folder
     from tta_cli.train.checkpoint import load_model
+    from tta_cli.validation import check_adapt_flags
 
+    if predictions and out is None:
+        raise TTAError("--predictions writes predictions.csv into --out; give --out DIR as well")
+    check_out_folder(out, force)
+    check_out_file(plot, force, "--plot")
     flags = {
-        "methods": [name.strip() for name in method.split(",")] if method else None,  # "source, ttt" reads as it looks
+        "methods": parse_names(method, "--method"),  # "source, ttt" reads as it looks
         "steps": steps, "lr": lr, "copies": copies, "params": params, "batch": batch, "reset": reset,
         "rollback": rollback, "skip_above": skip_above, "order": order, "dirichlet": dirichlet, "seed": seed,
     }
@@ -116,16 +123,44 @@ def adapt_command(
 
     task = build_task(train_config.task)
     adapters = build_methods(model, task, settings, len(meta["class_names"]), torch_device)  # bad methods fail before any work
+    check_adapt_flags({k: v for k, v in flags.items() if v is not None}, settings.methods, settings.order)
     severity_list = parse_ints(severities, "--severities") or [5]
     sets = load_sets(data or "cifar10-mini", corruptions, severity_list, n, settings.seed, torch_device, train_config.model.img_size)
     check_classes(meta["class_names"], sets, ckpt)
+    console.print(f"[bold]tta adapt[/] {', '.join(settings.methods)} on {len(sets)} set(s), {sum(len(s) for s in sets)} images, {torch_device}")
     results = run_all(adapters, settings, sets, torch_device)
+    check_collapse(results, sets, model, torch_device)
     table = print_table(results, sets)
     if out is not None and distributed.is_main():
+        from tta_cli.outputs import staged_folder
+
         selection = {"corruptions": corruptions, "severities": severity_list, "n": n}
-        write_outputs(out, results, sets, settings, ckpt, data, selection, torch_device, table, predictions)
+        with staged_folder(out, "tta adapt") as folder:
+            write_outputs(folder, results, sets, settings, ckpt, data, selection, torch_device, table, predictions)
+        console.print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
     if plot is not None and distributed.is_main():
         write_plot(plot, results, sets)
+
+
+def parse_names(text: str | None, flag: str) -> list[str] | None:
+    """A comma list of names; an empty name (`--method ""`, `a,,b`) is a user error, not an empty method."""
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise TTAError(f"{flag} {text!r} has an empty name; give a comma list such as source,ttt")
+    return names
+
+
+def check_collapse(results, sets, model, device) -> None:
+    """Refuse a run whose adaptation collapsed onto one class (tta_cli/adapt/collapse.py says how that is told)."""
+    from tta_cli.adapt import collapse
+
+    labels = torch.cat([s.labels for s in sets])
+    source = next((r.predictions.cpu() for r in results if r.method == "source"), None)
+    if source is None:
+        source = lambda: collapse.unadapted_predictions(model, [s.images for s in sets], device)  # noqa: E731  (only when needed)
+    collapse.check_collapse(results, labels, source)
 
 
 def check_shardable(methods: list[str]) -> None:
@@ -177,7 +212,12 @@ def load_sets(data: str, corruptions: str | None, severities: list[int], n: int 
 
 def check_classes(checkpoint_classes: list[str], sets, ckpt) -> None:
     for image_set in sets:
-        if len(image_set.class_names) != len(checkpoint_classes) or int(image_set.labels.max()) >= len(checkpoint_classes):
+        if int(image_set.labels.max()) >= len(checkpoint_classes):
+            raise TTAError(
+                f"the labels of {image_set.meta.get('corruption', 'the data')} go up to {int(image_set.labels.max())}, but checkpoint "
+                f"{ckpt} has {len(checkpoint_classes)} classes (labels 0 to {len(checkpoint_classes) - 1})"
+            )
+        if len(image_set.class_names) != len(checkpoint_classes):
             raise TTAError(
                 f"the data has {len(image_set.class_names)} classes but checkpoint {ckpt} was trained on "
                 f"{len(checkpoint_classes)} ({', '.join(checkpoint_classes[:4])}, ...): they do not match"
@@ -306,7 +346,6 @@ def write_outputs(out: Path, results, sets, settings, ckpt, data, selection: dic
             row.update({r.method: int(r.predictions[index]) for r in results})
             prediction_rows.append(row)
         write_csv(out / "predictions.csv", prediction_rows)
-    console.print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
 
 
 def write_plot(path: Path, results, sets) -> None:
