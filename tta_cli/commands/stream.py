@@ -125,6 +125,7 @@ def make_command(
     if out is None:
         raise TTAError("tta stream make needs --out DIR: the folder that receives stream.mp4, frames.npy, labels.npy and schedule.csv")
     check_out_folder(out, force)
+    console.print(f"[bold]tta stream make[/] {frames:,} frames from {escape(data or 'cifar10-mini')} -> {escape(str(out))}", highlight=False)
     with console.status(f"making a {frames}-frame stream from {data or 'cifar10-mini'} ..."):
         summary = make_stream_command(
             data or "cifar10-mini",
@@ -395,18 +396,22 @@ def run_live(model, task, frames, settings, truth, class_names, fps, device, tra
     # eighth and ninth sessions), less once the kernels are in the disk caches; say so, or the view looks stuck
     slow_start = device.type == "cuda" and settings.compile
     view = LiveView(settings.name, total, class_names, "compiling kernels (about a minute on a machine's first run)" if slow_start else "")
-    with Live(view.render(None), console=console, refresh_per_second=8, transient=transient) as live:
-        return run_stream(
-            model,
-            task,
-            frames,
-            settings,
-            len(class_names),
-            device,
-            labels=truth.labels if truth is not None else None,
-            pacer=Pacer(fps, clock=time.perf_counter),
-            on_progress=lambda progress: live.update(view.render(progress)),
-        )
+    try:
+        with Live(view.render(None), console=console, refresh_per_second=8, transient=transient) as live:
+            return run_stream(
+                model,
+                task,
+                frames,
+                settings,
+                len(class_names),
+                device,
+                labels=truth.labels if truth is not None else None,
+                pacer=Pacer(fps, clock=time.perf_counter),
+                on_progress=lambda progress: live.update(view.render(progress)),
+            )
+    finally:
+        if not console.is_terminal and not transient:  # rich ends the last view without a newline off a terminal
+            console.line()
 
 
 class LiveView:
