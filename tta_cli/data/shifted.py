@@ -189,6 +189,7 @@ def _load_c_folder(folder: Path, wanted: set[str] | None, severities: list[int],
     arrays = {name: _c_array(folder / f"{name}.npy", len(labels)) for name in (names if manifest else present)}
     if manifest is None:
         _check_listed(folder, present)
+        _check_one_run(folder, arrays, labels)
     sets = []
     for name in names:
         images = arrays[name]
@@ -224,6 +225,22 @@ def _c_array(path: Path, label_count: int) -> np.ndarray:
             "files of different runs"
         )
     return images
+
+
+def _check_one_run(folder: Path, arrays: dict[str, np.ndarray], labels: np.ndarray) -> None:
+    """Without a manifest: every corruption file has the same number of rows, and labels of that length are the same
+    N labels tiled 5 times. A folder that mixes runs of different sizes fails here, even when the labels' count
+    fits one of its files."""
+    rows = {name: images.shape[0] for name, images in arrays.items()}
+    if len(set(rows.values())) > 1:
+        (first, count), (other, other_count) = sorted(rows.items(), key=lambda item: item[1])[:: len(rows) - 1]
+        raise TTAError(
+            f"{folder} mixes files of different runs: {first}.npy has {count} images but {other}.npy has {other_count}; "
+            "make the folder again with one `tta corrupt` run"
+        )
+    per_severity = len(labels) // SEVERITY_COUNT
+    if rows and len(labels) == next(iter(rows.values())) and not (labels.reshape(SEVERITY_COUNT, per_severity) == labels[:per_severity]).all():
+        raise TTAError(f"{folder / 'labels.npy'} is not one set of {per_severity} labels tiled 5 times: the folder mixes files of different runs")
 
 
 def _check_listed(folder: Path, present: list[str]) -> None:
