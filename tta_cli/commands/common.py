@@ -78,6 +78,8 @@ def user_errors(command: F) -> F:
                 raise
             where = f"{error.filename}: " if error.filename else ""
             fail(f"{where}{error.strerror or error}", 2)
+        except EOFError:  # click would print "Aborted!" and exit 1
+            fail("an input ended early (a truncated file or a closed stdin)", 2)
         except MemoryError:
             fail(OUT_OF_MEMORY, 2)
         except RuntimeError as error:  # torch's allocators raise RuntimeError (torch.OutOfMemoryError on CUDA)
