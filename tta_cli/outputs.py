@@ -63,6 +63,17 @@ def check_out_file(path: Path | None, force: bool, flag: str, suffix: str = ".pn
     _check_writable(path, flag)
 
 
+def check_space(out: Path, needed_bytes: int, flag: str = "--out") -> None:
+    """Before the compute: the file system that will hold `out` has room for about `needed_bytes` (a disk that
+    fills anyway is still caught by staged_folder, after the compute)."""
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    free = shutil.disk_usage(ancestor).free
+    if needed_bytes > free:
+        raise TTAError(f"{flag} {out}: the results need about {needed_bytes / 2**20:,.1f} MiB but only {free / 2**20:,.1f} MiB are free there")
+
+
 def _check_writable(path: Path, flag: str) -> None:
     """The nearest existing folder at or above `path`'s parent must be a writable folder (the temp file or folder
     and the final rename happen there)."""
@@ -125,8 +136,11 @@ def _swap_into_place(staging: Path, out: Path) -> None:
 
 def io_error(error: OSError, target: Path) -> TTAError:
     """An OSError while writing `target` as one line; the staging design means nothing partial is left there."""
-    reason = os.strerror(error.errno) if error.errno else str(error)
-    hint = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space"}.get(error.errno or 0, "check the path")
+    code = error.errno
+    if code is None and "written" in str(error):  # numpy's short write on a full disk carries no errno
+        code = errno.ENOSPC
+    reason = os.strerror(code) if code else str(error)
+    hint = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space"}.get(code or 0, "check the path")
     return TTAError(f"cannot write {target}: {reason} ({hint}); nothing was written under {target}, an earlier result there is unchanged")
 
 

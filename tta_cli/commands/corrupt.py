@@ -77,7 +77,7 @@ def corrupt_command(
     manifest.json that `tta adapt` checks; an existing --out is replaced only with --force."""
     from tta_cli.corrupt import SEVERITIES, resolve_corruptions
     from tta_cli.data.sources import load_split
-    from tta_cli.outputs import check_out_file, check_out_folder, staged_folder
+    from tta_cli.outputs import check_out_file, check_out_folder, check_space, staged_folder
     from tta_cli.validation import check_seed
 
     if out is None:
@@ -100,6 +100,7 @@ def corrupt_command(
     if shown_severities != list(SEVERITIES):
         console.print("note: the .npy files hold all five severities (official layout); --severities picks the preview columns")
 
+    check_space(out, len(names) * len(SEVERITIES) * clean.images[0].numel() * count)
     with staged_folder(out, "tta corrupt") as folder:
         samples, seconds = write_sets(folder, clean, names, shown_severities, seed, torch_device, source, order)
     if preview is not None:

@@ -394,7 +394,7 @@ def make_stream_command(
     `size` defaults to the test images' own side (32 for CIFAR-10). Without PyAV a video cannot be written: that
     fails here, before any work or file, rather than after frames.npy is already on disk.
     """
-    from tta_cli.outputs import staged_folder
+    from tta_cli.outputs import check_space, staged_folder
     from tta_cli.validation import check_memory, check_seed
 
     if size is not None and size < 1:
@@ -410,6 +410,7 @@ def make_stream_command(
     side = int(min(images.images.shape[1:3])) if size is None else size
     # the frames live on the device, then as a numpy copy and in the file buffers; per-frame tensors besides
     check_memory(FRAME_COPIES * frames * side * side * 3 + frames * PER_FRAME_BYTES, f"--frames {frames} at --size {side}")
+    check_space(Path(out), frames * side * side * 3 * (2 if video else 1))  # frames.npy, and the video at most as much
     compute_device = resolve_device(device or "auto")
     stream = make_stream(
         images,
