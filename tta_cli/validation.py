@@ -65,3 +65,21 @@ def check_adapt_flags(given: dict, methods: list[str], order: str) -> None:
             refuse_together(flag, f"--method {','.join(methods)}", f"only {' and '.join(readers)} read {flag}")
     if given.get("dirichlet") is not None and order != "correlated":
         refuse_together("--dirichlet", f"--order {order}", "--dirichlet sets the concentration of --order correlated only")
+
+
+def parse_names(text: str | None, flag: str) -> list[str] | None:
+    """A comma list of names ("source, ttt" reads as it looks); an empty name (`--method ""`, `a,,b`) is an error."""
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise TTAError(f"{flag} {text!r} has an empty name; give a comma list such as source,ttt")
+    return names
+
+
+def check_clean_source(data: str, corruptions: str | None, severities: str | None) -> None:
+    """`tta adapt`: --severities picks severities of shifted sets; a clean source without --corruptions has none."""
+    from tta_cli.data.shifted import is_shifted_root
+
+    if severities is not None and corruptions is None and not is_shifted_root(data):
+        refuse_together("--severities", f"--data {data} without --corruptions", "a clean source is adapted on as it is, at no severity")

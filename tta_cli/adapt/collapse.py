@@ -31,7 +31,15 @@ def unadapted_predictions(model, images: list[torch.Tensor], device: torch.devic
     return torch.cat(out)
 
 
-def check_collapse(results, labels: torch.Tensor, source_predictions) -> None:
+def check_collapse(results, sets, model, device: torch.device) -> None:
+    """`tta adapt`: refuse results whose adaptation collapsed; the unadapted predictions are those of `source` when
+    it ran, else computed from `model` only when a method looks collapsed."""
+    labels = torch.cat([image_set.labels for image_set in sets])
+    source = next((result.predictions.cpu() for result in results if result.method == "source"), None)
+    check_predictions(results, labels, source if source is not None else lambda: unadapted_predictions(model, [s.images for s in sets], device))
+
+
+def check_predictions(results, labels: torch.Tensor, source_predictions) -> None:
     """Raise for the first adapting method whose predictions collapsed onto one class (see the module doc).
     `source_predictions` is a tensor, or a callable that computes it (only run when a method looks collapsed)."""
     if len(labels) < MIN_SAMPLES or top_share(labels) >= SPREAD_SHARE:

@@ -99,10 +99,11 @@ def adapt_command(
     --data is a CIFAR-10-C style folder (official download, or made by `tta corrupt`), CIFAR-10.1, or a
     clean source (cifar10-mini, a folder, ...), which is then corrupted on the fly with --corruptions.
     """
+    from tta_cli.adapt.collapse import check_collapse
     from tta_cli.adapt.methods import AdaptSettings
     from tta_cli.outputs import check_out_file, check_out_folder
     from tta_cli.train.checkpoint import load_model
-    from tta_cli.validation import check_adapt_flags
+    from tta_cli.validation import check_adapt_flags, check_clean_source, parse_names
 
     if predictions and out is None:
         raise TTAError("--predictions writes predictions.csv into --out; give --out DIR as well")
@@ -125,11 +126,12 @@ def adapt_command(
     adapters = build_methods(model, task, settings, len(meta["class_names"]), torch_device)  # bad methods fail before any work
     check_adapt_flags({k: v for k, v in flags.items() if v is not None}, settings.methods, settings.order)
     severity_list = parse_ints(severities, "--severities") or [5]
+    check_clean_source(data or "cifar10-mini", corruptions, severities)
     sets = load_sets(data or "cifar10-mini", corruptions, severity_list, n, settings.seed, torch_device, train_config.model.img_size)
     check_classes(meta["class_names"], sets, ckpt)
     console.print(f"[bold]tta adapt[/] {', '.join(settings.methods)} on {len(sets)} set(s), {sum(len(s) for s in sets)} images, {torch_device}")
     results = run_all(adapters, settings, sets, torch_device)
-    check_collapse(results, sets, model, torch_device)
+    check_collapse(results, sets, model, torch_device)  # (NaN is checked as each method runs)
     table = print_table(results, sets)
     if out is not None and distributed.is_main():
         from tta_cli.outputs import staged_folder
@@ -140,27 +142,6 @@ def adapt_command(
         console.print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
     if plot is not None and distributed.is_main():
         write_plot(plot, results, sets)
-
-
-def parse_names(text: str | None, flag: str) -> list[str] | None:
-    """A comma list of names; an empty name (`--method ""`, `a,,b`) is a user error, not an empty method."""
-    if text is None:
-        return None
-    names = [name.strip() for name in text.split(",")]
-    if not all(names):
-        raise TTAError(f"{flag} {text!r} has an empty name; give a comma list such as source,ttt")
-    return names
-
-
-def check_collapse(results, sets, model, device) -> None:
-    """Refuse a run whose adaptation collapsed onto one class (tta_cli/adapt/collapse.py says how that is told)."""
-    from tta_cli.adapt import collapse
-
-    labels = torch.cat([s.labels for s in sets])
-    source = next((r.predictions.cpu() for r in results if r.method == "source"), None)
-    if source is None:
-        source = lambda: collapse.unadapted_predictions(model, [s.images for s in sets], device)  # noqa: E731  (only when needed)
-    collapse.check_collapse(results, labels, source)
 
 
 def check_shardable(methods: list[str]) -> None:
