@@ -69,6 +69,17 @@ def test_contradictory_adapt_flags_name_both(flags, first, second, base, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_severities_for_a_clean_source_without_corruptions_is_a_contradiction(tiny_checkpoint):
+    args = ["adapt", "--ckpt", tiny_checkpoint, "--data", "cifar10-mini", "--method", "source", "--n", "5", "--severities", "3", "--device", "cpu"]
+    assert_one_line_error(invoke(args), "--severities", "--data cifar10-mini without --corruptions")
+
+
+def test_a_size_that_fails_its_allocation_is_one_line(base):
+    """--copies far beyond memory: ttt sizes its chunks itself, so the allocation fails; that is one line too."""
+    args = [*base["adapt"], "--method", "ttt", "--copies", "1000000000", "--n", "2"]
+    assert_one_line_error(invoke(args), "out of memory")
+
+
 def test_resume_with_force_is_a_contradiction(tiny_checkpoint, base):
     assert_one_line_error(invoke([*base["train"], "--out", tiny_checkpoint, "--resume", "--force"]), "--resume", "--force")
 
@@ -128,7 +139,7 @@ def test_an_absurd_learning_rate_that_collapses_the_predictions_is_an_error(spre
 def test_the_collapse_rule(predicted, source, collapsed):
     import torch
 
-    from tta_cli.adapt.collapse import check_collapse
+    from tta_cli.adapt.collapse import check_predictions
     from tta_cli.errors import TTAError
 
     class Result:
@@ -137,9 +148,9 @@ def test_the_collapse_rule(predicted, source, collapsed):
     labels = torch.arange(20) % 10
     if collapsed:
         with pytest.raises(TTAError, match="collapsed"):
-            check_collapse([Result()], labels, lambda: torch.tensor(source))
+            check_predictions([Result()], labels, lambda: torch.tensor(source))
     else:
-        check_collapse([Result()], labels, torch.tensor(source))
+        check_predictions([Result()], labels, torch.tensor(source))
 
 
 def frames_bytes(count: int) -> bytes:

@@ -46,6 +46,15 @@ def test_an_existing_result_is_refused_without_force_and_left_alone(command, com
     assert snapshot(out) == before
 
 
+@pytest.mark.parametrize(("command", "other"), [("stream-make", "corrupt"), ("corrupt", "stream-make")])
+def test_one_commands_folder_is_never_written_into_by_another(command, other, command_args, corrupt_folder, stream_folder, tmp_path):
+    """stream make into a CIFAR-10-C folder destroyed its labels.npy, and the reverse."""
+    target = shutil.copytree(corrupt_folder if other == "corrupt" else stream_folder, tmp_path / "theirs")
+    before = snapshot(target)
+    assert_one_line_error(invoke([*command_args[command], "--out", target]), "--force")
+    assert snapshot(target) == before
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_an_out_that_is_a_file_is_refused_before_any_compute(command, command_args, tmp_path):
     out = tmp_path / "results.txt"
@@ -198,6 +207,28 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_result(command, command_a
         fill(mount, 2048)
         before = snapshot(mount / "out")
         result = invoke([*command_args[command], "--out", mount / "out", "--force"])
-        assert_one_line_error(result, "No space left on device")
+        line = assert_one_line_error(result)
+        # corrupt and stream make know their output's size up front; the others meet the full disk as they write
+        assert ("MiB are free" if command in ("corrupt", "stream-make") else "No space left on device") in line
         assert snapshot(mount / "out") == before
         assert leftovers(mount) == []
+
+
+@pytest.mark.parametrize("command", ["corrupt", "stream-make"])
+def test_results_larger_than_the_free_space_are_refused_before_any_compute(command, command_args, tmp_path):
+    with tmpfs(tmp_path / "small", "1m") as mount:
+        args = {"corrupt": ["corrupt", "--corruptions", "fog,snow", "--n", "200", "--device", "cpu"],
+                "stream-make": ["stream", "make", "--frames", "2000", "--no-video", "--device", "cpu"]}[command]
+        assert_one_line_error(invoke([*args, "--out", mount / "out"]), "MiB are free")
+        assert list(mount.iterdir()) == []
+
+
+def test_a_disk_that_fills_while_corrupt_writes_leaves_the_earlier_result(corrupt_folder, tmp_path):
+    """Room for the images by the up-front estimate, but not for labels, headers, meta.json and the manifest too."""
+    with tmpfs(tmp_path / "small", "2m") as mount:
+        out = shutil.copytree(corrupt_folder, mount / "out")
+        fill(mount, 5 * 10 * 32 * 32 * 3 + 2048)
+        before = snapshot(out)
+        result = invoke(["corrupt", "--corruptions", "fog", "--n", "10", "--device", "cpu", "--out", out, "--force"])
+        assert_one_line_error(result, "No space left on device", "earlier result there is unchanged")
+        assert snapshot(out) == before and leftovers(mount) == []
