@@ -164,3 +164,11 @@ def test_a_damaged_frames_file_is_one_line(tiny_checkpoint, stream_folder, tmp_p
     (tmp_path / "frames.npy").write_bytes((stream_folder / "frames.npy").read_bytes()[:3000])
     result = invoke(["stream", "run", tmp_path / "frames.npy", "--ckpt", tiny_checkpoint, "--mode", "none", "--device", "cpu"])
     assert_one_line_error(result, "frames.npy")
+
+
+def test_a_stream_folder_whose_labels_changed_after_making_is_refused(tiny_checkpoint, stream_folder, tmp_path):
+    folder = shutil.copytree(stream_folder, tmp_path / "s")
+    labels = np.load(folder / "labels.npy")
+    np.save(folder / "labels.npy", (labels + 1) % 10)  # same size, other labels
+    result = invoke(["stream", "run", folder, "--ckpt", tiny_checkpoint, "--mode", "none", "--device", "cpu"])
+    assert_one_line_error(result, "labels.npy", "differs from its manifest")

@@ -170,8 +170,10 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         manifest = json.loads(path.read_bytes())
     except (OSError, ValueError) as error:
         raise TTAError(f"cannot read {path}: {error}; the folder is damaged, make it again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), dict):
-        raise TTAError(f"{path} is not a tta manifest (format {MANIFEST_FORMAT})")
+    if isinstance(manifest, dict) and "format" in manifest and manifest["format"] != MANIFEST_FORMAT:
+        return None  # another tool's manifest.json: nothing tta can check
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise TTAError(f"{path} is not a tta manifest (format {MANIFEST_FORMAT}); the folder is damaged, make it again")
     return manifest
 
 

@@ -306,11 +306,15 @@ def load_stream_labels(source: str | Path) -> StreamLabels | None:
     """Ground truth for a stream source: schedule.csv (preferred) or labels.npy in the source's folder.
 
     For a folder source that is the folder itself; for a file (video, .npy) its parent folder. None when neither
-    file exists (an unlabelled video); class names come from stream.json when present.
+    file exists (an unlabelled video); class names come from stream.json when present. A folder with a tta
+    manifest must match it (sizes of all files, contents of the label files).
     """
+    from tta_cli.outputs import verify_manifest
+
     source = Path(source)
     folder = source if source.is_dir() else source.parent
     schedule_path, labels_path = folder / "schedule.csv", folder / "labels.npy"
+    verify_manifest(folder, hashed=["schedule.csv", "labels.npy", "stream.json"])  # a `tta stream make` folder: as written
     class_names = _read_class_names(folder / "stream.json")
     if schedule_path.is_file():
         return _read_schedule(schedule_path, class_names)
