@@ -120,12 +120,14 @@ def make_command(
 ) -> None:
     """Make a labelled drifting test stream from the test split of --data (default: the embedded cifar10-mini)."""
     from tta_cli.outputs import check_out_folder
-    from tta_cli.stream.make import make_stream_command
+    from tta_cli.stream.make import check_make_options, make_stream_command
 
     if out is None:
         raise TTAError("tta stream make needs --out DIR: the folder that receives stream.mp4, frames.npy, labels.npy and schedule.csv")
     check_out_folder(out, force)
-    console.print(f"[bold]tta stream make[/] {frames:,} frames from {escape(data or 'cifar10-mini')} -> {escape(str(out))}", highlight=False)
+    check_make_options(frames, clip_length, segment_clips, size, fps, 0 if seed is None else seed, video)
+    source = escape(data or "cifar10-mini")
+    console.print(f"[bold]tta stream make[/] {frames:,} frames from {source} -> {escape(str(out))}", highlight=False, soft_wrap=True)
     with console.status(f"making a {frames}-frame stream from {data or 'cifar10-mini'} ..."):
         summary = make_stream_command(
             data or "cifar10-mini",

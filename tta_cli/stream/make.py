@@ -378,6 +378,24 @@ def _read_class_names(path: Path) -> list[str] | None:
         raise TTAError(f"cannot read {path}: {error}") from None
 
 
+def check_make_options(frames: int, clip_length: int, segment_clips: int | None, size: int | None, fps: float, seed: int, video: bool) -> None:
+    """The options of `tta stream make` that can be judged before any data is read. Without PyAV a video cannot be
+    written: that fails here, before any work or file, rather than after frames.npy is already on disk."""
+    from tta_cli.validation import check_seed
+
+    if size is not None and size < 1:
+        raise TTAError(f"--size must be at least 1 pixel, got {size}")
+    if not fps > 0:  # the rate `tta stream run --fps native` paces by
+        raise TTAError(f"--fps must be above 0, got {fps}")
+    if frames < 1:
+        raise TTAError(f"a stream needs at least one frame, got --frames {frames}")
+    if clip_length < 1 or (segment_clips is not None and segment_clips < 1):
+        raise TTAError(f"clip length and clips per corruption must be positive, got {clip_length} and {segment_clips}")
+    check_seed(seed)
+    if video:
+        import_av("or add --no-video to write the stream as frames.npy only")
+
+
 def make_stream_command(
     data: str,
     out: Path,
@@ -395,21 +413,12 @@ def make_stream_command(
 ) -> dict[str, Any]:
     """`tta stream make`: a drifting stream from the test split of `data`, saved under `out`; returns a summary.
 
-    `size` defaults to the test images' own side (32 for CIFAR-10). Without PyAV a video cannot be written: that
-    fails here, before any work or file, rather than after frames.npy is already on disk.
+    `size` defaults to the test images' own side (32 for CIFAR-10); the options are checked first (check_make_options).
     """
     from tta_cli.outputs import check_space, staged_folder
-    from tta_cli.validation import check_memory, check_seed
+    from tta_cli.validation import check_memory
 
-    if size is not None and size < 1:
-        raise TTAError(f"--size must be at least 1 pixel, got {size}")
-    if not fps > 0:  # the rate `tta stream run --fps native` paces by
-        raise TTAError(f"--fps must be above 0, got {fps}")
-    if frames < 1:
-        raise TTAError(f"a stream needs at least one frame, got --frames {frames}")
-    check_seed(seed)
-    if video:
-        import_av("or add --no-video to write the stream as frames.npy only")
+    check_make_options(frames, clip_length, segment_clips, size, fps, seed, video)
     images = load_split(data, "test", root=data_root)
     side = int(min(images.images.shape[1:3])) if size is None else size
     # the frames live on the device, then as a numpy copy and in the file buffers; per-frame tensors besides
