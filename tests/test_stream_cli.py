@@ -253,7 +253,7 @@ def test_reset_and_rollback_flags_reach_the_loop(checkpoint, stream_dir, tmp_pat
     ("make_args", "message"),
     [
         (lambda stream, tmp: [tmp / "missing.mp4"], "does not exist"),
-        (lambda stream, tmp: [stream, "--labels", save(tmp / "labels.npy", np.full(FRAMES, 10))], "they do not match"),
+        (lambda stream, tmp: [stream, "--labels", save(tmp / "labels.npy", np.full(FRAMES, 10))], "label 10 is out of range"),
         (lambda stream, tmp: [stream, "--labels", save(tmp / "labels.npy", np.zeros(FRAMES - 1, dtype=np.int64))], "one label per frame"),
         (lambda stream, tmp: [renamed_classes(stream, tmp)], "differ from"),
         (lambda stream, tmp: [stream, "--mode", "sideways"], "--mode"),
