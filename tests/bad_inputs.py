@@ -57,10 +57,10 @@ def leftovers(folder: Path) -> list[str]:
     return [entry.name for entry in folder.iterdir() if ".partial-" in entry.name or ".old-" in entry.name or entry.name.endswith(".tmp")]
 
 
-def run_tta(args: list, **kwargs) -> subprocess.CompletedProcess:
-    """The `tta` program in a subprocess (this tree first on the path)."""
+def run_tta(args: list, prefix: list[str] = (), **kwargs) -> subprocess.CompletedProcess:
+    """The `tta` program in a subprocess (this tree first on the path), after `prefix` (e.g. setpriv ...)."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "COLUMNS": "200"}
-    return subprocess.run([*TTA, *[str(arg) for arg in args]], capture_output=True, env=env, cwd=REPO, timeout=300, **kwargs)
+    return subprocess.run([*prefix, *TTA, *[str(arg) for arg in args]], capture_output=True, env=env, cwd=REPO, timeout=300, **kwargs)
 
 
 def popen_tta(args: list, **kwargs) -> subprocess.Popen:

@@ -5,12 +5,15 @@ whole; readers refuse folders that do not match their manifest; a full disk leav
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from bad_inputs import assert_one_line_error, deny_writes, fill, invoke, leftovers, snapshot, tmpfs
+from bad_inputs import assert_one_line_error, deny_writes, fill, invoke, leftovers, run_tta, snapshot, tmpfs
 from conftest import QUICKSTART, TINY_TRAIN_ARGS
 
 COMMANDS = ["adapt", "corrupt", "stream-make", "stream-run", "train"]
@@ -191,6 +194,26 @@ def test_a_read_only_folder_is_refused_before_any_compute(command, command_args,
         assert list(parent.iterdir()) == []
     finally:
         parent.chmod(0o755)
+
+
+@pytest.mark.parametrize("command", ["corrupt", "train"])
+def test_a_read_only_folder_is_refused_for_root_without_its_override_capability(command, command_args, tmp_path):
+    """The real `tta` program as root with CAP_DAC_OVERRIDE dropped (setpriv), so chmod binds as for any user;
+    train used to die only after its first epoch."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv(1) to drop the capability")
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o555)
+    probe = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-c",
+                            f"import os, sys; sys.exit(os.access({str(parent)!r}, os.W_OK))"])
+    if probe.returncode != 0:
+        pytest.skip("setpriv could not drop CAP_DAC_OVERRIDE here")
+    args = [str(arg) for arg in command_args[command]]
+    result = run_tta(args + ["--out", str(parent / "out")], prefix=["setpriv", "--bounding-set=-dac_override,-dac_read_search"])
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    assert_one_line_error(result, "cannot write")
+    assert list(parent.iterdir()) == []
 
 
 @pytest.mark.parametrize("command", COMMANDS)
