@@ -190,3 +190,19 @@ def test_a_closed_stdin_is_one_line(tiny_checkpoint):
     result = run_tta(args, stdin=subprocess.DEVNULL, pass_fds=(), preexec_fn=lambda: __import__("os").close(0))
     result.stderr, result.stdout = result.stderr.decode(), result.stdout.decode()
     assert_one_line_error(result, "stdin is closed")
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["adapt", "--ckpt", "x", "--n", "abc"], "Invalid value for '--n'"),
+        (["adapt", "--ckpt", "x", "--bogus"], "No such option: --bogus"),
+        (["adapt"], "Missing option '--ckpt'"),
+        (["nosuch"], "No such command 'nosuch'"),
+    ],
+    ids=["wrong-type", "unknown-option", "missing-option", "unknown-command"],
+)
+def test_a_flag_click_cannot_parse_is_one_line_from_the_tta_program(args, fragment):
+    result = run_tta(args)
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    assert_one_line_error(result, fragment, "--help")
