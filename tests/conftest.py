@@ -126,3 +126,24 @@ class AtomicEverywhere(dict):
 
     def __getitem__(self, key):
         return self.launches[key[0]]
+
+
+# --- tiny results for the bad-input suite (tests/test_bad_inputs_*.py): made once, copied before any change ----------
+
+
+@pytest.fixture(scope="session")
+def corrupt_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A `tta corrupt` folder: gaussian_noise and fog on 20 cifar10-mini test images (with its manifest)."""
+    out = tmp_path_factory.mktemp("bad-inputs") / "c"
+    result = run_cli(["corrupt", "--corruptions", "gaussian_noise,fog", "--n", "20", "--device", "cpu", "--out", out])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def stream_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A `tta stream make` folder of 12 frames, without video."""
+    out = tmp_path_factory.mktemp("bad-inputs") / "s"
+    result = run_cli(["stream", "make", "--frames", "12", "--clip-length", "4", "--no-video", "--device", "cpu", "--out", out])
+    assert result.exit_code == 0, result.output
+    return out

@@ -201,7 +201,7 @@ def test_sharded_adapt_through_torchrun_writes_one_results_file_equal_to_a_singl
     assert sharded.stderr.count("tta adapt: error") == 1  # rank 0 prints, the other rank is quiet
     single = single_thread(run_cli, [*args, "--out", tmp_path / "single"])
     assert single.exit_code == 0, single.output
-    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["predictions.csv", "results.csv", "results.json"]
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["manifest.json", "predictions.csv", "results.csv", "results.json"]
     for name in ("predictions.csv", "results.csv"):
         assert (tmp_path / "sharded" / name).read_text() == (tmp_path / "single" / name).read_text()
 

@@ -91,6 +91,7 @@ def test_bad_severity_is_a_user_error(tmp_path):
 
 def test_meta_json_class_names_win_over_cifar10(tmp_path):
     write_fake_c(tmp_path)
+    np.save(tmp_path / "labels.npy", np.load(tmp_path / "labels.npy") % 2)  # labels must be indices of the two classes
     (tmp_path / "meta.json").write_text(json.dumps({"class_names": ["a", "b"]}))
     assert load_shifted(tmp_path, corruptions="fog")[0].class_names == ["a", "b"]
 

@@ -73,7 +73,8 @@ def one_line(output: str) -> str:
 
 
 def test_make_writes_a_video_the_labels_and_the_schedule(stream_dir):
-    assert sorted(path.name for path in stream_dir.iterdir()) == ["frames.npy", "labels.npy", "schedule.csv", "stream.json", "stream.mp4"]
+    names = ["frames.npy", "labels.npy", "manifest.json", "schedule.csv", "stream.json", "stream.mp4"]
+    assert sorted(path.name for path in stream_dir.iterdir()) == names
     labels = np.load(stream_dir / "labels.npy")
     assert labels.shape == (FRAMES,) and labels.max() < 10
     schedule = read_csv(stream_dir / "schedule.csv")
@@ -252,7 +253,7 @@ def test_reset_and_rollback_flags_reach_the_loop(checkpoint, stream_dir, tmp_pat
     ("make_args", "message"),
     [
         (lambda stream, tmp: [tmp / "missing.mp4"], "does not exist"),
-        (lambda stream, tmp: [stream, "--labels", save(tmp / "labels.npy", np.full(FRAMES, 10))], "they do not match"),
+        (lambda stream, tmp: [stream, "--labels", save(tmp / "labels.npy", np.full(FRAMES, 10))], "label 10 is out of range"),
         (lambda stream, tmp: [stream, "--labels", save(tmp / "labels.npy", np.zeros(FRAMES - 1, dtype=np.int64))], "one label per frame"),
         (lambda stream, tmp: [renamed_classes(stream, tmp)], "differ from"),
         (lambda stream, tmp: [stream, "--mode", "sideways"], "--mode"),

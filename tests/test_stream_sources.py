@@ -182,7 +182,7 @@ def test_make_stream_command_saves_a_stream_of_the_mini_test_split(tmp_path):
         "cifar10-mini", tmp_path, frames=24, clip_length=8, corruptions=["clean"], seed=0, device="cpu", video=False
     )
     assert summary["frames"] == 24 and summary["clips"] == 3 and summary["size"] == 32
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["frames.npy", "labels.npy", "schedule.csv", "stream.json"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["frames.npy", "labels.npy", "manifest.json", "schedule.csv", "stream.json"]
     assert load_stream_labels(tmp_path).class_names[0] == "airplane"
 
 

@@ -260,6 +260,10 @@ def from_dict(cls: type[T], values: dict[str, Any], where: str = "") -> T:
             kwargs[name] = from_dict(kind, value or {}, f"{where}{name}.")
         else:
             kwargs[name] = _coerce(value, kind, f"{where}{name}")
+            if name == "seed":
+                from tta_cli.validation import check_seed
+
+                check_seed(kwargs[name], f"{where}{name}")
     return cls(**kwargs)
 
 

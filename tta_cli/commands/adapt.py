@@ -15,7 +15,7 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from tta_cli import distributed
-from tta_cli.commands.common import AdaptSetOpt, CkptOpt, DataOpt, DeviceOpt, OutOpt, SeedOpt, console, user_errors
+from tta_cli.commands.common import AdaptSetOpt, CkptOpt, DataOpt, DeviceOpt, ForceOpt, OutOpt, SeedOpt, console, user_errors
 from tta_cli.config import AdaptSettings, load_config, merge, parse_overrides, read_yaml
 from tta_cli.device import resolve_device
 from tta_cli.errors import TTAError
@@ -84,14 +84,22 @@ def adapt_command(
     out: OutOpt = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG bar chart of the errors.")] = None,
     predictions: Annotated[bool, typer.Option("--predictions", help="Also write per-sample predictions.")] = False,
+    force: ForceOpt = False,
     overrides: AdaptSetOpt = None,
 ) -> None:
     """Adapt a `tta train` checkpoint on shifted test sets; report error (%) per set."""
+    from tta_cli.adapt.collapse import check_collapse
     from tta_cli.adapt.methods import split_method_settings
+    from tta_cli.outputs import check_out_file, check_out_folder
     from tta_cli.train.checkpoint import load_model
+    from tta_cli.validation import check_adapt_flags, check_clean_source, parse_names
 
+    if predictions and out is None:
+        raise TTAError("--predictions writes predictions.csv into --out; give --out DIR as well")
+    check_out_folder(out, force)
+    check_out_file(plot, force, "--plot")
     flags = {
-        "methods": [name.strip() for name in method.split(",")] if method else None,  # "source, ttt" reads as it looks
+        "methods": parse_names(method, "--method"),  # "source, ttt" reads as it looks
         "steps": steps, "lr": lr, "copies": copies, "params": params, "batch": batch, "reset": reset,
         "rollback": rollback, "skip_above": skip_above, "order": order, "dirichlet": dirichlet, "seed": seed,
     }
@@ -106,14 +114,22 @@ def adapt_command(
 
     task = build_task(train_config.task, train_config.data.pad_mode)
     adapters = build_methods(model, task, settings, own, len(meta["class_names"]), torch_device)  # bad methods fail before any work
+    check_adapt_flags({k: v for k, v in flags.items() if v is not None}, settings.methods, settings.order)
     severity_list = parse_ints(severities, "--severities") or [5]
+    check_clean_source(data or "cifar10-mini", corruptions, severities)
     sets = load_sets(data or "cifar10-mini", corruptions, severity_list, n, settings.seed, torch_device, train_config.model.img_size)
     check_classes(meta["class_names"], sets, ckpt)
+    console.print(f"[bold]tta adapt[/] {', '.join(settings.methods)} on {len(sets)} set(s), {sum(len(s) for s in sets)} images, {torch_device}")
     results = run_all(adapters, settings, sets, torch_device)
+    check_collapse(results, sets, model, torch_device)  # (NaN is checked as each method runs)
     table = print_table(results, sets)
     if out is not None and distributed.is_main():
+        from tta_cli.outputs import staged_folder
+
         selection = {"corruptions": corruptions, "severities": severity_list, "n": n}
-        write_outputs(out, results, sets, adapters, ckpt, data, selection, torch_device, table, predictions)
+        with staged_folder(out, "tta adapt") as folder:
+            write_outputs(folder, results, sets, adapters, ckpt, data, selection, torch_device, table, predictions)
+        console.print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
     if plot is not None and distributed.is_main():
         write_plot(plot, results, sets)
 
@@ -168,7 +184,12 @@ def load_sets(data: str, corruptions: str | None, severities: list[int], n: int 
 
 def check_classes(checkpoint_classes: list[str], sets, ckpt) -> None:
     for image_set in sets:
-        if len(image_set.class_names) != len(checkpoint_classes) or int(image_set.labels.max()) >= len(checkpoint_classes):
+        if int(image_set.labels.max()) >= len(checkpoint_classes):
+            raise TTAError(
+                f"the labels of {image_set.meta.get('corruption', 'the data')} go up to {int(image_set.labels.max())}, but checkpoint "
+                f"{ckpt} has {len(checkpoint_classes)} classes (labels 0 to {len(checkpoint_classes) - 1})"
+            )
+        if len(image_set.class_names) != len(checkpoint_classes):
             raise TTAError(
                 f"the data has {len(image_set.class_names)} classes but checkpoint {ckpt} was trained on "
                 f"{len(checkpoint_classes)} ({', '.join(checkpoint_classes[:4])}, ...): they do not match"
@@ -300,7 +321,6 @@ def write_outputs(out: Path, results, sets, adapters, ckpt, data, selection: dic
             row.update({r.method: int(r.predictions[index]) for r in results})
             prediction_rows.append(row)
         write_csv(out / "predictions.csv", prediction_rows)
-    console.print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
 
 
 def write_plot(path: Path, results, sets) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import time
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tta_cli.distributed import is_main, requested_world_size
 from tta_cli.errors import TTAError
@@ -33,6 +35,9 @@ CkptOpt = Annotated[Path, typer.Option("--ckpt", help="A `tta train` output fold
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto takes CUDA when present).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder (results, checkpoints, JSON/CSV).")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed; the same seed gives the same result.")]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Replace an existing result in --out (and --plot/--preview) as a whole, instead of refusing.")
+]
 def set_option(what: str, example: str):
     """The `--set key=value` option, with help that names this command's own keys."""
     return Annotated[list[str] | None, typer.Option("--set", help=f"Override any {what} (repeatable): {example}.")]
@@ -43,9 +48,22 @@ AdaptSetOpt = set_option("adapt setting (the keys of results.json 'settings')", 
 StreamSetOpt = set_option("stream setting (the keys of each run's 'settings' in summary.json)", "--set momentum=0.9 --set amp=false")
 
 
+INTERRUPTED_EXIT = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
+# I/O errors a user causes (full disk, permissions, a file where a folder should be): one line, not a traceback
+USER_ERRNOS = {
+    errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR, errno.ENOTDIR, errno.ENOENT, errno.EEXIST,
+    errno.ENAMETOOLONG,
+}
+OUT_OF_MEMORY = "out of memory: the sizes asked for do not fit in this machine's memory; choose smaller ones"
+
+
 def user_errors(command: F) -> F:
     """Turn TTAError into one red line on stderr and exit code 2 (no traceback). Under torchrun only rank 0
-    prints anything (the other ranks run the same command on the same inputs, so they fail alike)."""
+    prints anything (the other ranks run the same command on the same inputs, so they fail alike).
+
+    A safety net behind the checks at the boundary: a user-caused OSError (disk full, permission denied) or an
+    out-of-memory error is one line and exit 2 too, and Ctrl-C is one line and exit 130 (outputs.py guarantees
+    that nothing partial is left under a final name)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -54,14 +72,34 @@ def user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except TTAError as error:
-            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-            if not is_main():
-                time.sleep(OTHER_RANK_EXIT_DELAY_S)
-            raise typer.Exit(2) from None
+            fail(str(error), 2)
+        except OSError as error:
+            if error.errno not in USER_ERRNOS:
+                raise
+            where = f"{error.filename}: " if error.filename else ""
+            fail(f"{where}{error.strerror or error}", 2)
+        except EOFError:  # click would print "Aborted!" and exit 1
+            fail("an input ended early (a truncated file or a closed stdin)", 2)
+        except MemoryError:
+            fail(OUT_OF_MEMORY, 2)
+        except RuntimeError as error:  # torch's allocators raise RuntimeError (torch.OutOfMemoryError on CUDA)
+            if "out of memory" not in str(error) and "can't allocate memory" not in str(error):
+                raise
+            fail(OUT_OF_MEMORY, 2)
+        except KeyboardInterrupt:
+            fail("interrupted by Ctrl-C; nothing partial was written under the output's final name", INTERRUPTED_EXIT)
         finally:
             console.quiet = quiet
 
     return wrapper  # type: ignore[return-value]
+
+
+def fail(message: str, code: int) -> None:
+    """Print one red line and exit with `code`."""
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    if not is_main():
+        time.sleep(OTHER_RANK_EXIT_DELAY_S)
+    raise typer.Exit(code) from None
 
 
 def single_process(command: F) -> F:

@@ -14,7 +14,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tta_cli.commands.common import DataOpt, DataRootOpt, DeviceOpt, OutOpt, SeedOpt, console, user_errors
+from tta_cli.commands.common import DataOpt, DataRootOpt, DeviceOpt, ForceOpt, OutOpt, SeedOpt, console, user_errors
 from tta_cli.data.imageset import mix_classes
 from tta_cli.device import resolve_device
 from tta_cli.errors import TTAError
@@ -66,18 +66,25 @@ def corrupt_command(
     preview: Annotated[
         Path | None, typer.Option("--preview", help="Also write a PNG grid: corruptions x severities, a few images each.")
     ] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Make CIFAR-10-C style sets: the 15 corruptions (+4 extras) x 5 severities of a clean test split.
 
     Corrupts the clean test split of --data with the CIFAR-10-C corruptions (Hendrycks & Dietterich 2019)
     and writes <out>/<corruption>.npy (uint8 (5N, H, W, 3), severities 1..5 stacked), <out>/labels.npy (the N
     labels tiled 5 times, uint8 like the official set) and <out>/meta.json: the official CIFAR-10-C layout,
-    which `tta adapt --data <out>` and other toolkits read."""
+    which `tta adapt --data <out>` and other toolkits read. The folder appears whole at the end, with a
+    manifest.json that `tta adapt` checks; an existing --out is replaced only with --force."""
     from tta_cli.corrupt import SEVERITIES, resolve_corruptions
     from tta_cli.data.sources import load_split
+    from tta_cli.outputs import check_out_file, check_out_folder, check_space, staged_folder
+    from tta_cli.validation import check_seed
 
     if out is None:
         raise TTAError("tta corrupt needs --out DIR: the folder that receives <corruption>.npy, labels.npy and meta.json")
+    check_out_folder(out, force)
+    check_out_file(preview, force, "--preview")
+    check_seed(seed)
     names = resolve_corruptions(corruptions)
     shown_severities = parse_severities(severities)
     seed = 0 if seed is None else seed
@@ -93,7 +100,20 @@ def corrupt_command(
     if shown_severities != list(SEVERITIES):
         console.print("note: the .npy files hold all five severities (official layout); --severities picks the preview columns")
 
-    out.mkdir(parents=True, exist_ok=True)
+    check_space(out, len(names) * len(SEVERITIES) * clean.images[0].numel() * count)
+    with staged_folder(out, "tta corrupt") as folder:
+        samples, seconds = write_sets(folder, clean, names, shown_severities, seed, torch_device, source, order)
+    if preview is not None:
+        write_preview(preview, clean.images[:PREVIEW_IMAGES].numpy(), samples, shown_severities)
+        console.print(f"preview: {preview}")
+    print_summary(names, seconds, count * len(SEVERITIES))
+
+
+def write_sets(out: Path, clean, names: list[str], shown_severities: list[int], seed: int, torch_device, source: str, order):
+    """labels.npy, one <corruption>.npy per name and meta.json into `out`; returns preview samples and seconds."""
+    from tta_cli.corrupt import SEVERITIES
+
+    count = len(clean)
     labels = clean.labels.numpy()
     label_dtype = np.uint8 if len(clean.class_names) <= 256 else np.int64
     atomic_write(out / "labels.npy", lambda tmp: save_npy(tmp, np.tile(labels.astype(label_dtype), len(SEVERITIES))))
@@ -134,10 +154,7 @@ def corrupt_command(
             "images_per_second": {name: len(SEVERITIES) * count / max(secs, 1e-9) for name, secs in seconds.items()},
         },
     )
-    if preview is not None:
-        write_preview(preview, clean.images[:PREVIEW_IMAGES].numpy(), samples, shown_severities)
-        console.print(f"preview: {preview}")
-    print_summary(names, seconds, count * len(SEVERITIES))
+    return samples, seconds
 
 
 def corrupt_all(images: torch.Tensor, name: str, severity: int, seed: int, device: torch.device) -> np.ndarray:

@@ -15,11 +15,25 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from tta_cli.commands.common import CkptOpt, DataOpt, DataRootOpt, DeviceOpt, OutOpt, SeedOpt, StreamSetOpt, console, single_process, user_errors
+from tta_cli.commands.common import (
+    INTERRUPTED_EXIT,
+    CkptOpt,
+    DataOpt,
+    DataRootOpt,
+    DeviceOpt,
+    ForceOpt,
+    OutOpt,
+    SeedOpt,
+    StreamSetOpt,
+    console,
+    single_process,
+    user_errors,
+)
 from tta_cli.config import StreamSettings, load_config, merge, parse_overrides
 from tta_cli.errors import TTAError
 
 LOG_WIDTH = 120  # columns of the results table when output goes to a file or pipe (rich assumes 80)
+ACTIVATION_FACTOR = 64  # bytes of activations and gradients per input byte in an update, a generous bound for small networks
 
 MAKE_EXAMPLES = """
 A stream is clips of --clip-length frames, each showing one test image under a smooth pan/zoom; every
@@ -100,17 +114,20 @@ def make_command(
     size: Annotated[int | None, typer.Option("--size", help="Frame side in pixels (default: the images' own, 32 for CIFAR-10).")] = None,
     fps: Annotated[float, typer.Option("--fps", help="Frame rate written into the video.")] = 30.0,
     video: Annotated[bool, typer.Option("--video/--no-video", help="Also write stream.mp4 (lossless H.264 RGB, needs PyAV).")] = True,
-    force: Annotated[bool, typer.Option("--force", help="Replace a stream already in --out.")] = False,
+    force: ForceOpt = False,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
 ) -> None:
     """Make a labelled drifting test stream from the test split of --data (default: the embedded cifar10-mini)."""
-    from tta_cli.stream.make import make_stream_command
+    from tta_cli.outputs import check_out_folder
+    from tta_cli.stream.make import check_make_options, make_stream_command
 
     if out is None:
         raise TTAError("tta stream make needs --out DIR: the folder that receives stream.mp4, frames.npy, labels.npy and schedule.csv")
-    if (out / "stream.json").exists() and not force:
-        raise TTAError(f"{out} already holds a stream (stream.json); pass --force to replace it or pick another --out")
+    check_out_folder(out, force)
+    check_make_options(frames, clip_length, segment_clips, size, fps, 0 if seed is None else seed, video)
+    source = escape(data or "cifar10-mini")
+    console.print(f"[bold]tta stream make[/] {frames:,} frames from {source} -> {escape(str(out))}", highlight=False, soft_wrap=True)
     with console.status(f"making a {frames}-frame stream from {data or 'cifar10-mini'} ..."):
         summary = make_stream_command(
             data or "cifar10-mini",
@@ -199,6 +216,7 @@ def run_command(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write a PNG: rolling accuracy and ssl loss over the frames, shift shaded.")
     ] = None,
+    force: ForceOpt = False,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
     overrides: StreamSetOpt = None,
@@ -211,9 +229,11 @@ def run_command(
     cuDNN and tta's Triton kernels, timed once per shape, and each GroupNorm + ReLU as one Triton kernel (--set
     conv_kernels=torch for torch's kernels only). Unpaced, each
     frame's prediction runs beside the next frame's update on a second CUDA stream, the same weights and logits
-    (--set overlap=false: right after its own update). Ctrl-C stops early and still writes the results.
+    (--set overlap=false: right after its own update). Ctrl-C stops early, writes the results of the frames seen
+    (marked "interrupted" in summary.json and manifest.json; never over an earlier result in --out) and exits 130.
     """
     from tta_cli.device import resolve_device
+    from tta_cli.outputs import check_out_file, check_out_folder
     from tta_cli.stream.loop import comparison_settings
     from tta_cli.stream.sources import open_frames
     from tta_cli.tasks import build_task
@@ -237,9 +257,12 @@ def run_command(
     )
     if compare and source == "-":
         raise TTAError("--compare reads SOURCE once per run; give a file or folder, not stdin")
+    check_out_folder(out, force)
+    check_out_file(plot, force, "--plot")
     torch_device = resolve_device(device or "auto")
     model, train_config, meta = load_model(ckpt, torch_device)
     class_names = list(meta["class_names"])
+    check_stream_memory(settings, train_config.model.img_size)
     frames = open_frames(source, size=train_config.model.img_size, stdin_size=stdin_size)
     truth = find_labels(source, labels)
     check_labels(truth, class_names, ckpt, frames.length)
@@ -261,15 +284,41 @@ def run_command(
                 break
     from tta_cli.stream.report import attach_paired_differences
 
+    interrupted = results[-1].interrupted
+    check_frames_seen(results[-1], truth, frames.length, interrupted)
     attach_paired_differences(results, truth)
     print_results(results, compare)
-    if out is not None:
-        write_outputs(out, results, truth, class_names, {"checkpoint": str(ckpt), "source": source, "device": str(torch_device)})
-    if plot is not None:
+    replacing = out is not None and out.exists() and any(out.iterdir())
+    if interrupted and replacing:
+        console.print(f"the interrupted run's results were not written: {out} keeps its earlier, complete result")
+    elif out is not None:
+        context = {"checkpoint": str(ckpt), "source": source, "device": str(torch_device), "interrupted": interrupted}
+        write_outputs(out, results, truth, class_names, context)
+    if plot is not None and not (interrupted and plot.exists()):
         from tta_cli.stream.report import plot_timeline
 
         console.print(f"wrote {plot_timeline(plot, results, truth)}")
     check_finite(results)
+    if interrupted:
+        raise typer.Exit(INTERRUPTED_EXIT)
+
+
+def check_stream_memory(settings, size: int) -> None:
+    """The window of frames and an update's batch (float32, with the activations of a small network) must fit."""
+    from tta_cli.validation import check_memory
+
+    frame_bytes = 3 * size * size * 4
+    check_memory(settings.window * frame_bytes + settings.copies * frame_bytes * ACTIVATION_FACTOR, "--window and --copies")
+
+
+def check_frames_seen(result, truth, expected: int | None, interrupted: bool) -> None:
+    """A source of unknown length (stdin) is checked at its end: it gave frames, and as many as there are labels."""
+    if interrupted:
+        return
+    if len(result) == 0:
+        raise TTAError("SOURCE gave no frames (empty input); nothing to classify")
+    if truth is not None and expected is None and result.settings.max_frames is None and len(truth.labels) != len(result):
+        raise TTAError(f"there are {len(truth.labels)} labels for {len(result)} frames; give one label per frame (-1: unknown)")
 
 
 def check_finite(results) -> None:
@@ -322,6 +371,8 @@ def find_labels(source: str, labels: Path | None):
 
 def check_labels(truth, class_names: list[str], ckpt: Path, frame_count: int | None) -> None:
     """Labels must name the checkpoint's classes and cover the stream frame for frame."""
+    from tta_cli.data.labels import as_class_indices
+
     if truth is None:
         return
     if truth.class_names is not None and list(truth.class_names) != class_names:
@@ -329,12 +380,7 @@ def check_labels(truth, class_names: list[str], ckpt: Path, frame_count: int | N
             f"the stream's classes ({', '.join(truth.class_names[:3])}, ...; {len(truth.class_names)} in all) differ from "
             f"checkpoint {ckpt}'s ({', '.join(class_names[:3])}, ...; {len(class_names)}): they do not match"
         )
-    if len(truth.labels) and int(truth.labels.max()) >= len(class_names):
-        raise TTAError(
-            f"the labels go up to class {int(truth.labels.max())} but checkpoint {ckpt} has {len(class_names)} classes: they do not match"
-        )
-    if len(truth.labels) and int(truth.labels.min()) < -1:
-        raise TTAError(f"labels must be class indices, or -1 for an unlabelled frame; found {int(truth.labels.min())}")
+    as_class_indices(truth.labels.numpy(), f"the labels (for checkpoint {ckpt})", len(class_names), unknown_allowed=True)
     if frame_count is not None and len(truth.labels) != frame_count:
         raise TTAError(f"there are {len(truth.labels)} labels for {frame_count} frames; give one label per frame (-1: unknown)")
 
@@ -350,18 +396,22 @@ def run_live(model, task, frames, settings, truth, class_names, fps, device, tra
     # once the kernels are in the disk caches; say so, or the view looks stuck
     slow_start = device.type == "cuda" and settings.compile
     view = LiveView(settings.name, total, class_names, "compiling kernels (about a minute on a machine's first run)" if slow_start else "")
-    with Live(view.render(None), console=console, refresh_per_second=8, transient=transient) as live:
-        return run_stream(
-            model,
-            task,
-            frames,
-            settings,
-            len(class_names),
-            device,
-            labels=truth.labels if truth is not None else None,
-            pacer=Pacer(fps, clock=time.perf_counter),
-            on_progress=lambda progress: live.update(view.render(progress)),
-        )
+    try:
+        with Live(view.render(None), console=console, refresh_per_second=8, transient=transient) as live:
+            return run_stream(
+                model,
+                task,
+                frames,
+                settings,
+                len(class_names),
+                device,
+                labels=truth.labels if truth is not None else None,
+                pacer=Pacer(fps, clock=time.perf_counter),
+                on_progress=lambda progress: live.update(view.render(progress)),
+            )
+    finally:
+        if not console.is_terminal and not transient:  # rich ends the last view without a newline off a terminal
+            console.line()
 
 
 class LiveView:
@@ -439,12 +489,14 @@ def log_console() -> Console:
 
 
 def write_outputs(out: Path, results, truth, class_names: list[str], context: dict) -> None:
-    """Per-frame CSV + JSONL per run and one summary.json, each written atomically."""
+    """Per-frame CSV + JSONL per run and one summary.json, appearing together in `out` (tta_cli/outputs.py)."""
+    from tta_cli.outputs import staged_folder
     from tta_cli.stream.report import frame_rows, frames_stem, write_frames, write_summary
 
     several = len(results) > 1
     written = []
-    for result in results:
-        written += write_frames(out, frames_stem(result, several), frame_rows(result, class_names, truth))
-    written.append(write_summary(out / "summary.json", results, {"tool": "tta stream run", **context, "class_names": class_names}))
+    with staged_folder(out, "tta stream run", {"interrupted": context["interrupted"]}) as folder:
+        for result in results:
+            written += write_frames(folder, frames_stem(result, several), frame_rows(result, class_names, truth))
+        written.append(write_summary(folder / "summary.json", results, {"tool": "tta stream run", **context, "class_names": class_names}))
     console.print(f"wrote {', '.join(path.name for path in written)} to {out}", highlight=False)

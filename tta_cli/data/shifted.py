@@ -6,6 +6,11 @@ Layouts (see data/README.md): `<root>/CIFAR-10-C/<corruption>.npy` uint8 (5*N, H
 severities 1..5 stacked in blocks of N rows and `labels.npy` (5*N,) (the N labels tiled 5 times;
 N alone is accepted too); the alias `<root>/cifar10_c/`; or `<root>` itself. CIFAR-10.1:
 `cifar10.1_v6_data.npy` (or v4) uint8 (M, 32, 32, 3) + `cifar10.1_v6_labels.npy` (M,).
+
+Trust: a folder written by `tta corrupt` carries manifest.json (tta_cli/outputs.py); its files must match it (sizes;
+SHA-256 of the files read), else it is refused. A folder without one (the official download, an older tta) is
+accepted when it is consistent: every <corruption>.npy in it (not only those asked for) holds as many rows as
+labels.npy covers, every label is a class index, and the corruptions a meta.json lists are all there.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 import torch
 
 from tta_cli.data.imageset import ImageSet
+from tta_cli.data.labels import as_class_indices
 from tta_cli.errors import TTAError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -144,44 +150,50 @@ def _class_names(folder: Path) -> list[str]:
     if meta_path.is_file():
         try:
             names = json.loads(meta_path.read_text()).get("class_names")
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             names = None
         if isinstance(names, list) and names:
             return [str(name) for name in names]
     return list(CIFAR10_CLASSES)
 
 
+def open_npy(path: Path, mmap: bool = True) -> np.ndarray:
+    """np.load with every way a damaged or foreign file fails (truncated, 0 bytes, garbage, pickled, unreadable)
+    as one TTAError."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        reason = getattr(error, "strerror", None) or " ".join(str(error).split()) or type(error).__name__
+        raise TTAError(f"cannot read {path}: {reason}; it is not a complete .npy array (damaged or truncated?)") from None
+
+
 def _load_c_folder(folder: Path, wanted: set[str] | None, severities: list[int], n: int | None) -> list[ImageSet]:
+    from tta_cli.outputs import verify_manifest
+
+    present = [name for name in _corruption_names() if (folder / f"{name}.npy").is_file()]
     names = [name for name in _corruption_names() if wanted is None or name in wanted]
     if wanted is None:
-        names = [name for name in names if (folder / f"{name}.npy").is_file()]
+        names = present
         if not names:
             raise TTAError(f"{folder} has labels.npy but no <corruption>.npy files (e.g. {folder}/gaussian_noise.npy)")
+    missing = [name for name in names if name not in present]
+    if missing:
+        raise TTAError(
+            f"{folder / missing[0]}.npy not found: expected uint8 (5*N, H, W, 3) with severities 1..5 stacked "
+            f"(official CIFAR-10-C: (50000, 32, 32, 3)); make it with `tta corrupt --corruptions {missing[0]} --out DIR`"
+        )
+    manifest = verify_manifest(folder, hashed=["labels.npy", *(f"{name}.npy" for name in names)])
     labels_path = folder / "labels.npy"
-    labels = np.load(labels_path, mmap_mode="r")
-    if labels.ndim != 1:
-        raise TTAError(f"{labels_path} has shape {labels.shape}; expected (5*N,) integer labels (N test labels tiled 5 times)")
     class_names = _class_names(folder)
+    labels = as_class_indices(open_npy(labels_path, mmap=False), str(labels_path), len(class_names))
+    arrays = {name: _c_array(folder / f"{name}.npy", len(labels)) for name in (names if manifest else present)}
+    if manifest is None:
+        _check_listed(folder, present)
+        _check_one_run(folder, arrays, labels)
     sets = []
     for name in names:
-        path = folder / f"{name}.npy"
-        if not path.is_file():
-            raise TTAError(
-                f"{path} not found: expected uint8 (5*N, H, W, 3) with severities 1..5 stacked "
-                f"(official CIFAR-10-C: (50000, 32, 32, 3)); make it with `tta corrupt --corruptions {name} --out {folder}`"
-            )
-        images = np.load(path, mmap_mode="r")
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] % SEVERITY_COUNT:
-            raise TTAError(
-                f"{path} is {images.dtype} {tuple(images.shape)}; expected uint8 (5*N, H, W, 3) with severities 1..5 "
-                "stacked in blocks of N rows (official CIFAR-10-C: (50000, 32, 32, 3))"
-            )
+        images = arrays[name]
         per_severity = images.shape[0] // SEVERITY_COUNT
-        if labels.shape[0] not in (images.shape[0], per_severity):
-            raise TTAError(
-                f"{labels_path} has {labels.shape[0]} labels but {path} has {images.shape[0]} images; "
-                f"expected {images.shape[0]} (the {per_severity} labels tiled 5 times) or {per_severity}"
-            )
         keep = per_severity if n is None else min(n, per_severity)
         for severity in severities:
             start = (severity - 1) * per_severity
@@ -189,19 +201,67 @@ def _load_c_folder(folder: Path, wanted: set[str] | None, severities: list[int],
             sets.append(
                 ImageSet(
                     torch.from_numpy(np.array(images[start : start + keep])),
-                    torch.from_numpy(np.array(labels[label_start : label_start + keep]).astype(np.int64)),
+                    torch.from_numpy(labels[label_start : label_start + keep].copy()),
                     class_names,
-                    {"corruption": name, "severity": severity, "source": str(path)},
+                    {"corruption": name, "severity": severity, "source": str(folder / f"{name}.npy")},
                 )
             )
     return sets
 
 
+def _c_array(path: Path, label_count: int) -> np.ndarray:
+    """One <corruption>.npy, memory-mapped, checked against the layout and the labels' count."""
+    images = open_npy(path)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] % SEVERITY_COUNT or not images.shape[0]:
+        raise TTAError(
+            f"{path} is {images.dtype} {tuple(images.shape)}; expected uint8 (5*N, H, W, 3) with severities 1..5 "
+            "stacked in blocks of N rows (official CIFAR-10-C: (50000, 32, 32, 3))"
+        )
+    per_severity = images.shape[0] // SEVERITY_COUNT
+    if label_count not in (images.shape[0], per_severity):
+        raise TTAError(
+            f"{path.parent / 'labels.npy'} has {label_count} labels but {path} has {images.shape[0]} images; "
+            f"expected {images.shape[0]} (the {per_severity} labels tiled 5 times) or {per_severity}: the folder mixes "
+            "files of different runs"
+        )
+    return images
+
+
+def _check_one_run(folder: Path, arrays: dict[str, np.ndarray], labels: np.ndarray) -> None:
+    """Without a manifest: every corruption file has the same number of rows, and labels of that length are the same
+    N labels tiled 5 times. A folder that mixes runs of different sizes fails here, even when the labels' count
+    fits one of its files."""
+    rows = {name: images.shape[0] for name, images in arrays.items()}
+    if len(set(rows.values())) > 1:
+        (first, count), (other, other_count) = sorted(rows.items(), key=lambda item: item[1])[:: len(rows) - 1]
+        raise TTAError(
+            f"{folder} mixes files of different runs: {first}.npy has {count} images but {other}.npy has {other_count}; "
+            "make the folder again with one `tta corrupt` run"
+        )
+    per_severity = len(labels) // SEVERITY_COUNT
+    if rows and len(labels) == next(iter(rows.values())) and not (labels.reshape(SEVERITY_COUNT, per_severity) == labels[:per_severity]).all():
+        raise TTAError(f"{folder / 'labels.npy'} is not one set of {per_severity} labels tiled 5 times: the folder mixes files of different runs")
+
+
+def _check_listed(folder: Path, present: list[str]) -> None:
+    """Without a manifest: a `tta corrupt` meta.json lists its corruptions; one missing means an interrupted run."""
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        return
+    try:
+        listed = json.loads(meta_path.read_text()).get("corruptions") or []
+    except (OSError, ValueError, AttributeError):
+        raise TTAError(f"cannot read {meta_path}: it is not a JSON object; the folder is damaged") from None
+    absent = [name for name in listed if name not in present]
+    if absent:
+        raise TTAError(f"{meta_path} lists {absent[0]} but {folder / absent[0]}.npy is missing: the folder is incomplete; make it again")
+
+
 def _load_cifar101(data_path: Path, labels_path: Path, version: str, n: int | None) -> ImageSet:
     if not labels_path.is_file():
         raise TTAError(f"{labels_path} not found: CIFAR-10.1 needs it next to {data_path.name}")
-    images = np.load(data_path, mmap_mode="r")
-    labels = np.load(labels_path, mmap_mode="r")
+    images = open_npy(data_path)
+    labels = as_class_indices(open_npy(labels_path, mmap=False), str(labels_path), len(CIFAR10_CLASSES))
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise TTAError(f"{data_path} is {images.dtype} {tuple(images.shape)}; expected uint8 (M, 32, 32, 3)")
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:

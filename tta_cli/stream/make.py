@@ -25,6 +25,7 @@ from torch.nn import functional
 
 from tta_cli.corrupt import REGISTRY, resolve_corruptions
 from tta_cli.data.imageset import ImageSet
+from tta_cli.data.labels import as_class_indices
 from tta_cli.data.sources import load_split
 from tta_cli.device import resolve_device
 from tta_cli.errors import TTAError
@@ -41,6 +42,8 @@ DEFAULT_SEGMENT_CLIPS = 40
 MIN_ZOOM = 0.7  # the tightest crop shows 70% of the image side
 PAN_SLACK = 0.1  # the crop may leave the image by this much (normalised units); reflection fills it
 CHUNK_PIXELS = 2**24  # pixels rendered / corrupted per batch (16384 frames of 32x32), to bound memory
+FRAME_COPIES = 3  # uint8 copies of all frames alive at once while saving (device tensor, numpy, the file's buffer)
+PER_FRAME_BYTES = 1024  # labels, clip ids, severity, camera motion and the schedule row (a dict) of one frame
 
 
 @dataclass
@@ -303,11 +306,15 @@ def load_stream_labels(source: str | Path) -> StreamLabels | None:
     """Ground truth for a stream source: schedule.csv (preferred) or labels.npy in the source's folder.
 
     For a folder source that is the folder itself; for a file (video, .npy) its parent folder. None when neither
-    file exists (an unlabelled video); class names come from stream.json when present.
+    file exists (an unlabelled video); class names come from stream.json when present. A folder with a tta
+    manifest must match it (sizes of all files, contents of the label files).
     """
+    from tta_cli.outputs import verify_manifest
+
     source = Path(source)
     folder = source if source.is_dir() else source.parent
     schedule_path, labels_path = folder / "schedule.csv", folder / "labels.npy"
+    verify_manifest(folder, hashed=["schedule.csv", "labels.npy", "stream.json"])  # a `tta stream make` folder: as written
     class_names = _read_class_names(folder / "stream.json")
     if schedule_path.is_file():
         return _read_schedule(schedule_path, class_names)
@@ -340,11 +347,10 @@ def read_labels(path: str | Path) -> StreamLabels:
 def _read_labels_npy(path: Path, class_names: list[str] | None) -> StreamLabels:
     try:
         labels = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise TTAError(f"cannot read labels {path}: {error}") from None
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise TTAError(f"{path} must hold one integer label per frame, got {labels.dtype} {labels.shape}")
-    return StreamLabels(labels=torch.from_numpy(labels.astype(np.int64)), class_names=class_names)
+    except (OSError, ValueError, EOFError) as error:
+        raise TTAError(f"cannot read labels {path}: {' '.join(str(error).split()) or 'empty file'}") from None
+    labels = as_class_indices(labels, str(path), len(class_names) if class_names else None, unknown_allowed=True)
+    return StreamLabels(labels=torch.from_numpy(labels), class_names=class_names)
 
 
 def _read_schedule(path: Path, class_names: list[str] | None) -> StreamLabels:
@@ -359,7 +365,7 @@ def _read_schedule(path: Path, class_names: list[str] | None) -> StreamLabels:
             severity=torch.tensor([float(row["severity"]) for row in rows], dtype=torch.float32),
             class_names=class_names,
         )
-    except (KeyError, ValueError, TypeError) as error:
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error) as error:
         raise TTAError(f"{path} is not a stream schedule (columns frame, clip, label, corruption, severity): {error}") from None
 
 
@@ -368,8 +374,26 @@ def _read_class_names(path: Path) -> list[str] | None:
         return None
     try:
         return json.loads(path.read_text()).get("class_names")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, AttributeError) as error:
         raise TTAError(f"cannot read {path}: {error}") from None
+
+
+def check_make_options(frames: int, clip_length: int, segment_clips: int | None, size: int | None, fps: float, seed: int, video: bool) -> None:
+    """The options of `tta stream make` that can be judged before any data is read. Without PyAV a video cannot be
+    written: that fails here, before any work or file, rather than after frames.npy is already on disk."""
+    from tta_cli.validation import check_seed
+
+    if size is not None and size < 1:
+        raise TTAError(f"--size must be at least 1 pixel, got {size}")
+    if not fps > 0:  # the rate `tta stream run --fps native` paces by
+        raise TTAError(f"--fps must be above 0, got {fps}")
+    if frames < 1:
+        raise TTAError(f"a stream needs at least one frame, got --frames {frames}")
+    if clip_length < 1 or (segment_clips is not None and segment_clips < 1):
+        raise TTAError(f"clip length and clips per corruption must be positive, got {clip_length} and {segment_clips}")
+    check_seed(seed)
+    if video:
+        import_av("or add --no-video to write the stream as frames.npy only")
 
 
 def make_stream_command(
@@ -389,16 +413,17 @@ def make_stream_command(
 ) -> dict[str, Any]:
     """`tta stream make`: a drifting stream from the test split of `data`, saved under `out`; returns a summary.
 
-    `size` defaults to the test images' own side (32 for CIFAR-10). Without PyAV a video cannot be written: that
-    fails here, before any work or file, rather than after frames.npy is already on disk.
+    `size` defaults to the test images' own side (32 for CIFAR-10); the options are checked first (check_make_options).
     """
-    if size is not None and size < 1:
-        raise TTAError(f"--size must be at least 1 pixel, got {size}")
-    if not fps > 0:  # the rate `tta stream run --fps native` paces by
-        raise TTAError(f"--fps must be above 0, got {fps}")
-    if video:
-        import_av("or add --no-video to write the stream as frames.npy only")
+    from tta_cli.outputs import check_space, staged_folder
+    from tta_cli.validation import check_memory
+
+    check_make_options(frames, clip_length, segment_clips, size, fps, seed, video)
     images = load_split(data, "test", root=data_root)
+    side = int(min(images.images.shape[1:3])) if size is None else size
+    # the frames live on the device, then as a numpy copy and in the file buffers; per-frame tensors besides
+    check_memory(FRAME_COPIES * frames * side * side * 3 + frames * PER_FRAME_BYTES, f"--frames {frames} at --size {side}")
+    check_space(Path(out), frames * side * side * 3 * (2 if video else 1))  # frames.npy, and the video at most as much
     compute_device = resolve_device(device or "auto")
     stream = make_stream(
         images,
@@ -407,11 +432,12 @@ def make_stream_command(
         corruptions=corruptions,
         max_severity=max_severity,
         seed=seed,
-        size=int(min(images.images.shape[1:3])) if size is None else size,
+        size=side,
         segment_clips=DEFAULT_SEGMENT_CLIPS if segment_clips is None else segment_clips,
         device=compute_device,
     )
-    written = save_stream(stream, out, video=video, fps=fps)
+    with staged_folder(out, "tta stream make") as folder:
+        written = {kind: out / path.name for kind, path in save_stream(stream, folder, video=video, fps=fps).items()}
     return {
         "out": str(out),
         "frames": len(stream),

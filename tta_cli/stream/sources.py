@@ -7,6 +7,7 @@ antialiasing, then center-cropped). Decoding runs ahead in a background thread s
 from __future__ import annotations
 
 import math
+import os
 import queue
 import sys
 import threading
@@ -50,6 +51,8 @@ def open_frames(
         raise TTAError(f"--fps must be positive, got {fps}")
     if str(source) == "-":
         width, height = _parse_stdin_size(stdin_size)
+        if sys.stdin is None or sys.stdin.closed:
+            raise TTAError("stdin is closed: pipe raw RGB24 frames into `tta stream run -`, e.g. from ffmpeg")
         reader = _StdinReader(width, height)
     else:
         path = Path(source)
@@ -358,14 +361,14 @@ class _StdinReader(_Reader):
 
     def frames(self, size: int) -> Iterator[np.ndarray]:
         frame_bytes = self.width * self.height * 3
-        stream = sys.stdin.buffer
+        read = _stdin_reader()
         index = 0
         while True:
-            chunk = stream.read(frame_bytes)
+            chunk = read(frame_bytes)
             if not chunk:
                 return
             while len(chunk) < frame_bytes:
-                more = stream.read(frame_bytes - len(chunk))
+                more = read(frame_bytes - len(chunk))
                 if not more:
                     raise TTAError(
                         f"stdin ended inside frame {index}: got {len(chunk)} of {frame_bytes} bytes; "
@@ -374,6 +377,29 @@ class _StdinReader(_Reader):
                 chunk += more
             yield np.frombuffer(chunk, dtype=np.uint8).reshape(self.height, self.width, 3).copy()
             index += 1
+
+
+def _stdin_reader() -> Callable[[int], bytes]:
+    """read(n) on stdin. A real file descriptor is read with os.read, which holds no lock: the decode thread may be
+    blocked in it on a stalled pipe when Ctrl-C ends the program, and a thread blocked inside sys.stdin.buffer would
+    abort the interpreter at exit (exit 134). A closed or missing stdin is a one-line error."""
+    stdin = sys.stdin
+    if stdin is None or stdin.closed:
+        raise TTAError("stdin is closed: pipe raw RGB24 frames into `tta stream run -`, e.g. from ffmpeg")
+    try:
+        descriptor = stdin.fileno()
+        os.fstat(descriptor)
+    except (OSError, ValueError, AttributeError):  # not a file descriptor (an in-memory stream, as in tests)
+        buffer = getattr(stdin, "buffer", stdin)
+        return buffer.read
+
+    def read(count: int) -> bytes:
+        try:
+            return os.read(descriptor, count)
+        except OSError as error:
+            raise TTAError(f"cannot read frames from stdin: {error.strerror}") from None
+
+    return read
 
 
 def _parse_stdin_size(stdin_size: str | tuple[int, int] | None) -> tuple[int, int]:

@@ -180,12 +180,25 @@ def check_data(config: TrainConfig, train_set: ImageSet, test_set: ImageSet) -> 
 
 
 def refuse_overwrite(out_dir: Path, resume: bool, force: bool) -> None:
-    """Refuse to overwrite a finished checkpoint unless asked; --resume needs the resume state."""
-    if resume:
-        return
-    if (out_dir / checkpoint.META).exists() or (out_dir / checkpoint.RESUME).exists():
-        if not force:
-            raise TTAError(f"{out_dir} already holds a checkpoint; use --resume to continue it, --force to overwrite, or another --out")
+    """Refuse to overwrite a finished checkpoint unless asked; --resume needs the resume state. The folder must be
+    writable now (not after the first epoch), and --resume with --force is a contradiction (continue or replace?)."""
+    from tta_cli.outputs import check_out_folder
+    from tta_cli.validation import refuse_together
+
+    if resume and force:
+        refuse_together("--resume", "--force", "--resume continues the checkpoint in --out, --force replaces it")
+    holds_checkpoint = (out_dir / checkpoint.META).exists() or (out_dir / checkpoint.RESUME).exists()
+    if holds_checkpoint and not resume and not force:
+        raise TTAError(f"{out_dir} already holds a checkpoint; use --resume to continue it, --force to overwrite, or another --out")
+    # a folder of other files: refused unless --force, which then writes the checkpoint beside them (deleting nothing)
+    check_out_folder(out_dir, force or resume or holds_checkpoint, "--out")
+
+
+def drop_replaced_checkpoint(out_dir: Path) -> None:
+    """--force: once the new run's first resume.pt is written, remove the old run's weights and model.yaml, so the
+    folder never pairs the old checkpoint with the new run's state (an interrupted forced run leaves only resume.pt)."""
+    for name in (checkpoint.WEIGHTS, checkpoint.META):
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def prepare_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
@@ -316,6 +329,8 @@ def train(
                     "task_rng": generator.get_state(),
                 }
             )
+            if force and epoch == start_epoch:
+                drop_replaced_checkpoint(out_dir)
     seconds = time.perf_counter() - started
     images_seen = config.optim.epochs * steps_per_epoch * config.optim.batch_size  # clean images, all ranks
     final = dict(metrics, train_seconds=seconds, train_images_per_s=images_seen / max(seconds, 1e-9), device=str(device))
