@@ -204,3 +204,25 @@ def test_values_no_method_can_run_with_are_one_line_before_any_work(tiny_checkpo
     result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--method", "ttt,ttt-online", *TINY_ADAPT_ARGS, *flags, "--out", tmp_path / "a"])
     assert_one_line_error(result, message)
     assert not (tmp_path / "a").exists()
+
+
+def test_seeds_report_mean_and_std_per_cell(tiny_checkpoint, tmp_path):
+    out = tmp_path / "seeds"
+    result = run_cli([
+        "adapt", "--ckpt", tiny_checkpoint, "--data", "cifar10-mini", "--corruptions", "fog", "--severities", "5",
+        "--method", "source,ttt-online", *TINY_ADAPT_ARGS, "--seeds", "2", "--out", out,
+    ])
+    assert result.exit_code == 0, result.output
+    assert "±" in result.stderr and "seeds" in result.stderr
+    table = json.loads((out / "results.json").read_text())["table"]
+    assert table["seeds"] == 2 and len(table["per_seed"]) == 2
+    assert table["std"]["source"] == [0.0]  # no randomness in the unadapted checkpoint
+    online = [grid["ttt-online"][0] for grid in table["per_seed"]]
+    assert table["errors"]["ttt-online"][0] == pytest.approx(sum(online) / 2)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {row["seeds"] for row in rows} == {"2"} and "error_std" in rows[0]
+
+
+def test_zero_seeds_is_one_line(tiny_checkpoint):
+    result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--seeds", "0", "--method", "source"])
+    assert_one_line_error(result, "--seeds")

@@ -16,7 +16,7 @@ from typer.core import TyperCommand
 
 from tta_cli import distributed
 from tta_cli.commands.common import AdaptSetOpt, CkptOpt, DataOpt, DeviceOpt, ForceOpt, OutOpt, SeedOpt, console, user_errors
-from tta_cli.config import AdaptSettings, load_config, merge, parse_overrides, read_yaml
+from tta_cli.config import AdaptSettings, check_range, load_config, merge, parse_overrides, read_yaml
 from tta_cli.device import resolve_device
 from tta_cli.errors import TTAError
 
@@ -68,19 +68,20 @@ def adapt_command(
     severities: Annotated[str | None, typer.Option("--severities", help="Comma list of 1-5 (5).")] = None,
     n: Annotated[int | None, typer.Option("--n", help="First n images of each set.")] = None,
     method: Annotated[str | None, typer.Option("--method", help="Comma list of the methods above.")] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="SGD steps per sample (ttt 10, online 1).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="SGD steps (ttt 10, online 1).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate (0.001).")] = None,
     copies: Annotated[int | None, typer.Option("--copies", help="Augmented views per sample (32).")] = None,
-    params: Annotated[str | None, typer.Option("--params", help="What adapts: encoder | encoder+ssl | norm.")] = None,
+    params: Annotated[str | None, typer.Option("--params", help="encoder | encoder+ssl | norm.")] = None,
     batch: Annotated[int | None, typer.Option("--batch", help="ttt-online: samples per update (1).")] = None,
     reset: Annotated[str | None, typer.Option("--reset", help="ttt-online: never | every:N | on-shift.")] = None,
     rollback: Annotated[bool | None, typer.Option("--rollback", help="ttt-online: undo harmful updates.")] = None,
     skip_above: Annotated[float | None, typer.Option("--skip-above", help="Skip updates above this confidence.")] = None,
-    order: Annotated[str | None, typer.Option("--order", help="per-corruption, continual, gradual, mixed, correlated.")] = None,
+    order: Annotated[str | None, typer.Option("--order", help="per-corruption, continual, gradual, mixed or correlated.")] = None,
     dirichlet: Annotated[float | None, typer.Option("--dirichlet", help="correlated order's Dirichlet D.")] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="YAML of settings (results.json's keys).")] = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="Runs with seeds seed..seed+K-1: mean +- std.")] = 1,
     out: OutOpt = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG bar chart of the errors.")] = None,
     predictions: Annotated[bool, typer.Option("--predictions", help="Also write per-sample predictions.")] = False,
@@ -107,6 +108,7 @@ def adapt_command(
     shared, own = split_method_settings(merge(read_yaml(recipe) if recipe is not None else {}, given))
     settings = load_config(AdaptSettings, None, shared)
     settings.validate()
+    check_range("--seeds", seeds, 1)
     check_shardable(settings.methods)
     torch_device = distributed.init(resolve_device(device or "auto"))  # under torchrun: join the group, cuda:LOCAL_RANK
     model, train_config, meta = load_model(ckpt, torch_device)
@@ -120,7 +122,8 @@ def adapt_command(
     sets = load_sets(data or "cifar10-mini", corruptions, severity_list, n, settings.seed, torch_device, train_config.model.img_size)
     check_classes(meta["class_names"], sets, ckpt)
     console.print(f"[bold]tta adapt[/] {', '.join(settings.methods)} on {len(sets)} set(s), {sum(len(s) for s in sets)} images, {torch_device}")
-    results = run_all(adapters, settings, sets, torch_device)
+    results = run_seeds(adapters, settings, seeds, lambda seeded: build_methods(model, task, seeded, own, len(meta["class_names"]), torch_device),
+                        sets, torch_device)
     check_collapse(results, sets, model, torch_device)  # (NaN is checked as each method runs)
     table = print_table(results, sets)
     if out is not None and distributed.is_main():
@@ -205,6 +208,20 @@ def build_methods(model, task, settings, own: dict, classes: int, device) -> lis
     return [build_method(name, model, task, settings, classes, device, own.get(name)) for name in settings.methods]
 
 
+def run_seeds(adapters: list, settings, seeds: int, rebuild, sets, device) -> list:
+    """`seeds` runs of the table, run k with seed settings.seed + k (the methods' random draws and the order's
+    shuffles; the data stay those of the first seed), each method's runs combined as mean and std per set."""
+    from tta_cli.adapt.runner import combine_seeds
+
+    runs = [run_all(adapters, settings, sets, device)]
+    for offset in range(1, seeds):
+        seeded = dataclasses.replace(settings, seed=settings.seed + offset)
+        runs.append(run_all(rebuild(seeded), seeded, sets, device))
+    if seeds == 1:
+        return runs[0]
+    return [combine_seeds([run[index] for run in runs]) for index in range(len(adapters))]
+
+
 def run_all(adapters: list, settings, sets, device):
     from tta_cli.adapt.orders import build_order
     from tta_cli.adapt.runner import run_method
@@ -231,8 +248,9 @@ def column_names(results, sets) -> list[tuple[str, int]]:
     return [(r.method, sev) for r in results for sev in severities]
 
 
-def error_grid(results, sets) -> tuple[list[str], dict[str, list[float | None]]]:
-    """Rows: corruptions in the sets' (canonical) order; columns: method (x severity when several)."""
+def error_grid(results, sets, values=lambda result: result.errors) -> tuple[list[str], dict[str, list[float | None]]]:
+    """Rows: corruptions in the sets' (canonical) order; columns: method (x severity when several); cells:
+    `values(result)[i]` of the set i in that row and column (by default the error)."""
     corruptions = list(dict.fromkeys(s.meta.get("corruption", "clean") for s in sets))
     severities = sorted({int(s.meta.get("severity", 0)) for s in sets})
     grid: dict[str, list[float | None]] = {}
@@ -243,7 +261,7 @@ def error_grid(results, sets) -> tuple[list[str], dict[str, list[float | None]]]
             for corruption in corruptions:
                 match = [
                     error
-                    for image_set, error in zip(sets, result.errors, strict=True)
+                    for image_set, error in zip(sets, values(result), strict=True)
                     if image_set.meta.get("corruption", "clean") == corruption and int(image_set.meta.get("severity", 0)) == severity
                 ]
                 column.append(match[0] if match else None)
@@ -256,16 +274,36 @@ def mean(values) -> float:
     return sum(present) / max(len(present), 1)
 
 
+def seed_summary(results, sets) -> dict:
+    """Over seeds (combine_seeds): each cell's std, each column mean's std over the seeds' column means, and
+    every seed's own grid; empty for one run."""
+    if results[0].seed_errors is None:
+        return {}
+    _, std = error_grid(results, sets, lambda result: result.errors_std)
+    per_seed = [error_grid(results, sets, lambda result, k=k: result.seed_errors[k])[1] for k in range(len(results[0].seed_errors))]
+    column_means = {key: torch.tensor([mean(grid[key]) for grid in per_seed], dtype=torch.float64) for key in std}
+    return {"seeds": len(per_seed), "std": std, "mean_std": {key: float(values.std()) for key, values in column_means.items()},
+            "per_seed": per_seed}
+
+
 def print_table(results, sets) -> dict:
     corruptions, grid = error_grid(results, sets)
-    table = Table(title="tta adapt: error (%)")
+    spread = seed_summary(results, sets)
+
+    def cell(value: float | None, std: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.1f}" if std is None else f"{value:.1f} ± {std:.1f}"
+
+    title = f"tta adapt: error (%), mean ± std over {spread['seeds']} seeds" if spread else "tta adapt: error (%)"
+    table = Table(title=title)
     table.add_column("corruption")
     for key in grid:
         table.add_column(key, justify="right")
     for row, corruption in enumerate(corruptions):
-        table.add_row(corruption, *[("-" if grid[k][row] is None else f"{grid[k][row]:.1f}") for k in grid])
+        table.add_row(corruption, *[cell(grid[k][row], spread["std"][k][row] if spread else None) for k in grid])
     if len(corruptions) > 1:
-        table.add_row("[bold]mean", *[f"[bold]{mean(grid[k]):.1f}" for k in grid])
+        table.add_row("[bold]mean", *[f"[bold]{cell(mean(grid[k]), spread['mean_std'][k] if spread else None)}" for k in grid])
     console.print(table)
     speed = Table(title="throughput")
     for column in ("method", "samples", "seconds", "samples/s", "counters"):
@@ -274,7 +312,7 @@ def print_table(results, sets) -> dict:
         counters = ", ".join(f"{k} {v}" for k, v in result.counters.items() if v)
         speed.add_row(result.method, str(result.samples), f"{result.seconds:.1f}", f"{result.samples / max(result.seconds, 1e-9):,.1f}", counters)
     console.print(speed)
-    return {"corruptions": corruptions, "errors": grid, "mean": {k: mean(v) for k, v in grid.items()}}
+    return {"corruptions": corruptions, "errors": grid, "mean": {k: mean(v) for k, v in grid.items()}, **spread}
 
 
 def write_outputs(out: Path, results, sets, adapters, ckpt, data, selection: dict, device, table, predictions: bool) -> None:
@@ -286,14 +324,17 @@ def write_outputs(out: Path, results, sets, adapters, ckpt, data, selection: dic
 
     rows = []
     for result in results:
-        for image_set, error in zip(sets, result.errors, strict=True):
-            rows.append({
+        for index, (image_set, error) in enumerate(zip(sets, result.errors, strict=True)):
+            row = {
                 "method": result.method,
                 "corruption": image_set.meta.get("corruption", "clean"),
                 "severity": image_set.meta.get("severity", 0),
                 "n": len(image_set),
                 "error": round(error, 4),
-            })
+            }
+            if result.errors_std is not None:  # --seeds K: error is the mean over the K runs
+                row.update(error_std=round(result.errors_std[index], 4), seeds=len(result.seed_errors))
+            rows.append(row)
     write_csv(out / "results.csv", rows)
     write_json(out / "results.json", {
         "checkpoint": str(ckpt),

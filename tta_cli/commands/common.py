@@ -25,18 +25,18 @@ DataOpt = Annotated[
     str | None,
     typer.Option(
         "--data",
-        help="Image source: cifar10-mini (embedded), cifar10, a class-folder tree, a .tar/.tar.gz of one, or a shifted-set folder.",
+        help="cifar10-mini (embedded), cifar10, an image folder or .tar(.gz), a shifted-set folder.",
     ),
 ]
 DataRootOpt = Annotated[
     str | None, typer.Option("--data-root", help="Folder holding torchvision's cifar-10-batches-py (for --data cifar10).")
 ]
-CkptOpt = Annotated[Path, typer.Option("--ckpt", help="A `tta train` output folder or its model.safetensors file.")]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N (auto takes CUDA when present).")]
-OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder (results, checkpoints, JSON/CSV).")]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed; the same seed gives the same result.")]
+CkptOpt = Annotated[Path, typer.Option("--ckpt", help="A `tta train` folder or its .safetensors.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder (JSON, CSV, checkpoints).")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (same seed, same result).")]
 ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Replace an existing result in --out (and --plot/--preview) as a whole, instead of refusing.")
+    bool, typer.Option("--force", help="Replace an existing result, whole.")
 ]
 def set_option(what: str, example: str):
     """The `--set key=value` option, with help that names this command's own keys."""
@@ -44,7 +44,7 @@ def set_option(what: str, example: str):
 
 
 SetOpt = set_option("recipe key", "--set optim.lr=0.05 --set model.norm=bn")
-AdaptSetOpt = set_option("adapt setting (the keys of results.json 'settings')", "--set compile=false --set streams=1")
+AdaptSetOpt = set_option("setting (results.json keys)", "--set tent.lr=5e-4")
 StreamSetOpt = set_option("stream setting (the keys of each run's 'settings' in summary.json)", "--set momentum=0.9 --set amp=false")
 
 
