@@ -209,7 +209,7 @@ def test_cli_writes_the_official_layout_that_load_shifted_reads_back(tiny_folder
 
 
 def test_cli_severity_blocks_equal_corrupt_with_the_same_seed(tiny_folder, tmp_path):
-    from tta_cli.commands.corrupt import block_seed
+    from tta_cli.corrupt.writer import block_seed
     from tta_cli.data.imageset import mix_classes
     from tta_cli.data.sources import load_split
 

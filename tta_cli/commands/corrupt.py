@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import inspect
-import time
-import zlib
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
-import torch
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tta_cli.commands.common import DataOpt, DataRootOpt, DeviceOpt, ForceOpt, OutOpt, SeedOpt, console, user_errors
+from tta_cli.corrupt.writer import PREVIEW_IMAGES, write_sets
 from tta_cli.data.imageset import mix_classes
 from tta_cli.device import resolve_device
 from tta_cli.errors import TTAError
-from tta_cli.files import atomic_write, write_json
 
 DEFAULT_SOURCE = "cifar10-mini"
-CHUNK_IMAGES = 10_000  # images per corrupt() call: bounds device memory
-PREVIEW_IMAGES = 3
 
 EXAMPLES = """
 Examples:
@@ -102,76 +96,31 @@ def corrupt_command(
 
     check_space(out, len(names) * len(SEVERITIES) * clean.images[0].numel() * count)
     with staged_folder(out, "tta corrupt") as folder:
-        samples, seconds = write_sets(folder, clean, names, shown_severities, seed, torch_device, source, order)
+        samples, seconds = write_with_progress(folder, clean, names, shown_severities, seed, torch_device, source, order)
     if preview is not None:
+        from tta_cli.plots import write_preview
+
         write_preview(preview, clean.images[:PREVIEW_IMAGES].numpy(), samples, shown_severities)
         console.print(f"preview: {preview}")
     print_summary(names, seconds, count * len(SEVERITIES))
 
 
-def write_sets(out: Path, clean, names: list[str], shown_severities: list[int], seed: int, torch_device, source: str, order):
-    """labels.npy, one <corruption>.npy per name and meta.json into `out`; returns preview samples and seconds."""
-    from tta_cli.corrupt import SEVERITIES
-
-    count = len(clean)
-    labels = clean.labels.numpy()
-    label_dtype = np.uint8 if len(clean.class_names) <= 256 else np.int64
-    atomic_write(out / "labels.npy", lambda tmp: save_npy(tmp, np.tile(labels.astype(label_dtype), len(SEVERITIES))))
-
-    samples: dict[str, dict[int, np.ndarray]] = {}
-    seconds: dict[str, float] = {}
+def write_with_progress(folder: Path, clean, names: list[str], shown_severities: list[int], seed: int, device, source: str, order):
+    """corrupt/writer.write_sets under a progress bar, one step per corruption."""
     progress = Progress(
         TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True
     )
     with progress:
-        task = progress.add_task("corrupting", total=len(names))
-        for name in names:
-            progress.update(task, description=name)
-            start = time.perf_counter()
-            blocks = [corrupt_all(clean.images, name, severity, seed, torch_device) for severity in SEVERITIES]
-            seconds[name] = time.perf_counter() - start
-            samples[name] = {severity: blocks[severity - 1][:PREVIEW_IMAGES] for severity in shown_severities}
-            stacked = np.concatenate(blocks)  # (5N, H, W, 3)
-            atomic_write(out / f"{name}.npy", lambda tmp, stacked=stacked: save_npy(tmp, stacked))
-            progress.advance(task)
+        bar = progress.add_task("corrupting", total=len(names))
 
-    write_json(
-        out / "meta.json",
-        {
-            "tool": "tta corrupt",
-            "source": source,
-            "images": count,
-            "image_shape": list(clean.images.shape[1:]),
-            "seed": seed,
-            "device": str(torch_device),
-            "corruptions": names,
-            "severities": list(SEVERITIES),
-            "preview_severities": shown_severities,
-            "layout": "<corruption>.npy uint8 (5N, H, W, 3): rows (s-1)*N .. s*N-1 hold severity s; labels.npy (5N,) tiled",
-            "class_names": clean.class_names,
-            "source_order": order,
-            "seconds": seconds,
-            "images_per_second": {name: len(SEVERITIES) * count / max(secs, 1e-9) for name, secs in seconds.items()},
-        },
-    )
-    return samples, seconds
+        def on_corruption(name: str) -> None:
+            if progress.tasks[bar].description != "corrupting":
+                progress.advance(bar)
+            progress.update(bar, description=name)
 
-
-def corrupt_all(images: torch.Tensor, name: str, severity: int, seed: int, device: torch.device) -> np.ndarray:
-    """Corrupt images (N, H, W, 3) in chunks on `device`; returns uint8 numpy (N, H, W, 3)."""
-    from tta_cli.corrupt import corrupt
-
-    chunks = []
-    for index, start in enumerate(range(0, images.shape[0], CHUNK_IMAGES)):
-        chunk = images[start : start + CHUNK_IMAGES].to(device, non_blocking=True)
-        chunks.append(corrupt(chunk, name, severity, seed=block_seed(seed, severity, index)).cpu().numpy())
-    return np.concatenate(chunks) if chunks else np.zeros((0, *images.shape[1:]), dtype=np.uint8)
-
-
-def block_seed(seed: int, severity: int, chunk_index: int) -> int:
-    """Seed for one severity block / chunk: independent noise per severity and chunk, like the
-    original generator's running numpy RNG, yet reproducible from --seed."""
-    return zlib.crc32(f"{seed}:severity{severity}:chunk{chunk_index}".encode())
+        result = write_sets(folder, clean, names, shown_severities, seed, device, source, order, on_corruption)
+        progress.advance(bar)
+    return result
 
 
 def parse_severities(text: str) -> list[int]:
@@ -183,37 +132,6 @@ def parse_severities(text: str) -> list[int]:
     if not values or any(value not in range(1, 6) for value in values):
         raise TTAError(f"--severities takes a comma list of 1..5 (e.g. 1,2,3,4,5 or 5); got {text!r}")
     return values
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    """np.save to an exact path (np.save on a name would append .npy to the temp file)."""
-    with open(path, "wb") as handle:
-        np.save(handle, array)
-
-
-def write_preview(path: Path, clean: np.ndarray, samples: dict[str, dict[int, np.ndarray]], severities: list[int]) -> None:
-    """PNG grid: one row per corruption, a clean column then one column per severity, each cell a strip of images."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    names = list(samples)
-    columns = 1 + len(severities)
-    strip_width = 0.45 * max(1, clean.shape[0])
-    figure = Figure(figsize=(1.6 + columns * strip_width, 0.3 + 0.55 * len(names)), dpi=110)
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(len(names), columns, squeeze=False)
-    for row, name in enumerate(names):
-        cells = [clean] + [samples[name][severity] for severity in severities]
-        for column, images in enumerate(cells):
-            axis = axes[row][column]
-            axis.imshow(np.concatenate(list(images), axis=1), interpolation="nearest")
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if row == 0:
-                axis.set_title("clean" if column == 0 else f"severity {severities[column - 1]}", fontsize=7)
-        axes[row][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
-    figure.subplots_adjust(left=0.2, right=0.99, top=0.97, bottom=0.01, wspace=0.05, hspace=0.08)
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
 
 
 def print_summary(names: list[str], seconds: dict[str, float], images_per_corruption: int) -> None:
