@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 import yaml
 from conftest import run_cli
 from test_cli_train import assert_one_line_error
@@ -226,3 +227,33 @@ def test_seeds_report_mean_and_std_per_cell(tiny_checkpoint, tmp_path):
 def test_zero_seeds_is_one_line(tiny_checkpoint):
     result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--seeds", "0", "--method", "source"])
     assert_one_line_error(result, "--seeds")
+
+
+def test_save_adapted_writes_the_online_weights_as_a_checkpoint_adapt_loads(tiny_checkpoint, tmp_path):
+    from tta_cli.train.checkpoint import load_model
+
+    saved = tmp_path / "adapted"
+    result = run_cli([
+        "adapt", "--ckpt", tiny_checkpoint, "--data", "cifar10-mini", "--corruptions", "fog", "--method", "source,ttt-online",
+        *TINY_ADAPT_ARGS, "--order", "continual", "--save-adapted", saved,
+    ])
+    assert result.exit_code == 0, result.output
+    assert not (saved / "source").exists()  # episodic: nothing of its own to keep
+    adapted, _, meta = load_model(saved / "ttt-online")
+    source, _, _ = load_model(tiny_checkpoint)
+    assert meta["metrics"]["adapted_by"] == "ttt-online" and meta["metrics"]["adapted_counters"]["updates"] == 20
+    changed = [key for key, value in source.state_dict().items() if not torch.equal(value, adapted.state_dict()[key])]
+    assert changed and all(key.startswith("encoder.") for key in changed)  # --params encoder moved, nothing else
+    again = run_cli(["adapt", "--ckpt", saved / "ttt-online", "--data", "cifar10-mini", "--corruptions", "fog", "--method", "source",
+                     "--n", "20", "--device", "cpu"])
+    assert again.exit_code == 0, again.output
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--method", "source,ttt"], "reset after every sample"),
+    (["--method", "ttt-online", "--seeds", "2"], "--seeds"),
+])
+def test_save_adapted_without_an_online_method_or_with_seeds_is_one_line(tiny_checkpoint, tmp_path, flags, fragment):
+    result = run_cli(["adapt", "--ckpt", tiny_checkpoint, *flags, "--save-adapted", tmp_path / "adapted", "--device", "cpu"])
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "adapted").exists()

@@ -12,7 +12,6 @@ The same registry, settings and checks as `tta adapt`: keyword settings are its 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,16 +89,14 @@ class Adapter:
 
     def save(self, out: str | Path, force: bool = False) -> Path:
         """Write the adapted weights as a checkpoint folder that `load_checkpoint` and `tta adapt --ckpt` read."""
-        from tta_cli.train.checkpoint import save_model
+        from tta_cli.train.checkpoint import save_adapted
 
         out = Path(out)
         if out.exists() and any(out.iterdir()) and not force:
             raise TTAError(f"{out} exists and is not empty; pass force=True to replace its checkpoint")
-        model = copy.deepcopy(self.checkpoint.model).cpu()
-        model.load_state_dict(self.state_dict())
         out.mkdir(parents=True, exist_ok=True)
         metrics = {**self.checkpoint.metrics, "adapted_by": self.name, "adapted_counters": self.counters()}
-        save_model(out, model, self.checkpoint.config, self.checkpoint.class_names, metrics)
+        save_adapted(out, self.method.model, self.checkpoint.model, self.checkpoint.config, self.checkpoint.class_names, metrics)
         return out
 
 

@@ -56,8 +56,10 @@ def run_method(
     segments: list[Segment],
     device: torch.device,
     on_batch: Callable[[int], None] = lambda done: None,
+    in_order: bool = False,
 ) -> RunResult:
-    """Feed `segments` to `method` in batches; uint8 images live on the device, predictions too."""
+    """Feed `segments` to `method` in batches; uint8 images live on the device, predictions too. `in_order` keeps
+    independent segments one after another on the method's own weights (whose final state is then the stream's)."""
     rank, world_size = distributed.rank(), distributed.world_size()
     if world_size > 1 and not method.episodic:
         raise TTAError(
@@ -70,7 +72,7 @@ def run_method(
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    side_by_side = world_size == 1 and method.side_by_side(len(segments))
+    side_by_side = world_size == 1 and not in_order and method.side_by_side(len(segments))
     record = Recorder(predictions)
     if side_by_side:
         done = adapt_side_by_side(method, images, segments, record, on_batch)

@@ -73,18 +73,19 @@ def adapt_command(
     copies: Annotated[int | None, typer.Option("--copies", help="Augmented views per sample (32).")] = None,
     params: Annotated[str | None, typer.Option("--params", help="encoder | encoder+ssl | norm.")] = None,
     batch: Annotated[int | None, typer.Option("--batch", help="ttt-online: samples per update (1).")] = None,
-    reset: Annotated[str | None, typer.Option("--reset", help="ttt-online: never | every:N | on-shift.")] = None,
+    reset: Annotated[str | None, typer.Option("--reset", help="never | every:N | on-shift (online).")] = None,
     rollback: Annotated[bool | None, typer.Option("--rollback", help="ttt-online: undo harmful updates.")] = None,
     skip_above: Annotated[float | None, typer.Option("--skip-above", help="Skip updates above this confidence.")] = None,
     order: Annotated[str | None, typer.Option("--order", help="per-corruption, continual, gradual, mixed or correlated.")] = None,
     dirichlet: Annotated[float | None, typer.Option("--dirichlet", help="correlated order's Dirichlet D.")] = None,
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="YAML of settings (results.json's keys).")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="YAML of settings.")] = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
-    seeds: Annotated[int, typer.Option("--seeds", help="Runs with seeds seed..seed+K-1: mean +- std.")] = 1,
+    seeds: Annotated[int | None, typer.Option("--seeds", help="K runs, seeds seed..: mean ± std.")] = None,
     out: OutOpt = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG bar chart of the errors.")] = None,
     predictions: Annotated[bool, typer.Option("--predictions", help="Also write per-sample predictions.")] = False,
+    save_adapted: Annotated[Path | None, typer.Option("--save-adapted", help="Save online methods' final weights.")] = None,
     force: ForceOpt = False,
     overrides: AdaptSetOpt = None,
 ) -> None:
@@ -99,6 +100,7 @@ def adapt_command(
         raise TTAError("--predictions writes predictions.csv into --out; give --out DIR as well")
     check_out_folder(out, force)
     check_out_file(plot, force, "--plot")
+    check_out_folder(save_adapted, force, "--save-adapted")
     flags = {
         "methods": parse_names(method, "--method"),  # "source, ttt" reads as it looks
         "steps": steps, "lr": lr, "copies": copies, "params": params, "batch": batch, "reset": reset,
@@ -108,6 +110,7 @@ def adapt_command(
     shared, own = split_method_settings(merge(read_yaml(recipe) if recipe is not None else {}, given))
     settings = load_config(AdaptSettings, None, shared)
     settings.validate()
+    seeds = 1 if seeds is None else seeds
     check_range("--seeds", seeds, 1)
     check_shardable(settings.methods)
     torch_device = distributed.init(resolve_device(device or "auto"))  # under torchrun: join the group, cuda:LOCAL_RANK
@@ -117,13 +120,14 @@ def adapt_command(
     task = build_task(train_config.task, train_config.data.pad_mode)
     adapters = build_methods(model, task, settings, own, len(meta["class_names"]), torch_device)  # bad methods fail before any work
     check_adapt_flags({k: v for k, v in flags.items() if v is not None}, settings.methods, settings.order)
+    saved = check_saveable(adapters, save_adapted, seeds)
     severity_list = parse_ints(severities, "--severities") or [5]
     check_clean_source(data or "cifar10-mini", corruptions, severities)
     sets = load_sets(data or "cifar10-mini", corruptions, severity_list, n, settings.seed, torch_device, train_config.model.img_size)
     check_classes(meta["class_names"], sets, ckpt)
     console.print(f"[bold]tta adapt[/] {', '.join(settings.methods)} on {len(sets)} set(s), {sum(len(s) for s in sets)} images, {torch_device}")
     results = run_seeds(adapters, settings, seeds, lambda seeded: build_methods(model, task, seeded, own, len(meta["class_names"]), torch_device),
-                        sets, torch_device)
+                        sets, torch_device, in_order=bool(saved))
     check_collapse(results, sets, model, torch_device)  # (NaN is checked as each method runs)
     table = print_table(results, sets)
     if out is not None and distributed.is_main():
@@ -133,6 +137,8 @@ def adapt_command(
         with staged_folder(out, "tta adapt") as folder:
             write_outputs(folder, results, sets, adapters, ckpt, data, selection, torch_device, table, predictions)
         console.print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
+    if saved and distributed.is_main():
+        write_adapted(save_adapted, saved, model, train_config, meta, settings.order)
     if plot is not None and distributed.is_main():
         write_plot(plot, results, sets)
 
@@ -208,12 +214,37 @@ def build_methods(model, task, settings, own: dict, classes: int, device) -> lis
     return [build_method(name, model, task, settings, classes, device, own.get(name)) for name in settings.methods]
 
 
-def run_seeds(adapters: list, settings, seeds: int, rebuild, sets, device) -> list:
+def check_saveable(adapters: list, out: Path | None, seeds: int) -> list:
+    """The methods whose final weights --save-adapted writes: the online ones (an episodic method ends every sample
+    back on the checkpoint's weights); refused with one line when there are none, or with --seeds (which run's?)."""
+    if out is None:
+        return []
+    online = [adapter for adapter in adapters if not adapter.episodic]
+    if not online:
+        raise TTAError(f"--save-adapted keeps an online method's final weights; {', '.join(a.name for a in adapters)} reset after every sample")
+    if seeds > 1:
+        raise TTAError("--save-adapted and --seeds together: each seed ends on other weights; save one run (--seeds 1)")
+    return online
+
+
+def write_adapted(out: Path, adapters: list, source_model, train_config, meta: dict, order: str) -> None:
+    """Each method's weights at the end of the stream as a checkpoint folder out/<method> (`--ckpt` loads it)."""
+    from tta_cli.outputs import staged_folder
+    from tta_cli.train.checkpoint import save_adapted
+
+    with staged_folder(out, "tta adapt --save-adapted") as folder:
+        for adapter in adapters:
+            metrics = {**meta.get("metrics", {}), "adapted_by": adapter.name, "adapted_order": order, "adapted_counters": adapter.counters()}
+            save_adapted(folder / adapter.name, adapter.model, source_model, train_config, meta["class_names"], metrics)
+    console.print(f"wrote the adapted weights of {', '.join(a.name for a in adapters)} under {out}")
+
+
+def run_seeds(adapters: list, settings, seeds: int, rebuild, sets, device, in_order: bool = False) -> list:
     """`seeds` runs of the table, run k with seed settings.seed + k (the methods' random draws and the order's
     shuffles; the data stay those of the first seed), each method's runs combined as mean and std per set."""
     from tta_cli.adapt.runner import combine_seeds
 
-    runs = [run_all(adapters, settings, sets, device)]
+    runs = [run_all(adapters, settings, sets, device, in_order)]
     for offset in range(1, seeds):
         seeded = dataclasses.replace(settings, seed=settings.seed + offset)
         runs.append(run_all(rebuild(seeded), seeded, sets, device))
@@ -222,7 +253,7 @@ def run_seeds(adapters: list, settings, seeds: int, rebuild, sets, device) -> li
     return [combine_seeds([run[index] for run in runs]) for index in range(len(adapters))]
 
 
-def run_all(adapters: list, settings, sets, device):
+def run_all(adapters: list, settings, sets, device, in_order: bool = False):
     from tta_cli.adapt.orders import build_order
     from tta_cli.adapt.runner import run_method
 
@@ -239,7 +270,7 @@ def run_all(adapters: list, settings, sets, device):
                 rate = done / max(time.perf_counter() - started, 1e-9)
                 progress.update(bar, completed=done, rate=f"{rate:,.0f} samples/s")
 
-            results.append(run_method(adapter, sets, segments, device, on_batch))
+            results.append(run_method(adapter, sets, segments, device, on_batch, in_order))
     return results
 
 

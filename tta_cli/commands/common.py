@@ -25,15 +25,15 @@ DataOpt = Annotated[
     str | None,
     typer.Option(
         "--data",
-        help="cifar10-mini (embedded), cifar10, an image folder or .tar(.gz), a shifted-set folder.",
+        help="cifar10-mini, cifar10, a folder or .tar(.gz), a shifted set.",
     ),
 ]
 DataRootOpt = Annotated[
     str | None, typer.Option("--data-root", help="Folder holding torchvision's cifar-10-batches-py (for --data cifar10).")
 ]
-CkptOpt = Annotated[Path, typer.Option("--ckpt", help="A `tta train` folder or its .safetensors.")]
+CkptOpt = Annotated[Path, typer.Option("--ckpt", help="tta train folder or .safetensors.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder (JSON, CSV, checkpoints).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder for the results.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (same seed, same result).")]
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Replace an existing result, whole.")
@@ -44,7 +44,7 @@ def set_option(what: str, example: str):
 
 
 SetOpt = set_option("recipe key", "--set optim.lr=0.05 --set model.norm=bn")
-AdaptSetOpt = set_option("setting (results.json keys)", "--set tent.lr=5e-4")
+AdaptSetOpt = set_option("setting", "--set tent.lr=5e-4")
 StreamSetOpt = set_option("stream setting (the keys of each run's 'settings' in summary.json)", "--set momentum=0.9 --set amp=false")
 
 

@@ -9,6 +9,7 @@ is read with `torch.load(weights_only=True)`: opening an untrusted run folder ca
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -53,6 +54,16 @@ def config_hash(meta: dict[str, Any]) -> str:
     """SHA-256 of what defines the model in model.yaml (config, normalization, class names), as canonical JSON."""
     defining = {key: meta.get(key) for key in ("config", "normalization", "class_names")}
     return hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def save_adapted(out_dir: Path, adapted: torch.nn.Module, source: TTTModel, config: TrainConfig, class_names: list[str], metrics: dict) -> None:
+    """An adapted copy of `source` as a checkpoint: `adapted`'s tensors where it has them (a method may drop BatchNorm's
+    running statistics, which then stay the source's), under the source's config, so `--ckpt` loads it as any other."""
+    adapted_state = adapted.state_dict()
+    state = {key: (adapted_state[key] if adapted_state.get(key) is not None else value) for key, value in source.state_dict().items()}
+    model = copy.deepcopy(source).cpu()
+    model.load_state_dict({key: value.detach().cpu() for key, value in state.items()})
+    save_model(out_dir, model, config, class_names, metrics)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
