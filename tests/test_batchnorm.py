@@ -72,7 +72,7 @@ def test_joint_training_keeps_rotations_out_of_the_running_statistics(mode):
     labels = torch.randint(0, 10, (8,))
     inputs, targets = task.make_batch(images, generator=torch.Generator().manual_seed(0))
     with statistics_from_first(model, 8):
-        loss, *_ = JointLoss(model, task, 1.0, 0.0)(images, labels, inputs, targets)
+        loss, *_ = JointLoss(model, task, 1.0, 0.0, clean_statistics=True)(images, labels, inputs, targets)
     supervised(images)
     assert torch.isfinite(loss)
     encoder_norms = [m for m in model.encoder.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -105,7 +105,8 @@ def test_test_batch_statistics_cost_at_most_a_point_on_near_clean_images(tmp_pat
     ckpt = tmp_path / "bn"
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
     result = run_cli([
-        "train", recipe, "--set", "model.norm=bn", "--set", "data.pad_mode=reflect", "--epochs", "10", "--device", "cpu", "--out", ckpt,
+        "train", recipe, "--set", "model.norm=bn", "--set", "data.pad_mode=reflect", "--set", "bn_statistics=clean", "--epochs", "10",
+        "--device", "cpu", "--out", ckpt,
     ])
     assert result.exit_code == 0, result.output
     out = tmp_path / "adapt"

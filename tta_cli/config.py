@@ -100,6 +100,10 @@ class TrainConfig:
     # the lever for small, launch-bound batches such as the paper recipe's 128 (docs/speed-notes.md).
     compile_mode: str = "default"
     amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    # BatchNorm in joint training: statistics of "all" rows (clean images and their ssl views together) or of the
+    # "clean" rows only (models/batchnorm.py). "clean" makes norm/tent work better, but online TTT diverged on both
+    # such checkpoints measured (docs/results.md, "BatchNorm models"), so "all" stays the default.
+    bn_statistics: str = "all"
     channels_last: bool = True  # on CUDA only
     out: str = "runs/train"
 

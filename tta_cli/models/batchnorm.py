@@ -54,8 +54,9 @@ def has_clean_stats_batchnorm(model: nn.Module) -> bool:
 
 
 @contextmanager
-def statistics_from_first(model: nn.Module, rows: int) -> Iterator[None]:
-    """Inside, every CleanStatsBatchNorm2d of `model` takes its training statistics from the first `rows` rows."""
+def statistics_from_first(model: nn.Module, rows: int | None) -> Iterator[None]:
+    """Inside, every CleanStatsBatchNorm2d of `model` takes its training statistics from the first `rows` rows
+    (None: from all rows, plain BatchNorm)."""
     layers = [module for module in model.modules() if isinstance(module, CleanStatsBatchNorm2d)]
     for layer in layers:
         layer.statistics_rows = rows

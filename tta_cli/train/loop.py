@@ -65,21 +65,21 @@ class JointLoss(nn.Module):
 
     How the encoder sees the two batches:
     - ssl_weight 0: the clean batch alone (a plain supervised model; the ssl head stays as built).
-    - BatchNorm: one pass over the clean batch and the views together, every row normalised with the clean
-      rows' statistics (models/batchnorm.py), so the views never shape the statistics the main head is
-      trained with, nor the running averages. Rotation `expand` views start with the 0-degree quarter,
-      which is the clean batch itself.
+    - BatchNorm with `clean_statistics` (config bn_statistics "clean"): one pass over the clean batch and the
+      views together, every row normalised with the clean rows' statistics (models/batchnorm.py), so the views
+      never shape the statistics the main head is trained with, nor the running averages. Rotation `expand`
+      views start with the 0-degree quarter, which is the clean batch itself.
     - Otherwise (per-sample norms): rotation `expand` runs the encoder once on the 4 rotations and the main
       head reads the 0-degree quarter; other tasks run a separate pass per head.
     """
 
-    def __init__(self, model: TTTModel, task, ssl_weight: float, label_smoothing: float):
+    def __init__(self, model: TTTModel, task, ssl_weight: float, label_smoothing: float, clean_statistics: bool = False):
         super().__init__()
         self.model = model
         self.task = task
         self.ssl_weight = ssl_weight
         self.label_smoothing = label_smoothing
-        self.clean_statistics = has_clean_stats_batchnorm(model)
+        self.clean_statistics = clean_statistics and has_clean_stats_batchnorm(model)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, ssl_inputs: torch.Tensor, ssl_targets: torch.Tensor):
         main_logits, ssl_outputs = self.outputs(images, ssl_inputs)
@@ -162,6 +162,8 @@ def check_config(config: TrainConfig, resume: bool = False, force: bool = False)
     lr_at(config.optim, 0.0)
     if config.compile_mode not in COMPILE_MODES:
         raise TTAError(f"unknown compile_mode {config.compile_mode!r}; choose one of: {', '.join(COMPILE_MODES)}")
+    if config.bn_statistics not in ("all", "clean"):
+        raise TTAError(f"unknown bn_statistics {config.bn_statistics!r}; choose all or clean")
     if config.data.pad_mode not in PAD_MODES:
         raise TTAError(f"unknown data.pad_mode {config.data.pad_mode!r}; choose one of: {', '.join(PAD_MODES)}")
     build_model(config.model, build_task(config.task))
@@ -262,7 +264,8 @@ def train(
         start_epoch, history = state["epoch"], state["history"]
         on_event("resumed", epoch=start_epoch)
 
-    step_loss = JointLoss(model, task, config.optim.ssl_weight, config.optim.label_smoothing)
+    clean_statistics = config.bn_statistics == "clean"
+    step_loss = JointLoss(model, task, config.optim.ssl_weight, config.optim.label_smoothing, clean_statistics)
     if world_size > 1:  # averages the gradients over ranks during backward
         step_loss = DistributedDataParallel(step_loss, device_ids=[device.index] if on_gpu else None, gradient_as_bucket_view=True)
     compiled_loss = torch.compile(step_loss, mode=config.compile_mode) if config.compile else step_loss
@@ -284,7 +287,8 @@ def train(
             if on_gpu and config.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
                 ssl_inputs = ssl_inputs.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp), statistics_from_first(model, images.shape[0]):
+            clean_rows = images.shape[0] if clean_statistics else None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp), statistics_from_first(model, clean_rows):
                 loss, main_loss, ssl_loss, correct = compiled_loss(images, labels, ssl_inputs, ssl_targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
