@@ -83,9 +83,9 @@ class Adapter:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The adapted weights, keyed as the checkpoint's (BatchNorm statistics are the checkpoint's own)."""
-        adapted = self.method.model.state_dict()
-        source = self.checkpoint.model.state_dict()
-        return {key: (adapted[key] if adapted.get(key) is not None else value).detach().cpu().clone() for key, value in source.items()}
+        from tta_cli.train.checkpoint import adapted_state
+
+        return adapted_state(self.method.model, self.checkpoint.model)
 
     def save(self, out: str | Path, force: bool = False) -> Path:
         """Write the adapted weights as a checkpoint folder that `load_checkpoint` and `tta adapt --ckpt` read."""

@@ -112,14 +112,7 @@ def write_with_progress(folder: Path, clean, names: list[str], shown_severities:
     )
     with progress:
         bar = progress.add_task("corrupting", total=len(names))
-
-        def on_corruption(name: str) -> None:
-            if progress.tasks[bar].description != "corrupting":
-                progress.advance(bar)
-            progress.update(bar, description=name)
-
-        result = write_sets(folder, clean, names, shown_severities, seed, device, source, order, on_corruption)
-        progress.advance(bar)
+        result = write_sets(folder, clean, names, shown_severities, seed, device, source, order, lambda name: progress.advance(bar))
     return result
 
 

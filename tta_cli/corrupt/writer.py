@@ -21,9 +21,9 @@ PREVIEW_IMAGES = 3  # images per preview cell
 
 def write_sets(
     out: Path, clean, names: list[str], shown_severities: list[int], seed: int, device: torch.device, source: str, order,
-    on_corruption: Callable[[str], None] = lambda name: None,
+    on_written: Callable[[str], None] = lambda name: None,
 ) -> tuple[dict[str, dict[int, np.ndarray]], dict[str, float]]:
-    """labels.npy, one <corruption>.npy per name and meta.json into `out`, calling `on_corruption(name)` before
+    """labels.npy, one <corruption>.npy per name and meta.json into `out`, calling `on_written(name)` after
     each; returns the preview samples ({name: {severity: images}}) and the seconds each corruption took."""
     count = len(clean)
     labels = clean.labels.numpy()
@@ -33,13 +33,13 @@ def write_sets(
     samples: dict[str, dict[int, np.ndarray]] = {}
     seconds: dict[str, float] = {}
     for name in names:
-        on_corruption(name)
         start = time.perf_counter()
         blocks = [corrupt_all(clean.images, name, severity, seed, device) for severity in SEVERITIES]
         seconds[name] = time.perf_counter() - start
         samples[name] = {severity: blocks[severity - 1][:PREVIEW_IMAGES] for severity in shown_severities}
         stacked = np.concatenate(blocks)  # (5N, H, W, 3)
         atomic_write(out / f"{name}.npy", lambda tmp, stacked=stacked: save_npy(tmp, stacked))
+        on_written(name)
 
     write_json(
         out / "meta.json",

@@ -56,13 +56,17 @@ def config_hash(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def adapted_state(adapted: torch.nn.Module, source: TTTModel) -> dict[str, torch.Tensor]:
+    """`source`'s state keys with `adapted`'s tensors where it has them (a method may drop BatchNorm's running
+    statistics, which then stay the source's), on the CPU."""
+    state = adapted.state_dict()
+    return {key: (state[key] if state.get(key) is not None else value).detach().cpu().clone() for key, value in source.state_dict().items()}
+
+
 def save_adapted(out_dir: Path, adapted: torch.nn.Module, source: TTTModel, config: TrainConfig, class_names: list[str], metrics: dict) -> None:
-    """An adapted copy of `source` as a checkpoint: `adapted`'s tensors where it has them (a method may drop BatchNorm's
-    running statistics, which then stay the source's), under the source's config, so `--ckpt` loads it as any other."""
-    adapted_state = adapted.state_dict()
-    state = {key: (adapted_state[key] if adapted_state.get(key) is not None else value) for key, value in source.state_dict().items()}
+    """An adapted copy of `source` as a checkpoint under the source's config, so `--ckpt` loads it as any other."""
     model = copy.deepcopy(source).cpu()
-    model.load_state_dict({key: value.detach().cpu() for key, value in state.items()})
+    model.load_state_dict(adapted_state(adapted, source))
     save_model(out_dir, model, config, class_names, metrics)
 
 
