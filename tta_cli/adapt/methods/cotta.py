@@ -10,12 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from tta_cli.adapt.methods import register
-from tta_cli.adapt.methods.base import Method
-from tta_cli.adapt.methods.norm import use_batch_statistics
-from tta_cli.config import check_range
+from tta_cli.adapt.methods.batch import BatchMethod
+from tta_cli.adapt.methods.norm import batch_statistics_if_any
 from tta_cli.data.cotta_augment import cotta_augment
 from tta_cli.errors import TTAError
-from tta_cli.models.params import has_batchnorm
 
 
 @dataclass
@@ -34,7 +32,7 @@ def trainable(model) -> list[torch.nn.Parameter]:
 
 
 @register
-class CoTTA(Method):
+class CoTTA(BatchMethod):
     name = "cotta"
     semantics = (
         "CoTTA, mean-teacher self-training for continual streams. Per batch: the teacher's logits, averaged over "
@@ -46,34 +44,21 @@ class CoTTA(Method):
     updates = "every parameter of encoder + main head (student; the teacher is its EMA), stochastically restored"
     default_batch = 200
     Settings = CottaSettings
+    limits = {"lr": (0, None), "batch": (1, None), "beta": (0, 1), "augmentations": (1, None)}
 
     def __init__(self, model, task, settings, common, classes, device):
-        check_range("cotta.lr", settings.lr, 0)
-        check_range("cotta.batch", settings.batch, 1)
-        check_range("cotta.beta", settings.beta, 0, 1)
-        check_range("cotta.augmentations", settings.augmentations, 1)
+        super().__init__(model, task, settings, common, classes, device)
         for field in ("teacher_momentum", "restore_probability", "anchor_threshold"):
             if not 0 <= getattr(settings, field) <= 1:
                 raise TTAError(f"cotta.{field} must be in [0, 1], got {getattr(settings, field)}")
-        model.eval()
-        if has_batchnorm(model):
-            use_batch_statistics(model)
-        super().__init__(model, task, settings, common, classes, device)
-        model.requires_grad_(False)
-        self.params = trainable(model)
-        for param in self.params:
-            param.requires_grad_(True)
+        batch_statistics_if_any(model)
+        self.train_only(trainable(model))
         self.teacher = copy.deepcopy(model).requires_grad_(False)
         self.anchor = copy.deepcopy(model).requires_grad_(False)  # the source model, never updated
         self.teacher_params = trainable(self.teacher)
-        self.source = [param.detach().clone() for param in self.params]
-        self.optimizer = torch.optim.Adam(self.params, lr=settings.lr, betas=(settings.beta, 0.999))
-        self.optimizer_state = self.optimizer.state_dict()
+        self.use_optimizer(torch.optim.Adam(self.params, lr=settings.lr, betas=(settings.beta, 0.999)))
         self.generator = torch.Generator(device=device).manual_seed(common.seed)
         self.augmented = 0
-
-    def batch_size(self, sample) -> int:
-        return self.settings.batch
 
     def adapt(self, images: torch.Tensor) -> torch.Tensor:
         teacher_logits = self.pseudo_labels(images)
@@ -104,11 +89,10 @@ class CoTTA(Method):
             student.copy_(torch.where(restore, source, student))
 
     def reset(self) -> None:
+        super().reset()
         with torch.no_grad():
-            for student, teacher, source in zip(self.params, self.teacher_params, self.source, strict=True):
-                student.copy_(source)
+            for teacher, source in zip(self.teacher_params, self.source, strict=True):
                 teacher.copy_(source)
-        self.optimizer.load_state_dict(self.optimizer_state)
 
     def counters(self) -> dict[str, int]:
         return {"augmented_batches": self.augmented}

@@ -10,7 +10,6 @@ property of the source model, so reset() keeps it. `--set eata.fisher_samples=0`
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +17,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from tta_cli.adapt.methods import register
-from tta_cli.adapt.methods.base import Method
-from tta_cli.adapt.methods.norm import use_batch_statistics
-from tta_cli.config import check_range
-from tta_cli.models.params import has_batchnorm, norm_parameter_names
+from tta_cli.adapt.methods.batch import ReliableEntropy, norm_affine_names
 
 
 @dataclass
@@ -37,7 +33,7 @@ class EataSettings:
 
 
 @register
-class EATA(Method):
+class EATA(ReliableEntropy):
     name = "eata"
     semantics = (
         "EATA, entropy minimisation on reliable, non-redundant samples with a Fisher penalty. Per batch: keep the "
@@ -50,45 +46,30 @@ class EATA(Method):
     updates = "BatchNorm/GroupNorm/LayerNorm affine parameters of encoder + main head"
     default_batch = 64
     Settings = EataSettings
+    limits = {**ReliableEntropy.limits, "d_margin": (0, None), "fisher_alpha": (0, None), "fisher_samples": (0, None), "average": (0, 1)}
 
     def __init__(self, model, task, settings, common, classes, device):
-        for field in ("lr", "e_margin", "d_margin", "fisher_alpha", "fisher_samples"):
-            check_range(f"eata.{field}", getattr(settings, field), 0)
-        check_range("eata.batch", settings.batch, 1)
-        check_range("eata.momentum", settings.momentum, 0, 1)
-        check_range("eata.average", settings.average, 0, 1)
-        model.eval()
-        if has_batchnorm(model):
-            use_batch_statistics(model)
         super().__init__(model, task, settings, common, classes, device)
-        self.names = norm_parameter_names(model.encoder, "encoder.") + norm_parameter_names(model.main_head, "main_head.")
-        model.requires_grad_(False)
-        self.params = [model.get_parameter(name).requires_grad_(True) for name in self.names]
-        self.source = [param.detach().clone() for param in self.params]
-        self.margin = settings.e_margin * math.log(classes)
-        self.optimizer = torch.optim.SGD(self.params, lr=settings.lr, momentum=settings.momentum)
-        self.optimizer_state = self.optimizer.state_dict()
+        self.names = norm_affine_names(model)
         self.fisher = None  # [F_i], once estimated
         self.fisher_sums, self.fisher_batches, self.fisher_seen = [torch.zeros_like(p) for p in self.params], 0, 0
         self.average_probs = None  # (classes,) moving average of the selected samples' softmax
-        self.reliable = self.updated = 0
+        self.updated = 0
 
-    def batch_size(self, sample) -> int:
-        return self.settings.batch
+    def trained(self, model):
+        return [model.get_parameter(name) for name in norm_affine_names(model)]
 
     def adapt(self, images: torch.Tensor) -> torch.Tensor:
         if self.fisher_seen < self.settings.fisher_samples:
             self.estimate_fisher(images)
         logits = self.model(images)
-        entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+        entropy, reliable = self.reliable_entropy(logits)
         probs = logits.detach().softmax(1)
-        reliable = entropy < self.margin
         selected = reliable
         if self.average_probs is not None:
             similarity = F.cosine_similarity(probs, self.average_probs[None], dim=1)
             selected = reliable & (similarity.abs() < self.settings.d_margin)
         count = int(selected.sum())
-        self.reliable += int(reliable.sum())
         self.updated += count
         if count:
             weights = torch.exp(self.margin - entropy.detach())
@@ -125,10 +106,7 @@ class EATA(Method):
         self.average_probs = mean_probs if past is None else rate * past + (1 - rate) * mean_probs
 
     def reset(self) -> None:
-        with torch.no_grad():
-            for param, value in zip(self.params, self.source, strict=True):
-                param.copy_(value)
-        self.optimizer.load_state_dict(self.optimizer_state)
+        super().reset()
         self.average_probs = None
 
     def counters(self) -> dict[str, int]:

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tta_cli.adapt.methods import register
-from tta_cli.adapt.methods.base import Method
-from tta_cli.config import check_range
+from tta_cli.adapt.methods.batch import BatchMethod
 from tta_cli.data.augmix import augmix
 
 
@@ -63,7 +62,7 @@ def use_prior_batchnorm(model: nn.Module, prior_strength: float) -> None:
 
 
 @register
-class Memo(Method):
+class Memo(BatchMethod):
     name = "memo"
     episodic = True
     semantics = (
@@ -76,23 +75,21 @@ class Memo(Method):
     updates = "every parameter of encoder + main head, per sample (restored after)"
     default_batch = 32
     Settings = MemoSettings
+    limits = {
+        "lr": (0, None), "steps": (0, None), "copies": (1, None), "momentum": (0, 1), "weight_decay": (0, None),
+        "prior_strength": (0, None),
+    }
 
     def __init__(self, model, task, settings, common, classes, device):
-        check_range("memo.lr", settings.lr, 0)
-        check_range("memo.steps", settings.steps, 0)
-        check_range("memo.copies", settings.copies, 1)
-        check_range("memo.momentum", settings.momentum, 0, 1)
-        check_range("memo.weight_decay", settings.weight_decay, 0)
-        check_range("memo.prior_strength", settings.prior_strength, 0)
+        super().__init__(model, task, settings, common, classes, device)
         use_prior_batchnorm(model, settings.prior_strength)
-        super().__init__(model.eval(), task, settings, common, classes, device)
+        model.eval()
         self.steps = settings.steps if common.steps is None else common.steps
-        model.requires_grad_(False)
-        self.params = [*model.encoder.parameters(), *model.main_head.parameters()]
-        for param in self.params:
-            param.requires_grad_(True)
-        self.source = [param.detach().clone() for param in self.params]
+        self.train_only([*model.encoder.parameters(), *model.main_head.parameters()])
         self.generator = torch.Generator(device=device).manual_seed(common.seed)
+
+    def batch_size(self, sample) -> int:
+        return self.default_batch  # images per call, each its own episode
 
     def adapt(self, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.adapt_one(image) for image in images])
@@ -111,8 +108,3 @@ class Memo(Method):
             logits = self.model(image[None])
         self.reset()
         return logits
-
-    def reset(self) -> None:
-        with torch.no_grad():
-            for param, value in zip(self.params, self.source, strict=True):
-                param.copy_(value)

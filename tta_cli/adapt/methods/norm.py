@@ -29,6 +29,13 @@ def use_batch_statistics(model: nn.Module) -> None:
             module.running_var = None
 
 
+def batch_statistics_if_any(model: nn.Module) -> None:
+    """Eval mode, and use_batch_statistics where the model has BatchNorm layers (GroupNorm and LayerNorm are per sample)."""
+    model.eval()
+    if has_batchnorm(model):
+        use_batch_statistics(model)
+
+
 @dataclass
 class NormSettings:
     batch: int = 200  # test samples per batch, whose statistics normalise it (as in Tent)

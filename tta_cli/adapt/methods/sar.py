@@ -3,17 +3,13 @@ the deepest stage, with recovery of the source weights when the entropy collapse
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 import torch
 
 from tta_cli.adapt.methods import register
-from tta_cli.adapt.methods.base import Method
-from tta_cli.adapt.methods.norm import use_batch_statistics
-from tta_cli.config import check_range
-from tta_cli.models.params import has_batchnorm, norm_parameter_names
+from tta_cli.adapt.methods.batch import ReliableEntropy, norm_affine_names, softmax_entropy
 
 
 @dataclass
@@ -32,7 +28,7 @@ def sar_parameter_names(model) -> list[str]:
     skip ResNet-50's layer4 and ViT-B's blocks 9-11 and `norm`: here the last residual stage (layer4 where the
     backbone has one, else layer3), the pre-activation ResNet's `final` norm, a ViT's last quarter of blocks and its
     final `norm`."""
-    names = norm_parameter_names(model.encoder, "encoder.") + norm_parameter_names(model.main_head, "main_head.")
+    names = norm_affine_names(model)
     deepest = "layer4" if any(".layer4." in name for name in names) else "layer3"
     blocks = {int(match.group(1)) for name in names if (match := re.search(r"\.blocks\.(\d+)\.", name))}
     first_skipped_block = len(blocks) - len(blocks) // 4
@@ -46,7 +42,7 @@ def sar_parameter_names(model) -> list[str]:
 
 
 @register
-class SAR(Method):
+class SAR(ReliableEntropy):
     name = "sar"
     semantics = (
         "SAR, sharpness-aware reliable entropy minimisation. Per batch: keep the samples whose entropy is below "
@@ -58,38 +54,23 @@ class SAR(Method):
     updates = "norm affine parameters of encoder + main head except the deepest stage and the final norm"
     default_batch = 64
     Settings = SarSettings
+    limits = {**ReliableEntropy.limits, "rho": (0, None), "reset_constant": (0, None), "ema": (0, 1)}
 
     def __init__(self, model, task, settings, common, classes, device):
-        for field in ("lr", "rho", "e_margin", "reset_constant"):
-            check_range(f"sar.{field}", getattr(settings, field), 0)
-        check_range("sar.batch", settings.batch, 1)
-        check_range("sar.momentum", settings.momentum, 0, 1)
-        check_range("sar.ema", settings.ema, 0, 1)
-        model.eval()
-        if has_batchnorm(model):
-            use_batch_statistics(model)
         super().__init__(model, task, settings, common, classes, device)
-        names = set(sar_parameter_names(model))
-        model.requires_grad_(False)
-        self.params = [param for name, param in model.named_parameters() if name in names]
-        for param in self.params:
-            param.requires_grad_(True)
-        self.source = [param.detach().clone() for param in self.params]
-        self.margin = settings.e_margin * math.log(classes)
-        lr = settings.lr * min(settings.batch, 32) / 32
-        self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=settings.momentum)
-        self.optimizer_state = self.optimizer.state_dict()
         self.loss_average = None  # moving average of the second loss (None: no reliable batch since the last reset)
-        self.reliable = self.recoveries = 0
+        self.recoveries = 0
 
-    def batch_size(self, sample) -> int:
-        return self.settings.batch
+    def trained(self, model):
+        names = set(sar_parameter_names(model))
+        return [param for name, param in model.named_parameters() if name in names]
+
+    def learning_rate(self) -> float:
+        return self.settings.lr * min(self.settings.batch, 32) / 32
 
     def adapt(self, images: torch.Tensor) -> torch.Tensor:
         logits = self.model(images)
-        entropy = softmax_entropy(logits)
-        reliable = entropy < self.margin
-        self.reliable += int(reliable.sum())
+        entropy, reliable = self.reliable_entropy(logits)
         first_loss = entropy[reliable].sum() / reliable.sum().clamp_min(1)  # (no reliable sample: zero gradients)
         gradients = torch.autograd.grad(first_loss, self.params)
         norm = torch.cat([gradient.flatten() for gradient in gradients]).norm()
@@ -120,15 +101,9 @@ class SAR(Method):
             self.recoveries += 1
 
     def reset(self) -> None:
-        with torch.no_grad():
-            for param, value in zip(self.params, self.source, strict=True):
-                param.copy_(value)
-        self.optimizer.load_state_dict(self.optimizer_state)
+        super().reset()
         self.loss_average = None
 
     def counters(self) -> dict[str, int]:
         return {"reliable_samples": self.reliable, "recoveries": self.recoveries}
 
-
-def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)

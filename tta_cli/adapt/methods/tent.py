@@ -8,12 +8,10 @@ from dataclasses import dataclass
 import torch
 
 from tta_cli.adapt.methods import register
-from tta_cli.adapt.methods.base import Method
+from tta_cli.adapt.methods.batch import BatchMethod, norm_affine_names, softmax_entropy
 from tta_cli.adapt.methods.norm import use_batch_statistics
-from tta_cli.config import check_range
 from tta_cli.engine.execution import resolve
 from tta_cli.engine.precision import autocast_bf16, full_precision
-from tta_cli.models.params import norm_parameter_names
 
 
 @dataclass
@@ -23,7 +21,7 @@ class TentSettings:
 
 
 @register
-class Tent(Method):
+class Tent(BatchMethod):
     name = "tent"
     semantics = (
         "Tent, entropy minimisation on each test batch. Adam steps on the normalization affine parameters, one per "
@@ -32,34 +30,20 @@ class Tent(Method):
     updates = "BatchNorm/GroupNorm/LayerNorm affine parameters of encoder + main head"
     default_batch = 200
     Settings = TentSettings
+    limits = {"lr": (0, None), "batch": (1, None)}
 
     def __init__(self, model, task, settings, common, classes, device):
-        check_range("tent.lr", settings.lr, 0)
-        check_range("tent.batch", settings.batch, 1)
-        use_batch_statistics(model)
         super().__init__(model, task, settings, common, classes, device)
+        use_batch_statistics(model)
         self.amp = resolve(common, device).amp("plain")
-        names = set(norm_parameter_names(model.encoder, "encoder.") + norm_parameter_names(model.main_head, "main_head."))
-        for name, param in model.named_parameters():
-            param.requires_grad_(name in names)
-        self.params = [p for n, p in model.named_parameters() if n in names]
-        self.source = [p.detach().clone() for p in self.params]
-        self.optimizer = torch.optim.Adam(self.params, lr=settings.lr, betas=(0.9, 0.999))
-        self.optimizer_state = self.optimizer.state_dict()
-
-    def batch_size(self, sample) -> int:
-        return self.settings.batch
-
-    def reset(self) -> None:
-        with torch.no_grad():
-            for param, value in zip(self.params, self.source, strict=True):
-                param.copy_(value)
-        self.optimizer.load_state_dict(self.optimizer_state)
+        names = set(norm_affine_names(model))
+        self.train_only([param for name, param in model.named_parameters() if name in names])
+        self.use_optimizer(torch.optim.Adam(self.params, lr=settings.lr, betas=(0.9, 0.999)))
 
     def adapt(self, images: torch.Tensor) -> torch.Tensor:
         with autocast_bf16(self.device, self.amp):
             logits = full_precision(self.model(images))
-        entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
+        entropy = softmax_entropy(logits).mean()
         self.optimizer.zero_grad(set_to_none=True)
         entropy.backward()
         self.optimizer.step()
