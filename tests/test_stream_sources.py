@@ -16,7 +16,7 @@ from PIL import Image
 from tta_cli.data.imageset import ImageSet
 from tta_cli.errors import TTAError
 from tta_cli.stream import FrameSource, Pacer, fit_square, load_stream_labels, make_stream, open_frames, save_stream
-from tta_cli.stream.make import make_stream_command
+from tta_cli.stream.make import StreamRecipe, make_stream_command
 
 FRAMES, CLIP, SEGMENT_CLIPS, MAX_SEVERITY = 100, 10, 3, 5
 CORRUPTIONS = ["gaussian_noise", "clean", "contrast"]
@@ -178,9 +178,8 @@ def test_make_stream_rejects_bad_requests(images):
 
 
 def test_make_stream_command_saves_a_stream_of_the_mini_test_split(tmp_path):
-    summary = make_stream_command(
-        "cifar10-mini", tmp_path, frames=24, clip_length=8, corruptions=["clean"], seed=0, device="cpu", video=False
-    )
+    recipe = StreamRecipe(frames=24, clip_length=8, corruptions=["clean"], seed=0, video=False)
+    summary = make_stream_command("cifar10-mini", tmp_path, recipe, device="cpu")
     assert summary["frames"] == 24 and summary["clips"] == 3 and summary["size"] == 32
     assert sorted(path.name for path in tmp_path.iterdir()) == ["frames.npy", "labels.npy", "manifest.json", "schedule.csv", "stream.json"]
     assert load_stream_labels(tmp_path).class_names[0] == "airplane"

@@ -120,30 +120,18 @@ def make_command(
 ) -> None:
     """Make a labelled drifting test stream from the test split of --data (default: the embedded cifar10-mini)."""
     from tta_cli.outputs import check_out_folder
-    from tta_cli.stream.make import check_make_options, make_stream_command
+    from tta_cli.stream.make import StreamRecipe, make_stream_command
 
     if out is None:
         raise TTAError("tta stream make needs --out DIR: the folder that receives stream.mp4, frames.npy, labels.npy and schedule.csv")
     check_out_folder(out, force)
-    check_make_options(frames, clip_length, segment_clips, size, fps, 0 if seed is None else seed, video)
-    source = escape(data or "cifar10-mini")
-    console.print(f"[bold]tta stream make[/] {frames:,} frames from {source} -> {escape(str(out))}", highlight=False, soft_wrap=True)
-    with console.status(f"making a {frames}-frame stream from {data or 'cifar10-mini'} ..."):
-        summary = make_stream_command(
-            data or "cifar10-mini",
-            out,
-            frames=frames,
-            clip_length=clip_length,
-            corruptions=corruptions,
-            seed=0 if seed is None else seed,
-            device=device,
-            video=video,
-            max_severity=max_severity,
-            size=size,
-            segment_clips=segment_clips,
-            fps=fps,
-            data_root=data_root,
-        )
+    recipe = StreamRecipe(frames=frames, clip_length=clip_length, corruptions=corruptions, max_severity=max_severity,
+                          seed=0 if seed is None else seed, size=size, segment_clips=segment_clips, fps=fps, video=video)
+    recipe.check()
+    source = data or "cifar10-mini"
+    console.print(f"[bold]tta stream make[/] {frames:,} frames from {escape(source)} -> {escape(str(out))}", highlight=False, soft_wrap=True)
+    with console.status(f"making a {frames}-frame stream from {source} ..."):
+        summary = make_stream_command(source, out, recipe, device, data_root)
     print_stream_summary(summary)
 
 

@@ -378,75 +378,57 @@ def _read_class_names(path: Path) -> list[str] | None:
         raise TTAError(f"cannot read {path}: {error}") from None
 
 
-def check_make_options(frames: int, clip_length: int, segment_clips: int | None, size: int | None, fps: float, seed: int, video: bool) -> None:
-    """The options of `tta stream make` that can be judged before any data is read. Without PyAV a video cannot be
-    written: that fails here, before any work or file, rather than after frames.npy is already on disk."""
-    from tta_cli.validation import check_seed
+@dataclass
+class StreamRecipe:
+    """What `tta stream make` draws and writes (make_stream's arguments, and the files' options)."""
 
-    if size is not None and size < 1:
-        raise TTAError(f"--size must be at least 1 pixel, got {size}")
-    if not fps > 0:  # the rate `tta stream run --fps native` paces by
-        raise TTAError(f"--fps must be above 0, got {fps}")
-    if frames < 1:
-        raise TTAError(f"a stream needs at least one frame, got --frames {frames}")
-    if clip_length < 1 or (segment_clips is not None and segment_clips < 1):
-        raise TTAError(f"clip length and clips per corruption must be positive, got {clip_length} and {segment_clips}")
-    check_seed(seed)
-    if video:
-        import_av("or add --no-video to write the stream as frames.npy only")
+    frames: int
+    clip_length: int = 30
+    corruptions: list[str] | str | None = None  # None: all
+    max_severity: int = 5
+    seed: int = 0
+    size: int | None = None  # frame side; None: the images' own
+    segment_clips: int | None = None  # None: DEFAULT_SEGMENT_CLIPS
+    fps: float = DEFAULT_FPS  # written into the video
+    video: bool = True  # also write stream.mp4
+
+    def check(self) -> None:
+        """What can be judged before any data is read. Without PyAV a video cannot be written: that fails here,
+        before any work or file, rather than after frames.npy is already on disk."""
+        from tta_cli.validation import check_seed
+
+        if self.size is not None and self.size < 1:
+            raise TTAError(f"--size must be at least 1 pixel, got {self.size}")
+        if not self.fps > 0:  # the rate `tta stream run --fps native` paces by
+            raise TTAError(f"--fps must be above 0, got {self.fps}")
+        if self.frames < 1:
+            raise TTAError(f"a stream needs at least one frame, got --frames {self.frames}")
+        if self.clip_length < 1 or (self.segment_clips is not None and self.segment_clips < 1):
+            raise TTAError(f"clip length and clips per corruption must be positive, got {self.clip_length} and {self.segment_clips}")
+        check_seed(self.seed)
+        if self.video:
+            import_av("or add --no-video to write the stream as frames.npy only")
 
 
-def make_stream_command(
-    data: str,
-    out: Path,
-    frames: int,
-    clip_length: int,
-    corruptions: list[str] | str | None,
-    seed: int,
-    device: str | None,
-    video: bool,
-    max_severity: int = 5,
-    size: int | None = None,
-    segment_clips: int | None = None,
-    fps: float = DEFAULT_FPS,
-    data_root: str | None = None,
-) -> dict[str, Any]:
+def make_stream_command(data: str, out: Path, recipe: StreamRecipe, device: str | None = None, data_root: str | None = None) -> dict[str, Any]:
     """`tta stream make`: a drifting stream from the test split of `data`, saved under `out`; returns a summary.
-
-    `size` defaults to the test images' own side (32 for CIFAR-10); the options are checked first (check_make_options).
-    """
+    The recipe is checked first (StreamRecipe.check)."""
     from tta_cli.outputs import check_space, staged_folder
     from tta_cli.validation import check_memory
 
-    check_make_options(frames, clip_length, segment_clips, size, fps, seed, video)
+    recipe.check()
+    frames = recipe.frames
     images = load_split(data, "test", root=data_root)
-    side = int(min(images.images.shape[1:3])) if size is None else size
+    side = int(min(images.images.shape[1:3])) if recipe.size is None else recipe.size
     # the frames live on the device, then as a numpy copy and in the file buffers; per-frame tensors besides
     check_memory(FRAME_COPIES * frames * side * side * 3 + frames * PER_FRAME_BYTES, f"--frames {frames} at --size {side}")
-    check_space(Path(out), frames * side * side * 3 * (2 if video else 1))  # frames.npy, and the video at most as much
+    check_space(Path(out), frames * side * side * 3 * (2 if recipe.video else 1))  # frames.npy, and the video at most as much
     compute_device = resolve_device(device or "auto")
-    stream = make_stream(
-        images,
-        frames=frames,
-        clip_length=clip_length,
-        corruptions=corruptions,
-        max_severity=max_severity,
-        seed=seed,
-        size=side,
-        segment_clips=DEFAULT_SEGMENT_CLIPS if segment_clips is None else segment_clips,
-        device=compute_device,
-    )
+    segment_clips = DEFAULT_SEGMENT_CLIPS if recipe.segment_clips is None else recipe.segment_clips
+    stream = make_stream(images, frames, clip_length=recipe.clip_length, corruptions=recipe.corruptions, max_severity=recipe.max_severity,
+                         seed=recipe.seed, size=side, segment_clips=segment_clips, device=compute_device)
     with staged_folder(out, "tta stream make") as folder:
-        written = {kind: out / path.name for kind, path in save_stream(stream, folder, video=video, fps=fps).items()}
-    return {
-        "out": str(out),
-        "frames": len(stream),
-        "clips": int(stream.clip_ids[-1]) + 1,
-        "size": stream.meta["size"],
-        "corruptions": stream.meta["corruptions"],
-        "max_severity": max_severity,
-        "seed": seed,
-        "fps": fps,
-        "device": str(compute_device),
-        "files": {kind: str(path) for kind, path in written.items()},
-    }
+        written = {kind: out / path.name for kind, path in save_stream(stream, folder, video=recipe.video, fps=recipe.fps).items()}
+    summary = {"out": str(out), "frames": len(stream), "clips": int(stream.clip_ids[-1]) + 1, "size": stream.meta["size"]}
+    summary.update(corruptions=stream.meta["corruptions"], max_severity=recipe.max_severity, seed=recipe.seed, fps=recipe.fps)
+    return {**summary, "device": str(compute_device), "files": {kind: str(path) for kind, path in written.items()}}
