@@ -58,46 +58,41 @@ if triton is not None:
             _store_or_add(out, offsets, split * slab, acc, mask, ATOMIC)
 
     @triton.jit
-    def forward_kernel(
-        x, w, out, partials, counters, H, W, OH, OW, C, N, M, K,
+    def gathered_kernel(
+        source, w, result, partials, counters, H, W, OH, OW, C, N, M, K,
         KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        ATOMIC: tl.constexpr, ORDERED: tl.constexpr, SPLITS: tl.constexpr,
+        ATOMIC: tl.constexpr, ORDERED: tl.constexpr, SPLITS: tl.constexpr, INPUT_GRAD: tl.constexpr,
     ):
-        """out[m, n] = sum_k patches[m, k] * w[n, k], stored at out (B, N, OH, OW); split s of the taps (program
-        axis 2, STEPS steps of BK each) stores its partial sum at out[s], or with ATOMIC adds it into out, or with
-        ORDERED leaves it in `partials` for the tile's last program (_store_split)."""
-        pixels = tl.program_id(0) * BM + tl.arange(0, BM)
-        channels = tl.program_id(1) * BN + tl.arange(0, BN)
-        split = tl.program_id(2)
-        acc = tl.zeros((BM, BN), dtype=ACC)
-        for step in range(STEPS):  # a compile-time trip count (older interpreters cannot loop to a runtime bound)
-            taps = (split * STEPS + step) * BK + tl.arange(0, BK)
-            offsets, valid = _patch_offsets(pixels, taps, H, W, OH, OW, C, KH, KW, STRIDE, PAD, M, K)
-            patches = tl.load(x + offsets, mask=valid, other=0.0)
-            weights = tl.load(w + channels[None, :] * K + taps[:, None], mask=(taps < K)[:, None] & (channels < N)[None, :], other=0.0)
-            acc = tl.dot(patches, weights, acc, input_precision=PRECISION, out_dtype=ACC)
-        b = pixels // (OH * OW)
-        rest = pixels % (OH * OW)
-        target = b[:, None] * (N * OH * OW) + channels[None, :] * (OH * OW) + rest[:, None]
-        _store_split(out, partials, counters, target, split, M * N, acc, (pixels < M)[:, None] & (channels < N)[None, :], ATOMIC, ORDERED, SPLITS)
+        """Either gathered GEMM; split s of the taps (program axis 2, STEPS steps of BK each) stores its partial sum
+        at result[s], or with ATOMIC adds it into result, or with ORDERED leaves it in `partials` for the tile's last
+        program (_store_split).
 
-    @triton.jit
-    def input_grad_kernel(
-        dy, w, dx, partials, counters, H, W, OH, OW, C, N, M, K,
-        KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
-        ATOMIC: tl.constexpr, ORDERED: tl.constexpr, SPLITS: tl.constexpr,
-    ):
-        """dx[b, c, ih, iw] = sum over (n, kh, kw) of dy[b, n, oh, ow] * w[n, c, kh, kw], where oh * STRIDE =
-        ih + PAD - kh (and the same for columns): pixel m = (b, ih, iw) of the input, tap k = (n, kh, kw),
-        channel = c. Taps whose output position is fractional or outside dy are masked out. Split s of the taps
-        (program axis 2) stores its partial sum at dx[s], or with ATOMIC adds it into dx, or ORDERED (as the
-        forward's)."""
-        _input_grad_tile(
-            dy, w, dx, partials, counters, tl.program_id(0), tl.program_id(1), tl.program_id(2), H, W, OH, OW, C, N, M, K,
-            KH, KW, STRIDE, PAD, BM, BN, BK, STEPS, PRECISION, ACC, ATOMIC, ORDERED, SPLITS,
-        )
+        Forward (source x, result out): out[m, n] = sum_k patches[m, k] * w[n, k], stored at out (B, N, OH, OW).
+        INPUT_GRAD (source dy, result dx): dx[b, c, ih, iw] = sum over (n, kh, kw) of dy[b, n, oh, ow] * w[n, c, kh, kw],
+        where oh * STRIDE = ih + PAD - kh (and the same for columns): pixel m = (b, ih, iw) of the input, tap
+        k = (n, kh, kw), channel = c. Taps whose output position is fractional or outside dy are masked out."""
+        if INPUT_GRAD:
+            _input_grad_tile(
+                source, w, result, partials, counters, tl.program_id(0), tl.program_id(1), tl.program_id(2), H, W, OH, OW, C, N, M, K,
+                KH, KW, STRIDE, PAD, BM, BN, BK, STEPS, PRECISION, ACC, ATOMIC, ORDERED, SPLITS,
+            )
+        else:
+            pixels = tl.program_id(0) * BM + tl.arange(0, BM)
+            channels = tl.program_id(1) * BN + tl.arange(0, BN)
+            split = tl.program_id(2)
+            acc = tl.zeros((BM, BN), dtype=ACC)
+            for step in range(STEPS):  # a compile-time trip count (older interpreters cannot loop to a runtime bound)
+                taps = (split * STEPS + step) * BK + tl.arange(0, BK)
+                offsets, valid = _patch_offsets(pixels, taps, H, W, OH, OW, C, KH, KW, STRIDE, PAD, M, K)
+                patches = tl.load(source + offsets, mask=valid, other=0.0)
+                weights = tl.load(w + channels[None, :] * K + taps[:, None], mask=(taps < K)[:, None] & (channels < N)[None, :], other=0.0)
+                acc = tl.dot(patches, weights, acc, input_precision=PRECISION, out_dtype=ACC)
+            b = pixels // (OH * OW)
+            rest = pixels % (OH * OW)
+            target = b[:, None] * (N * OH * OW) + channels[None, :] * (OH * OW) + rest[:, None]
+            mask = (pixels < M)[:, None] & (channels < N)[None, :]
+            _store_split(result, partials, counters, target, split, M * N, acc, mask, ATOMIC, ORDERED, SPLITS)
 
     @triton.jit
     def _input_grad_tile(
@@ -106,7 +101,7 @@ if triton is not None:
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STEPS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
         ATOMIC: tl.constexpr, ORDERED: tl.constexpr, SPLITS: tl.constexpr,
     ):
-        """input_grad_kernel's work for one (pixel tile, channel tile, split)."""
+        """gathered_kernel's input gradient for one (pixel tile, channel tile, split)."""
         pixels = tile_m * BM + tl.arange(0, BM)
         channels = tile_n * BN + tl.arange(0, BN)
         b = pixels // (H * W)
@@ -142,7 +137,7 @@ if triton is not None:
         """The input gradient of a strided convolution by sub-pixel classes (program axis 2): the input pixels with
         (ih + PAD) % STRIDE == rh (and rw for columns) only meet the kernel rows kh = rh, rh + STRIDE, ... So each
         class is a plain GEMM over N x TAPS_H x TAPS_W taps (TAPS_H = cdiv(KH, STRIDE); rows past KH masked), where
-        the gathered implicit GEMM (input_grad_kernel) steps through all N x KH x KW taps and masks 3 in 4 of
+        the gathered implicit GEMM (gathered_kernel's INPUT_GRAD) steps through all N x KH x KW taps and masks 3 in 4 of
         them at stride 2. Program axis 0 covers the largest class; the others mask their last pixels."""
         cls = tl.program_id(2)
         rh = cls // STRIDE

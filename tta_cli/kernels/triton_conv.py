@@ -32,7 +32,7 @@ from tta_cli.kernels import zeroed_outputs
 from tta_cli.kernels.conv_kernels import tl, triton
 
 if triton is not None:
-    from tta_cli.kernels.conv_kernels import forward_kernel, grads_kernel, input_grad_kernel, input_grad_subpixel_kernel, weight_grad_kernel
+    from tta_cli.kernels.conv_kernels import gathered_kernel, grads_kernel, input_grad_subpixel_kernel, weight_grad_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Where the kernels are even tried: the CIFAR ResNets' latency-bound convolutions (3-64 channels, 8-32 px, tensors of
@@ -83,7 +83,7 @@ def _conv_forward(
         raise ValueError("sub-pixel classes are for the input gradient only")
     out_shape = (x.shape[0], w.shape[0], *_geometry(x.shape, w.shape, stride, padding))
     launch = Launch(tile, depth, splits, warps, stages, atomic, ordered=ordered)
-    return _launch_gathered(forward_kernel, x, w, tuple(x.shape), out_shape, out_shape, stride, padding, launch, "out")
+    return _launch_gathered(x, w, tuple(x.shape), out_shape, out_shape, stride, padding, launch, "out")
 
 
 def _conv_input_grad(
@@ -95,7 +95,7 @@ def _conv_input_grad(
     if subpixel:
         return _conv_input_grad_subpixel(dy, w, x_shape, stride, padding, tile, depth, warps, stages)
     launch = Launch(tile, depth, splits, warps, stages, atomic, ordered=ordered)
-    return _launch_gathered(input_grad_kernel, dy, w, tuple(x_shape), tuple(dy.shape), tuple(x_shape), stride, padding, launch, "dx")
+    return _launch_gathered(dy, w, tuple(x_shape), tuple(dy.shape), tuple(x_shape), stride, padding, launch, "dx")
 
 
 class Launch(NamedTuple):
@@ -111,10 +111,10 @@ class Launch(NamedTuple):
     ordered: bool = False  # forward and input gradient: split sums added by each tile's last program, in order (deterministic)
 
 
-def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, padding, launch: Launch, role: str) -> torch.Tensor:
+def _launch_gathered(source, w, x_shape, y_shape, result_shape, stride, padding, launch: Launch, role: str) -> torch.Tensor:
     """Either gathered GEMM (forward: x -> y, input gradient: dy -> dx) over `result_shape` (B, columns, H', W'):
     its pixels are the GEMM's rows, its channels the columns, and `source`'s channels x kH x kW the taps. `role`
-    names the result for zeroed_outputs ("out", "dx")."""
+    names the result for zeroed_outputs ("out", "dx") and picks the kernel's branch."""
     batch, channels, height, width = x_shape
     out_channels, _, kernel_h, kernel_w = w.shape
     columns = result_shape[1]
@@ -133,11 +133,11 @@ def _launch_gathered(kernel, source, w, x_shape, y_shape, result_shape, stride, 
         result = _sum_buffer(splits, result_shape, source, atomic, role)
         partials = counters = result  # (not read)
     grid = (triton.cdiv(pixels, launch.tile), triton.cdiv(columns, bn), splits)
-    kernel[grid](
+    gathered_kernel[grid](
         source, w, result, partials, counters, height, width, y_shape[2], y_shape[3], channels, out_channels, pixels, taps,
         KH=kernel_h, KW=kernel_w, STRIDE=stride, PAD=padding, BM=launch.tile, BN=bn, BK=bk, STEPS=steps,
         PRECISION=_precision(source.dtype), ACC=_accumulator(source.dtype), ATOMIC=atomic, ORDERED=ordered, SPLITS=splits,
-        num_warps=launch.warps, num_stages=launch.stages,
+        INPUT_GRAD=role == "dx", num_warps=launch.warps, num_stages=launch.stages,
     )
     return result if ordered else _summed(result, splits, atomic, source.dtype)
 
