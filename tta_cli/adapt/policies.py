@@ -193,6 +193,23 @@ class PolicyState:
         self.window.clear(collapsed)
         self.counts["collapse_resets"] += collapsed.long()
 
+    def _gate(self, outputs: torch.Tensor, targets: torch.Tensor, loss: torch.Tensor, first: bool) -> torch.Tensor | None:
+        """The update's gate (None: it runs): the confidence gate (--skip-above) and, on an input's first step, the
+        shift reset, which records the loss."""
+        gate = None
+        if self.config.skip_above is not None:
+            gate = (self.task.confidence(outputs, targets) <= self.config.skip_above).float()
+        return self._shift_reset(loss, gate) if first else gate
+
+    def _held_out_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rollback's judges of an update: fresh views of the input, their targets and ssl loss before it."""
+        inputs, targets = self._make_views(images)
+        return inputs, targets, self._ssl_loss(inputs, targets)
+
+    def _check_update(self, inputs, targets, loss_before: torch.Tensor, gate: torch.Tensor | None) -> None:
+        """Roll back an update that raised the ssl loss on the held-out views (_rollback)."""
+        self._rollback(loss_before, self._ssl_loss(inputs, targets), gate)
+
     def _rollback(self, loss_before: torch.Tensor, loss_after: torch.Tensor, gate: torch.Tensor | None) -> None:
         """Undo an update that raised the ssl loss (on fresh views of the input) by more than the margin: back to the
         snapshot, or after `max_strikes` in a row to the source; snapshot every `snapshot_every` good updates. `gate`

@@ -1,9 +1,10 @@
-"""How an online method's calls run fast: compiled passes, CUDA graphs, pipelined and overlapped predictions.
+"""How an online method's calls run fast: compiled passes in bf16, CUDA graphs, pipelined and overlapped predictions.
 
-`OnlineExecution` is the base of an online method's maths (methods/ttt_online.py). The method defines its step
-(`_update`, `step`, `_predict`, the raw passes `_views`, `_outputs_and_loss`, `_forward_main`, `_forward_both`,
-`_apply_gradient`) and its state tensors; this class compiles the passes, swaps in the Triton kernels, and runs five
-kinds of call, each replayed from a CUDA graph when the input is a whole batch:
+`OnlineExecution` is the base of an online method's maths (methods/ttt_online.py). The method defines its update
+(`_update`, `_apply_gradient`), its raw passes (`_views`, `_outputs_and_loss`, `_forward_main`) and its state
+tensors; this class compiles the passes and runs them under bf16 autocast where asked, swaps in the Triton kernels,
+fuses a prediction into an update's first forward pass (`_forward_both`), and runs five kinds of call, each replayed
+from a CUDA graph when the input is a whole batch:
 step (update, then logits), predict, update (no logits), pipelined (a prediction folded into the next update's first
 forward pass) and overlapped (a prediction on a side CUDA stream beside the next update).
 """
@@ -19,6 +20,7 @@ from tta_cli.config import CONV_KERNELS, check_choice
 from tta_cli.engine.compiled import SAME_RANDOM_NUMBERS, maybe_compile
 from tta_cli.engine.execution import uses_triton_kernels
 from tta_cli.engine.graphs import CapturedCall
+from tta_cli.engine.precision import autocast_bf16, full_precision
 from tta_cli.kernels import triton_conv, triton_norm, zeroed_outputs
 
 TWO_INPUTS = ("overlapped", "pipelined")  # calls on (earlier, images): a prediction of earlier, an update on images
@@ -54,14 +56,49 @@ class OnlineExecution:
             triton_conv.use_triton_convs(self.model)
             triton_norm.use_triton_norms(self.model)
         self._main_forward = maybe_compile(self._forward_main, config.compile)
-        self._both_forward = maybe_compile(self._forward_both, config.compile)
+        self._both_forward = self._in_precision(maybe_compile(self._forward_both, config.compile), logits_first=True)
         self._make_views = maybe_compile(self._views, config.compile, SAME_RANDOM_NUMBERS)
-        self._ssl_outputs_and_loss = maybe_compile(self._outputs_and_loss, config.compile)
+        self._ssl_outputs_and_loss = self._in_precision(maybe_compile(self._outputs_and_loss, config.compile))
         self._apply = maybe_compile(self._apply_gradient, config.compile)
         self._graphs: dict[str, CapturedCall] = {}
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # overlapped predictions
         calls = {"step": self.step, "predict": self._predict, "update": self._update, "pipelined": self._pipelined, "overlapped": self._overlapped}
         self._calls = {kind: with_one_fill(call) for kind, call in calls.items()}
+
+    def _in_precision(self, call: Callable, logits_first: bool = False) -> Callable:
+        """`call` under bf16 autocast (on CUDA, with config.amp); with `logits_first` its first output (logits) back
+        in full precision."""
+
+        def run(*inputs):
+            with autocast_bf16(self.device, self.config.amp):
+                outputs = call(*inputs)
+                return (full_precision(outputs[0]), *outputs[1:]) if logits_first else outputs
+
+        return run
+
+    def _forward_both(self, earlier, inputs, targets) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One encoder pass over [earlier; inputs]: main-head logits of `earlier`, ssl outputs and loss of `inputs`.
+        Exact because every normalization here is per sample (GroupNorm, LayerNorm, BatchNorm in eval mode)."""
+        features = self.model.features(torch.cat([earlier, inputs]).contiguous())
+        outputs = self.model.ssl_head(features[earlier.shape[0]:])
+        return self.model.main_head(features[: earlier.shape[0]]).detach(), outputs, self.task.loss(outputs, targets)
+
+    def _predict(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast_bf16(self.device, self.config.amp):
+            return full_precision(self._main_forward(images))
+
+    def _ssl_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._ssl_outputs_and_loss(inputs, targets)[1]
+
+    def step(self, images: torch.Tensor) -> torch.Tensor:
+        """Update on `images`, then their logits (before the update with pre_update); then the collapse check."""
+        logits = self._predict(images) if self.config.pre_update else None
+        self._update(images)
+        logits = self._predict(images) if logits is None else logits
+        if self.window is not None:
+            self._collapse_reset(logits)
+        return logits
 
     def convolutions(self) -> str:
         """Who runs the convolutions: "torch" or "triton where faster"."""
