@@ -283,9 +283,10 @@ def run_command(
         context = {"checkpoint": str(ckpt), "source": source, "device": str(torch_device), "interrupted": interrupted}
         write_outputs(out, results, truth, class_names, context)
     if plot is not None and not (interrupted and plot.exists()):
-        from tta_cli.stream.report import plot_timeline
+        from tta_cli.plots import stream_timeline
+        from tta_cli.stream.report import timeline
 
-        console.print(f"wrote {plot_timeline(plot, results, truth)}")
+        console.print(f"wrote {stream_timeline(plot, timeline(results, truth))}")
     check_finite(results)
     if interrupted:
         raise typer.Exit(INTERRUPTED_EXIT)

@@ -1,4 +1,5 @@
-"""What `tta stream run` leaves behind: per-frame rows (CSV + JSONL), a JSON summary and a timeline PNG.
+"""What `tta stream run` leaves behind: per-frame rows (CSV + JSONL), a JSON summary, and the curves of the timeline
+(plots.py draws them).
 
 Only files, written atomically; the live view and the tables are the CLI's job.
 """
@@ -8,16 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tta_cli.files import atomic_write, write_csv, write_json, write_text
+from tta_cli.files import write_csv, write_json, write_text
 from tta_cli.stream.loop import ROLLING_FRAMES, StreamResult
 from tta_cli.stream.make import StreamLabels
-
-MAX_LABELLED_SEGMENTS = 20  # more corruption segments than this: shade the severity, skip the names
 
 
 def frame_rows(result: StreamResult, class_names: list[str], truth: StreamLabels | None = None) -> list[dict[str, Any]]:
@@ -149,66 +149,39 @@ def rolling_window(frames: int) -> int:
     return max(1, min(ROLLING_FRAMES, frames // 10))
 
 
-def plot_timeline(path: Path, results: list[StreamResult], truth: StreamLabels | None = None) -> Path:
-    """PNG: rolling accuracy (rolling confidence without labels) and rolling ssl loss per run over the frames,
-    with the shift's severity shaded and the corruption segments named when the schedule is known."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+@dataclass
+class Timeline:
+    """What `tta stream run --plot` draws (plots.stream_timeline): rolling curves per run over the frames, and the
+    shift schedule behind them where it is known."""
 
+    window: int  # frames each rolling mean covers
+    labelled: bool  # the top curves are accuracy (else confidence, where no frame is labelled)
+    runs: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]  # (name, frame, top curve in %, ssl loss or None)
+    severity: np.ndarray | None = None  # (frames,) shift severity
+    segments: list[tuple[int, int, str]] = field(default_factory=list)  # corruption_segments of the schedule
+
+
+def timeline(results: list[StreamResult], truth: StreamLabels | None = None) -> Timeline:
+    """Rolling accuracy (rolling confidence without labels) and rolling ssl loss per run, with the schedule's
+    severity and corruption segments when it is known."""
     frames = max((len(result) for result in results), default=0)
     window = rolling_window(frames)
-    figure = Figure(figsize=(10, 5.5), dpi=110)
-    FigureCanvasAgg(figure)
-    top, bottom = figure.subplots(2, 1, sharex=True)
     labelled = any((result.columns["label"] >= 0).any() for result in results)
-    for index, result in enumerate(results):
-        columns, color = result.columns, f"C{index}"  # one colour per run in both panels
+    runs = []
+    for result in results:
+        columns = result.columns
         if labelled:
             known = columns["label"] >= 0
-            correct = np.where(known, (columns["predicted"] == columns["label"]).astype(np.float64), np.nan)
-            top.plot(columns["frame"], 100.0 * rolling_mean(correct, window), label=result.name, linewidth=1.2, color=color)
+            top = np.where(known, (columns["predicted"] == columns["label"]).astype(np.float64), np.nan)
         else:
-            top.plot(columns["frame"], 100.0 * rolling_mean(columns["confidence"], window), label=result.name, linewidth=1.2, color=color)
-        if np.isfinite(columns["ssl_loss"]).any():
-            bottom.plot(columns["frame"], rolling_mean(columns["ssl_loss"], window), label=result.name, linewidth=1.2, color=color)
-    top.set_ylabel(f"{'accuracy' if labelled else 'confidence'} (%, last {window} frames)")
-    bottom.set_ylabel(f"ssl loss (mean, last {window})")
-    bottom.set_xlabel("frame")
-    top.set_title("tta stream: online test-time training over the stream")
+            top = columns["confidence"]
+        ssl_loss = rolling_mean(columns["ssl_loss"], window) if np.isfinite(columns["ssl_loss"]).any() else None
+        runs.append((result.name, columns["frame"], 100.0 * rolling_mean(top, window), ssl_loss))
+    plot = Timeline(window, labelled, runs)
     if truth is not None and truth.severity is not None and frames:
-        shade_schedule(top, truth, frames, name_segments=True)
-        shade_schedule(bottom, truth, frames, name_segments=False)
-    for axis in (top, bottom):
-        axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=7, loc="lower left")
-    if not bottom.get_legend_handles_labels()[0]:
-        bottom.text(0.5, 0.5, "no updates (no adaptation)", transform=bottom.transAxes, ha="center", va="center", color="0.5")
-    figure.tight_layout()
-    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
-
-
-def shade_schedule(axis, truth: StreamLabels, frames: int, name_segments: bool) -> None:
-    """Shift severity as a grey area behind the curves (own y axis), segment boundaries, and their names."""
-    from matplotlib.transforms import blended_transform_factory
-
-    severity = truth.severity.numpy()[:frames]
-    positions = np.arange(len(severity))
-    shade = axis.twinx()
-    shade.fill_between(positions, 0, severity, step="mid", color="0.5", alpha=0.18, linewidth=0)
-    shade.set_ylim(0, max(5.0, float(severity.max(initial=0.0))) * 1.05)
-    shade.set_ylabel("shift severity", color="0.45", fontsize=8)
-    shade.set_zorder(axis.get_zorder() - 1)  # the curves stay in front of the shading
-    axis.patch.set_visible(False)
-    segments = corruption_segments(truth.corruption[:frames] if truth.corruption else [])
-    if len(segments) > MAX_LABELLED_SEGMENTS:
-        return
-    on_top = blended_transform_factory(axis.transData, axis.transAxes)
-    for start, stop, name in segments:
-        if start:
-            axis.axvline(start, color="0.6", linestyle=":", linewidth=0.8)
-        if name_segments:
-            axis.text((start + stop) / 2, 0.98, name.replace("_", " "), transform=on_top, ha="center", va="top", fontsize=6, color="0.35")
+        plot.severity = truth.severity.numpy()[:frames]
+        plot.segments = corruption_segments(truth.corruption[:frames] if truth.corruption else [])
+    return plot
 
 
 def corruption_segments(corruption: list[str]) -> list[tuple[int, int, str]]:
