@@ -99,8 +99,8 @@ def gaussian_taps(sigma: float, truncate: float = 4.0) -> list[float]:
 
 
 def cache_sized(function, x: torch.Tensor, *args, images: int = 256):
-    """Run a memory-bound per-image op in batch chunks on CPU (10x faster once temporaries fit in
-    cache); on CUDA the whole batch at once."""
+    """Run a memory-bound per-image op in chunks of `images` on the CPU, so that its temporaries fit in the cache;
+    on CUDA the whole batch at once."""
     if x.is_cuda or x.shape[0] <= images:
         return function(x, *args)
     return torch.cat([function(chunk, *args) for chunk in x.split(images)])
