@@ -108,7 +108,7 @@ class TrainConfig:
     out: str = "runs/train"
 
 
-PARAM_GROUPS = ("encoder", "encoder+ssl", "norm")
+PARAM_GROUPS = ("encoder", "encoder+ssl", "norm", "adapters")
 CONV_KERNELS = ("auto", "torch", "triton")
 PER_SAMPLE = ("auto", "vmap", "grouped")
 RESET_KINDS = ("never", "every:N", "on-shift")
@@ -143,16 +143,23 @@ class OnlineSettings:
     lr: float = 0.001  # SGD learning rate of the self-supervised updates
     copies: int = 32  # augmented views per update (per sample; for tta stream, window draws or copies of the frame)
     momentum: float = 0.0  # SGD momentum
-    params: str = "encoder"  # what adapts: encoder | encoder+ssl | norm
+    params: str = "encoder"  # what adapts: encoder | encoder+ssl | norm | adapters (low-rank, on the encoder's convs)
+    adapter_rank: int = 4  # --params adapters: channels of each convolution's low-rank branch
     reset: str = "never"  # never | every:N | on-shift: back to the source weights
     rollback: bool = False  # undo updates that raise the ssl loss on fresh views; reset on collapsed predictions
     rollback_margin: float = 0.2  # relative rise of the ssl loss that counts as harmful
     collapse_entropy: float = 0.5  # nats: predicted-class histogram entropy below which predictions have collapsed
     pre_update: bool = False  # predict before the update (lowest latency) instead of after
+    # --forget LAMBDA: after every update the weights decay toward the source, w <- (1 - LAMBDA) w + LAMBDA w_source
+    # (None: no decay); with `momentum` it is the "surprise with momentum, adaptive forgetting" gate of long streams
+    forget: float | None = None
     seed: int = 0
 
     def validate(self) -> None:
         check_range("copies", self.copies, 1)
+        check_range("adapter_rank", self.adapter_rank, 1)
+        if self.forget is not None and not 0 <= self.forget <= 1:
+            raise TTAError(f"--forget is a decay per step from 0 (none) to 1 (back to the source), got {self.forget}")
         for name in ("lr", "rollback_margin", "collapse_entropy"):
             check_range(name, getattr(self, name), 0)
         check_range("momentum", self.momentum, 0, 1)
@@ -170,6 +177,7 @@ class AdaptSettings(OnlineSettings, ExecutionSettings):
     skip_above: float | None = None  # skip an update when the rotation head's confidence exceeds this
     order: str = "per-corruption"
     dirichlet: float | None = None
+    views: int = 1  # --views K: each episodic method's prediction averaged over K views of the sample (adapt/views.py)
 
     def validate(self) -> None:
         """One-line errors for values no method can run with (the names as `--set` spells them), before any work."""
@@ -179,6 +187,7 @@ class AdaptSettings(OnlineSettings, ExecutionSettings):
         if repeated:  # results are keyed by method: a second run would overwrite the first
             raise TTAError(f"--method lists {', '.join(repeated)} more than once")
         check_range("batch", self.batch, 1)
+        check_range("--views", self.views, 1)
         check_range("steps", self.steps, 0)
         if self.skip_above is not None and not 0 <= self.skip_above <= 1:
             raise TTAError(f"--skip-above is a probability (0 to 1), got {self.skip_above}")

@@ -54,6 +54,7 @@ METHOD_FLAGS = {
     "reset": ("--reset", ("ttt-online",)),
     "batch": ("--batch", ("ttt-online",)),
     "skip_above": ("--skip-above", ("ttt-online", "ttt")),
+    "forget": ("--forget", ("ttt-online",)),
 }
 
 

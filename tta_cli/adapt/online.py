@@ -21,6 +21,7 @@ class OnlineConfig(UpdateConfig):
     reset: ResetPolicy = field(default_factory=ResetPolicy)
     rollback: RollbackPolicy = field(default_factory=RollbackPolicy)
     pre_update: bool = False  # predict before the update (lowest latency) instead of after
+    forget: float | None = None  # decay toward the source weights after every step (policies.PolicyState); None: none
     amp: bool = True  # bf16 autocast on CUDA
     cuda_graph: bool = True  # capture the calls on CUDA
     compile: bool = False  # torch.compile the passes (and so their backward), then captured in the graphs like any kernel
@@ -34,7 +35,7 @@ def online_config(settings: OnlineSettings, execution: Execution, steps: int, **
         steps=steps, lr=settings.lr, copies=settings.copies, momentum=settings.momentum, params=settings.params,
         per_sample=execution.per_sample, reset=ResetPolicy.parse(settings.reset),
         rollback=RollbackPolicy(enabled=settings.rollback, margin=settings.rollback_margin, min_entropy=settings.collapse_entropy),
-        pre_update=settings.pre_update, amp=execution.amp("online"), cuda_graph=execution.cuda_graph, compile=execution.compile,
+        pre_update=settings.pre_update, forget=settings.forget, amp=execution.amp("online"), cuda_graph=execution.cuda_graph, compile=execution.compile,
         pipeline=execution.pipeline, conv_kernels="triton" if execution.triton_kernels else "torch",
     )
     return OnlineConfig(**{**values, **changes})

@@ -1,4 +1,4 @@
-"""Reset, rollback and skip policies for online adaptation, shared by `tta adapt` and `tta stream`.
+"""Reset, rollback, skip and forgetting policies for online adaptation, shared by `tta adapt` and `tta stream`.
 
 Decisions are 0-dim tensors on the model's device and are applied with `torch.where`, so an
 online step needs no host synchronisation and can be captured in a CUDA graph.
@@ -163,6 +163,13 @@ class PolicyState:
             self.reset()
             self.scheduled_resets += 1
         self.samples_seen += images.shape[0]
+
+    def _step_and_forget(self, grads: list[torch.Tensor], gate: torch.Tensor | None) -> None:
+        """The method's gradient step (`_apply_gradient`), then the forgetting gate (`--forget LAMBDA`): every step the
+        weights decay toward the source, w <- (1 - LAMBDA) w + LAMBDA w_source, whether or not the step was skipped."""
+        self._apply_gradient(grads, gate)
+        if self.config.forget is not None:
+            self.weights.flat.lerp_(self.source, self.config.forget)  # exact at 0 (w) and at 1 (w_source)
 
     def _restore(self, condition: torch.Tensor, target: torch.Tensor, also_snapshot: bool = False) -> None:
         """Where `condition` (0-dim bool) holds: the weights (and with `also_snapshot` the snapshot) become `target`,

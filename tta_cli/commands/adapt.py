@@ -28,7 +28,6 @@ Methods (--set METHOD.FIELD=VALUE sets a method's own settings):
 On CUDA the first call compiles (tens of seconds). Examples:
 
   tta adapt --ckpt runs/quickstart --method source,ttt --out runs/adapt
-
   tta adapt --ckpt runs/bn --method norm,tent --set tent.lr=0.0005
 """
 
@@ -71,11 +70,13 @@ def adapt_command(
     steps: Annotated[int | None, typer.Option("--steps", help="SGD steps (ttt 10, online 1).")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="SGD learning rate (0.001).")] = None,
     copies: Annotated[int | None, typer.Option("--copies", help="Augmented views per sample (32).")] = None,
-    params: Annotated[str | None, typer.Option("--params", help="encoder | encoder+ssl | norm.")] = None,
+    params: Annotated[str | None, typer.Option("--params", help="encoder|encoder+ssl|norm|adapters.")] = None,
     batch: Annotated[int | None, typer.Option("--batch", help="ttt-online: samples per update (1).")] = None,
     reset: Annotated[str | None, typer.Option("--reset", help="never | every:N | on-shift (online).")] = None,
     rollback: Annotated[bool | None, typer.Option("--rollback", help="ttt-online: undo harmful updates.")] = None,
     skip_above: Annotated[float | None, typer.Option("--skip-above", help="Skip updates above this confidence.")] = None,
+    forget: Annotated[float | None, typer.Option("--forget", help="ttt-online: decay to source per step.")] = None,
+    views: Annotated[int | None, typer.Option("--views", help="Average predictions over K views.")] = None,
     order: Annotated[str | None, typer.Option("--order", help="per-corruption, continual, gradual, mixed or correlated.")] = None,
     dirichlet: Annotated[float | None, typer.Option("--dirichlet", help="correlated order's Dirichlet D.")] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="YAML of settings.")] = None,
@@ -105,6 +106,7 @@ def adapt_command(
         "methods": parse_names(method, "--method"),  # "source, ttt" reads as it looks
         "steps": steps, "lr": lr, "copies": copies, "params": params, "batch": batch, "reset": reset,
         "rollback": rollback, "skip_above": skip_above, "order": order, "dirichlet": dirichlet, "seed": seed,
+        "forget": forget, "views": views,
     }
     given = merge({k: v for k, v in flags.items() if v is not None}, parse_overrides(overrides or []))
     shared, own = split_method_settings(merge(read_yaml(recipe) if recipe is not None else {}, given))
@@ -115,6 +117,7 @@ def adapt_command(
     check_shardable(settings.methods)
     torch_device = distributed.init(resolve_device(device or "auto"))  # under torchrun: join the group, cuda:LOCAL_RANK
     model, train_config, meta = load_model(ckpt, torch_device)
+    own.setdefault("ttt-nn", {}).setdefault("checkpoint", str(ckpt))  # ttt-nn reads its index and training data
     from tta_cli.tasks import build_task
 
     task = build_task(train_config.task, train_config.data.pad_mode)
@@ -343,7 +346,15 @@ def print_table(results, sets) -> dict:
         counters = ", ".join(f"{k} {v}" for k, v in result.counters.items() if v)
         speed.add_row(result.method, str(result.samples), f"{result.seconds:.1f}", f"{result.samples / max(result.seconds, 1e-9):,.1f}", counters)
     console.print(speed)
+    for result in results:
+        if result.counters.get("cache_lookups"):
+            console.print(f"{result.method}: adapted-weight cache hit rate {cache_hit_rate(result):.1%} of {result.counters['cache_lookups']} samples")
     return {"corruptions": corruptions, "errors": grid, "mean": {k: mean(v) for k, v in grid.items()}, **spread}
+
+
+def cache_hit_rate(result) -> float:
+    """The share of samples that reused cached adapted weights (ttt with --set ttt.cache=TAU)."""
+    return result.counters["cache_hits"] / result.counters["cache_lookups"]
 
 
 def write_outputs(out: Path, results, sets, adapters, ckpt, data, selection: dict, device, table, predictions: bool) -> None:
@@ -380,6 +391,7 @@ def write_outputs(out: Path, results, sets, adapters, ckpt, data, selection: dic
             r.method: {
                 "seconds": r.seconds, "samples": r.samples, "samples_per_s": r.samples / max(r.seconds, 1e-9), "counters": r.counters,
                 "precision": r.precision, "convolutions": r.convolutions,
+                **({"cache_hit_rate": cache_hit_rate(r)} if r.counters.get("cache_lookups") else {}),
             }
             for r in results
         },

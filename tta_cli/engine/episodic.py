@@ -22,6 +22,8 @@ from tta_cli import distributed
 from tta_cli.engine import grouped
 from tta_cli.engine.execution import CPU_CHUNK, CUDA_CHUNK
 from tta_cli.engine.per_sample import PerSampleModel, UpdateConfig, adapt_streams_reference, check_per_sample
+from tta_cli.engine.weight_cache import WeightCache
+from tta_cli.errors import TTAError
 from tta_cli.models.params import adapted_parameter_names
 from tta_cli.tasks.views import make_views
 
@@ -33,6 +35,8 @@ class EpisodicConfig(UpdateConfig):
     chunk: int | None = None  # samples adapted together; None: CUDA_CHUNK clipped to free GPU memory (CPU_CHUNK on the CPU)
     amp: bool = True  # bf16 autocast on CUDA
     compile: bool = False  # torch.compile the per-sample gradient (CUDA; the last chunk is padded)
+    cache: float | None = None  # reuse a cached sample's adapted weights at source-embedding cosine >= this (None: off)
+    cache_size: int = 256  # adapted samples the cache keeps (the most recent)
 
 
 class EpisodicTTT:
@@ -53,20 +57,25 @@ class EpisodicTTT:
         self._chunk = config.chunk
         self._functions: PerSampleModel | None = None
         self._chunks_seen = 0  # chunks drawn so far (adapted or skipped), to deal chunks to ranks in turn
+        self.cache = None if config.cache is None else WeightCache(config.cache, config.cache_size)
 
     def reset(self) -> None:
         """Nothing to reset: the live model is never modified."""
 
     def counters(self) -> dict:
-        return {"skipped_steps": int(self.skipped)}
+        return {"skipped_steps": int(self.skipped), **(self.cache.counters() if self.cache is not None else {})}
 
     def adapt(self, images: torch.Tensor) -> torch.Tensor:
         chunk = self._chunk or self.auto_chunk(images)
+        if self.cache is not None:
+            return self.cache.adapt(self, images, chunk)
         return torch.cat([self.adapt_chunk(part) for part in images.split(chunk)])
 
     def adapt_shard(self, images: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of `adapt(images)`: chunk k of the run (counted across calls) is adapted by rank
         k % world_size and skipped by the others. Returns (rows adapted (R,), their logits (R, classes))."""
+        if self.cache is not None:
+            raise TTAError("the adapted-weight cache runs in one process: its hits depend on every earlier sample")
         if self._chunk is None:  # ranks must cut identical chunks: the smallest memory-sized chunk wins
             self._chunk = distributed.min_over_ranks(self.auto_chunk(images))
         rows, logits = [], []
@@ -97,16 +106,30 @@ class EpisodicTTT:
 
     def adapt_chunk(self, images: torch.Tensor) -> torch.Tensor:
         """images (S, C, H, W) -> logits (S, classes), each sample adapted on its own weights."""
+        return self.adapt_chunk_and_weights(images)[0]
+
+    def adapt_chunk_and_weights(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(logits (S, classes), each sample's adapted weights: (S, *shape) per adapted name)."""
         config = self.config
-        if self._functions is None:
-            self._functions = grouped.per_sample_model(self.model, self.task, self.names, config)
-        functions = self._functions
+        functions = self.functions()
         images, real = self._static_shape(images)
         params = functions.repeated_source(images.shape[0])
         velocity = [torch.zeros_like(p) for p in params] if config.momentum else None
         skipped = functions.sgd_steps(params, velocity, images, config, self.generator)
         self.skipped += skipped[:real].sum()  # the padding rows do not count
-        return functions.predict(params, images)[:real]
+        return functions.predict(params, images)[:real], [param[:real] for param in params]
+
+    def predict_with(self, params: list[torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """Logits (S, classes) of images (S, C, H, W), sample s on the weights params[.][s] (padded when compiled)."""
+        padded, real = self._static_shape(images)
+        if padded.shape[0] > real:
+            params = [torch.cat([p, p[-1:].expand(padded.shape[0] - real, *p.shape[1:])]) for p in params]
+        return self.functions().predict(params, padded)[:real]
+
+    def functions(self) -> PerSampleModel:
+        if self._functions is None:
+            self._functions = grouped.per_sample_model(self.model, self.task, self.names, self.config)
+        return self._functions
 
     def batch_size(self, sample: torch.Tensor) -> int:
         """How many samples a runner should hand `adapt` at once: four whole chunks (sized on `sample` if not yet),

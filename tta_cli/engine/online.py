@@ -59,7 +59,7 @@ class OnlineExecution:
         self._both_forward = self._in_precision(maybe_compile(self._forward_both, config.compile), logits_first=True)
         self._make_views = maybe_compile(self._views, config.compile, SAME_RANDOM_NUMBERS)
         self._ssl_outputs_and_loss = self._in_precision(maybe_compile(self._outputs_and_loss, config.compile))
-        self._apply = maybe_compile(self._apply_gradient, config.compile)
+        self._apply = maybe_compile(self._step_and_forget, config.compile)  # _apply_gradient + policies' forgetting
         self._graphs: dict[str, CapturedCall] = {}
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # overlapped predictions
         calls = {"step": self.step, "predict": self._predict, "update": self._update, "pipelined": self._pipelined, "overlapped": self._overlapped}

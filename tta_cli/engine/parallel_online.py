@@ -31,6 +31,7 @@ def supports_parallel(config) -> bool:
         and not config.rollback.enabled
         and not config.pre_update
         and config.batch == 1
+        and config.forget is None
     )
 
 

@@ -119,6 +119,35 @@ class PerSampleModel:
         return skipped
 
 
+class PerSampleLoss(PerSampleModel):
+    """PerSampleModel for a loss the method writes: `loss(forward, *inputs) -> scalar` for one copy, where
+    `forward(images, head="main")` runs the model on that copy's weights. `loss_gradients(params, *inputs)` is its
+    gradient per copy (vmap over grad), every input with the copy dimension first."""
+
+    def __init__(self, model: nn.Module, names: list[str], loss, amp: bool = False):
+        self.loss = loss
+        super().__init__(model, None, names, amp=amp)
+
+    def _build(self, model: nn.Module, task, with_confidence: bool, compile: bool):
+        frozen, loss = self.frozen, self.loss
+
+        def sample_loss(sample_params, *inputs):
+            def forward(images, head="main"):
+                return functional_call(model, (sample_params, frozen), (images,), {"head": head})
+
+            return loss(forward, *inputs)
+
+        def predict(sample_params, image):
+            return functional_call(model, (sample_params, frozen), (image.unsqueeze(0),)).squeeze(0)
+
+        return vmap(grad(sample_loss)), vmap(predict)
+
+    def loss_gradients(self, params: list[torch.Tensor], *inputs: torch.Tensor) -> list[torch.Tensor]:
+        with autocast_bf16(inputs[0].device, self.amp):
+            grads = self._gradients(dict(zip(self.names, params, strict=True)), *inputs)
+        return [grads[n].to(p.dtype) for n, p in zip(self.names, params, strict=True)]
+
+
 def sgd_step(params, velocity, steps, lr: float, momentum: float, keep: torch.Tensor | None) -> None:
     """In place, per copy: params -= lr * (momentum-SGD step), only where keep (S,) is 1. A skipped copy leaves
     both its velocity and its weights untouched. keep=None and no momentum is the plain fused update."""

@@ -40,3 +40,10 @@ class LinearClassifier(nn.Sequential):
 
     def __init__(self, spec: FeatureSpec, outputs: int):
         super().__init__(GlobalPool(spec), nn.Linear(spec.channels, outputs))
+
+
+def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The encoder's output pooled to one vector per image (B, D): the mean over the map's pixels, or over all tokens
+    (class token included) for a ViT. The embedding the neighbour index and the adapted-weight cache are keyed by."""
+    features = model.features(images)
+    return features.mean(dim=(2, 3)) if features.dim() == 4 else features.mean(dim=1)

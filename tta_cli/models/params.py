@@ -6,6 +6,7 @@ from torch import nn
 
 from tta_cli.config import PARAM_GROUPS
 from tta_cli.errors import TTAError
+from tta_cli.models.adapters import adapter_parameter_names
 
 NORM_TYPES = (nn.GroupNorm, nn.BatchNorm2d, nn.LayerNorm)
 
@@ -20,7 +21,8 @@ def norm_parameter_names(module: nn.Module, prefix: str) -> list[str]:
 
 def adapted_parameter_names(model: nn.Module, group: str) -> list[str]:
     """encoder: the shared feature extractor (default); encoder+ssl: also the self-supervised head (the
-    paper's choice); norm: affine parameters of the encoder's normalization layers only."""
+    paper's choice); norm: affine parameters of the encoder's normalization layers only; adapters: the low-rank
+    adapters on the encoder's convolutions (models/adapters.py)."""
     if group == "encoder":
         return [f"encoder.{n}" for n, _ in model.encoder.named_parameters()]
     if group == "encoder+ssl":
@@ -29,6 +31,11 @@ def adapted_parameter_names(model: nn.Module, group: str) -> list[str]:
         ]
     if group == "norm":
         return norm_parameter_names(model.encoder, "encoder.")
+    if group == "adapters":  # only the zero-initialised up-projections of models/adapters.py
+        names = adapter_parameter_names(model)
+        if not names:
+            raise TTAError("--params adapters: this model has no adapters (models.adapters.add_adapters adds them)")
+        return names
     raise TTAError(f"unknown --params {group!r}; choose one of: {', '.join(PARAM_GROUPS)}")
 
 

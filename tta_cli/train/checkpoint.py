@@ -27,6 +27,7 @@ from tta_cli.config import TrainConfig, from_dict, to_dict, yaml_problem
 from tta_cli.errors import TTAError
 from tta_cli.files import write_bytes, write_text
 from tta_cli.models import TTTModel, build_model
+from tta_cli.models.adapters import merged_state
 from tta_cli.tasks import build_task
 
 WEIGHTS = "model.safetensors"
@@ -58,8 +59,8 @@ def config_hash(meta: dict[str, Any]) -> str:
 
 def adapted_state(adapted: torch.nn.Module, source: TTTModel) -> dict[str, torch.Tensor]:
     """`source`'s state keys with `adapted`'s tensors where it has them (a method may drop BatchNorm's running
-    statistics, which then stay the source's), on the CPU."""
-    state = adapted.state_dict()
+    statistics, which then stay the source's; low-rank adapters are folded into their convolutions), on the CPU."""
+    state = merged_state(adapted)
     return {key: (state[key] if state.get(key) is not None else value).detach().cpu().clone() for key, value in source.state_dict().items()}
 
 

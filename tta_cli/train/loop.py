@@ -31,7 +31,7 @@ from tta_cli.errors import TTAError
 from tta_cli.models import TTTModel, build_model
 from tta_cli.models.batchnorm import has_clean_stats_batchnorm, statistics_from_first
 from tta_cli.tasks import build_task
-from tta_cli.train import checkpoint
+from tta_cli.train import checkpoint, embedding_index
 from tta_cli.train.schedule import lr_at
 
 Events = Callable[..., None]
@@ -341,5 +341,6 @@ def train(
     model = model.to(memory_format=torch.contiguous_format)
     if distributed.is_main():
         checkpoint.save_model(out_dir, model, config, train_set.class_names, final)
+        embedding_index.write_index(out_dir, model, train_set)  # the neighbours of ttt-nn
     distributed.barrier()  # the checkpoint is complete when train returns, on every rank
     return TrainResult(out_dir, final, history, seconds)

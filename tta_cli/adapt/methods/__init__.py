@@ -14,8 +14,10 @@ from typing import Any
 import torch
 
 from tta_cli.adapt.methods.base import Method
+from tta_cli.adapt.views import ViewAveraged
 from tta_cli.config import from_dict
 from tta_cli.errors import TTAError
+from tta_cli.models.adapters import add_adapters
 
 REGISTRY: dict[str, type[Method]] = {}
 
@@ -49,11 +51,17 @@ def split_method_settings(values: dict[str, Any]) -> tuple[dict[str, Any], dict[
 def build_method(name: str, model: torch.nn.Module, task, settings, classes: int, device: torch.device,
                  own: dict[str, Any] | Any | None = None) -> Method:
     """A fresh copy of the model behind method `name`, so methods never see each other's changes. `settings` holds
-    the shared settings (AdaptSettings); `own`, the method's Settings or a dict of overrides of its defaults."""
+    the shared settings (AdaptSettings); `own`, the method's Settings or a dict of overrides of its defaults. With
+    `--params adapters` the copy gets adapters (models/adapters.py); with `--views K` the method is view-averaged."""
     cls = method_class(name)
     if not isinstance(own, cls.Settings):
         own = method_settings(name, own)
-    return cls(copy.deepcopy(model).to(device), task, own, settings, classes, device)
+    model = copy.deepcopy(model).to(device)
+    if cls.moves_params and settings.params == "adapters":
+        add_adapters(model, settings.adapter_rank)
+    method = cls(model, task, own, settings, classes, device)
+    views = getattr(settings, "views", 1)
+    return ViewAveraged(method, views) if views > 1 and name != "ttaug" else method  # ttaug averages views itself
 
 
 def help_lines(width: int = 74) -> list[str]:
@@ -65,4 +73,4 @@ def help_lines(width: int = 74) -> list[str]:
     return lines
 
 
-from tta_cli.adapt.methods import cotta, eata, memo, norm, sar, source, tent, ttt, ttt_online  # noqa: E402,F401  (registers them)
+from tta_cli.adapt.methods import cotta, eata, memo, norm, sar, source, tent, ttaug, ttt, ttt_nn, ttt_online  # noqa: E402,F401  (registers them)

@@ -36,6 +36,7 @@ class Method:
     default_batch: ClassVar[int] = 1  # samples handed to adapt() at once (under torchrun; see batch_size)
     Settings: ClassVar[type] = NoSettings
     takes_sequences: ClassVar[bool] = False  # adapt_sequence is faster than adapt() batch by batch
+    moves_params: ClassVar[bool] = False  # updates the shared `params` group (so `--params adapters` gives it adapters)
 
     def __init__(self, model: nn.Module, task, settings: Any, common: Any, classes: int, device: torch.device):
         self.model = model
@@ -97,6 +98,7 @@ class OnlineMethod(Method):
     segments go to a parallel twin (engine/parallel_online.py) when the config has no per-sample policy."""
 
     takes_sequences = True
+    moves_params = True
     stream_class: ClassVar[type]
 
     def __init__(self, model, task, settings, common, classes, device):
