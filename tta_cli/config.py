@@ -39,13 +39,14 @@ class ModelConfig:
     """Backbone and split point. `split` names the last encoder stage (layer1|layer2|layer3 for
     ResNets, `blockN` for ViTs); the self-supervised head is a fresh copy of the rest."""
 
-    backbone: str = "preact_resnet"  # preact_resnet | timm_resnet | vit
+    backbone: str = "preact_resnet"  # preact_resnet | timm_resnet | torchvision_resnet | vit
     depth: int = 26
     width: int = 1
     norm: str = "gn"  # gn | bn
     groups: int = 8
     split: str = "layer2"
     timm_name: str = "resnet18"  # timm_resnet only
+    torchvision_name: str = "resnet18"  # torchvision_resnet only
     img_size: int = 32
     patch_size: int = 4  # vit only
     embed_dim: int = 192  # vit only
