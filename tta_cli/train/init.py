@@ -62,7 +62,7 @@ def torch_load(data: bytes, path: Path):
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" in str(error):  # weights_only refuses arbitrary objects, such as a pickled nn.Module
+        if "Unsupported global" in str(error):  # weights_only refuses arbitrary objects, such as a pickled nn.Module
             raise TTAError(f"--init {path} holds pickled objects, not only weights; save the classifier's model.state_dict() instead") from None
         raise TTAError(f"cannot read --init {path}: it is damaged or not a PyTorch weights file ({' '.join(str(error).split())[:200]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, struct.error) as error:
