@@ -61,9 +61,10 @@ def train_command(
     """Train a TTT model jointly (classifier + self-supervised head) and write a checkpoint folder.
 
     The folder (model.safetensors + model.yaml, plus resume.pt for --resume) is what `tta adapt` and
-    `tta stream` load. An existing checkpoint is never overwritten without --force. With --init the encoder and
-    main head come from a classifier you trained: first the new ssl head trains alone, then all of it at a low
-    rate (init.* keys); the final metrics give the classifier's clean accuracy before and after."""
+    `tta stream` load. An existing checkpoint is never overwritten without --force.
+
+    With --init FILE the encoder and main head are a classifier you trained: a new ssl head trains alone, then all
+    of it at a low rate (init.* keys). The final metrics give the classifier's clean accuracy before and after."""
     from tta_cli.data.sources import load_split
     from tta_cli.train.loop import check_config, check_data
 
