@@ -195,6 +195,22 @@ def test_torchvision_resnet_family_has_a_cifar_stem_for_small_images_and_groupno
     assert model(torch.rand(2, 3, SIZE, SIZE)).shape == (2, 10) and model.ssl(torch.rand(2, 3, SIZE, SIZE)).shape == (2, 4)
 
 
+def test_a_timm_vit_classifier_becomes_the_vit_backbones_encoder_and_main_head():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from tta_cli.config import ModelConfig, TaskConfig
+    from tta_cli.models.attach import load_classifier
+    from tta_cli.tasks import build_task
+
+    config = ModelConfig(backbone="vit", split="block3", img_size=SIZE, patch_size=4, embed_dim=32, vit_depth=4, vit_heads=2)
+    vit = VisionTransformer(img_size=SIZE, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=10).eval()
+    model = build_model(config, build_task(TaskConfig()), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)).eval()
+    load_classifier(model, vit.state_dict(), config, "vit")
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), vit(images))
+
+
 # --- bad inputs: one line, exit code 2, nothing written --------------------------------------------------------------
 
 
