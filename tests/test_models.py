@@ -98,7 +98,7 @@ def test_vit_split_past_the_last_block_is_a_user_error():
 
 
 def test_unknown_backbone_is_a_user_error_listing_the_valid_ones():
-    with pytest.raises(TTAError, match="preact_resnet, timm_resnet, vit"):
+    with pytest.raises(TTAError, match="preact_resnet, timm_resnet, torchvision_resnet, vit"):
         build_model(ModelConfig(backbone="mlp"), RotationTask())
 
 

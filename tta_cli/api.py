@@ -6,6 +6,8 @@
     logits = method.adapt(images)          # uint8 (N, H, W, 3) or float (N, 3, H, W) in [0, 1]
     method.save("runs/adapted")            # a checkpoint folder `tta adapt --ckpt` loads
 
+    checkpoint = tta.from_classifier("resnet18.pth", "runs/resnet18-ttt", recipe="recipes/init-from-classifier.yaml")
+
 The same registry, settings and checks as `tta adapt`: keyword settings are its shared ones (`lr`, `steps`,
 `copies`, `params`, `reset`, ...); a method's own ones (`--set tent.lr=...` on the CLI) go in `own={"lr": ...}`.
 """
@@ -49,6 +51,32 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
     model, config, meta = load_model(path, resolve_device(device))
     task = build_task(config.task, config.data.pad_mode)
     return Checkpoint(model.eval(), task, config, list(meta["class_names"]), dict(meta.get("metrics", {})))
+
+
+def from_classifier(
+    weights: str | Path, out: str | Path, recipe: str | Path | None = None, data: str | None = None,
+    settings: dict[str, Any] | None = None, device: str = "cpu", force: bool = False,
+) -> Checkpoint:
+    """`tta train --init`: attach and train a self-supervised head on the classifier in `weights` (a .pth/.pt state
+    dict, a .safetensors or a tta checkpoint), write the checkpoint to `out` and load it. `recipe` and `settings`
+    (dotted recipe keys: {"model.backbone": "timm_resnet", "optim.epochs": 5}) say the architecture and schedule;
+    `data` is a source as `--data` takes. Its metrics hold the classifier's clean accuracy before and after."""
+    from tta_cli.config import set_dotted
+    from tta_cli.data.sources import load_split
+    from tta_cli.train.loop import check_config, train
+
+    overrides: dict[str, Any] = {}
+    given = {"data.source": data, "init.weights": str(weights), "out": str(out), "device": device}
+    for key, value in {**(settings or {}), **{key: value for key, value in given.items() if value is not None}}.items():
+        set_dotted(overrides, key, value)
+    config = load_config(TrainConfig, recipe, overrides)
+    torch_device = resolve_device(config.device)
+    check_config(config, force=force)
+    source = config.data
+    train_set = load_split(source.source, "train", root=source.root, limit=source.limit_train, seed=config.seed, image_size=config.model.img_size)
+    test_set = load_split(source.source, "test", root=source.root, limit=source.limit_test, seed=config.seed, image_size=config.model.img_size)
+    train(config, train_set, test_set, torch_device, force=force)
+    return load_checkpoint(out, device)
 
 
 class Adapter:

@@ -39,13 +39,14 @@ class ModelConfig:
     """Backbone and split point. `split` names the last encoder stage (layer1|layer2|layer3 for
     ResNets, `blockN` for ViTs); the self-supervised head is a fresh copy of the rest."""
 
-    backbone: str = "preact_resnet"  # preact_resnet | timm_resnet | vit
+    backbone: str = "preact_resnet"  # preact_resnet | timm_resnet | torchvision_resnet | vit
     depth: int = 26
     width: int = 1
     norm: str = "gn"  # gn | bn
     groups: int = 8
     split: str = "layer2"
     timm_name: str = "resnet18"  # timm_resnet only
+    torchvision_name: str = "resnet18"  # torchvision_resnet only
     img_size: int = 32
     patch_size: int = 4  # vit only
     embed_dim: int = 192  # vit only
@@ -85,6 +86,20 @@ class OptimConfig:
 
 
 @dataclass
+class InitConfig:
+    """`tta train --init FILE`: start from a trained classifier. Its weights become the encoder and main head; the
+    ssl head is new. The first `ssl_epochs` of optim.epochs train the ssl head alone (encoder and main head frozen,
+    their BatchNorm statistics too) at optim.lr; the rest train all of it jointly at `joint_lr`, low, so the
+    classifier's accuracy is kept. optim.schedule (with its warm-up) runs within each phase."""
+
+    weights: str | None = None  # the classifier: a .pth/.pt state dict, a .safetensors, or a `tta train` checkpoint
+    mean: list[float] | None = None  # per-channel input mean in [0, 1] it was trained with; None: the training set's
+    std: list[float] | None = None  # per-channel input std in [0, 1]; None: the training set's
+    ssl_epochs: int = 10  # epochs of the ssl head alone, at the start of optim.epochs (all of them: the classifier stays as given)
+    joint_lr: float = 0.001  # peak learning rate of the joint epochs that follow
+
+
+@dataclass
 class TrainConfig:
     """Everything `tta train` needs; saved in full beside every checkpoint."""
 
@@ -92,6 +107,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     eval_every: int = 5  # epochs between test evaluations (the last epoch always evaluates)
     device: str = "auto"
     seed: int = 0

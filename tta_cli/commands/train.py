@@ -26,6 +26,10 @@ Examples:
 
   tta train recipes/sun2020-rotation-gn.yaml --out runs/sun2020 --resume
 
+  tta train recipes/init-from-classifier.yaml --init resnet18-cifar10.pth --data cifar10 --out runs/resnet18-ttt
+
+  tta train recipes/init-resnet26-gn.yaml --init runs/supervised-gn --data cifar10 --out runs/init-gn
+
   torchrun --nproc-per-node 4 -m tta_cli.cli -- train recipes/sun2020-rotation-gn.yaml --out runs/sun2020-4gpu
 """
 
@@ -49,12 +53,18 @@ def train_command(
     limit_test: Annotated[int | None, typer.Option("--limit-test", help="Use only n test images.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last finished epoch.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing checkpoint in --out.")] = False,
+    init: Annotated[str | None, typer.Option(
+        "--init", help="Start from your classifier's weights (.pth/.pt/.safetensors or a tta checkpoint); "
+        "model.backbone names its architecture. Sets init.weights.")] = None,
     overrides: SetOpt = None,
 ) -> None:
     """Train a TTT model jointly (classifier + self-supervised head) and write a checkpoint folder.
 
     The folder (model.safetensors + model.yaml, plus resume.pt for --resume) is what `tta adapt` and
-    `tta stream` load. An existing checkpoint is never overwritten without --force."""
+    `tta stream` load. An existing checkpoint is never overwritten without --force.
+
+    With --init FILE the encoder and main head are a classifier you trained: a new ssl head trains alone, then all
+    of it at a low rate (init.* keys). The final metrics give the classifier's clean accuracy before and after."""
     from tta_cli.data.sources import load_split
     from tta_cli.train.loop import check_config, check_data
 
@@ -71,6 +81,7 @@ def train_command(
         "compile": compile_model,
         "data.limit_train": limit_train,
         "data.limit_test": limit_test,
+        "init.weights": init,
     }.items():
         if value is not None:
             set_dotted(flags, key, value)
@@ -85,9 +96,11 @@ def train_command(
         train_set = load_split(config.data.source, "train", root=config.data.root, limit=config.data.limit_train, seed=config.seed, image_size=size)
         test_set = load_split(config.data.source, "test", root=config.data.root, limit=config.data.limit_test, seed=config.seed, image_size=size)
     check_data(config, train_set, test_set)
+    model = config.model
+    arch = {"timm_resnet": model.timm_name, "torchvision_resnet": model.torchvision_name}.get(model.backbone, f"depth {model.depth}")
     console.print(
-        f"[bold]tta train[/] {config.model.backbone} depth {config.model.depth} ({config.model.norm}), split {config.model.split}, "
-        f"task {config.task.name}, {len(train_set)} train / {len(test_set)} test images on {torch_device}"
+        f"[bold]tta train[/] {model.backbone} {arch} ({model.norm}), split {model.split}, task {config.task.name}, "
+        f"{len(train_set)} train / {len(test_set)} test images on {torch_device}" + (f", from {config.init.weights}" if config.init.weights else "")
     )
     result = run_with_progress(config, train_set, test_set, torch_device, resume, force)
     print_summary(result)
@@ -145,4 +158,8 @@ def print_summary(result) -> None:
     for key, value in result.metrics.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
+    if "init_test_acc_before" in result.metrics:
+        before, after = result.metrics["init_test_acc_before"], result.metrics["init_test_acc_after"]
+        console.print(f"the classifier's clean accuracy: {100 * before:.2f}% before, {100 * after:.2f}% after "
+                      f"({100 * (after - before):+.2f} points)")
     console.print(f"checkpoint: {result.out_dir}/model.safetensors + model.yaml")

@@ -3,5 +3,6 @@
 from tta_cli.models import (
     preact_resnet,  # noqa: F401
     timm_resnet,  # noqa: F401
+    torchvision_resnet,  # noqa: F401
     vit,  # noqa: F401
 )

@@ -29,9 +29,11 @@ from tta_cli.data.imageset import ImageSet, to_float_nchw
 from tta_cli.data.loader import DeviceLoader
 from tta_cli.errors import TTAError
 from tta_cli.models import TTTModel, build_model
+from tta_cli.models.attach import load_classifier
 from tta_cli.models.batchnorm import has_clean_stats_batchnorm, statistics_from_first
 from tta_cli.tasks import build_task
 from tta_cli.train import checkpoint, embedding_index
+from tta_cli.train.init import Classifier, check_classes, check_init, in_ssl_phase, init_metrics, normalization, phase_lr, read_classifier, set_phase
 from tta_cli.train.schedule import lr_at
 
 Events = Callable[..., None]
@@ -105,6 +107,15 @@ class JointLoss(nn.Module):
         return self.model(images), self.model.ssl(ssl_inputs)
 
 
+def make_step(model: TTTModel, task, config: TrainConfig, device: torch.device) -> nn.Module:
+    """The step's loss module, under DistributedDataParallel with several ranks and torch.compile when asked. Made
+    again when --init's phase changes which parameters train (DDP fixes them when it wraps)."""
+    step_loss = JointLoss(model, task, config.optim.ssl_weight, config.optim.label_smoothing, config.bn_statistics == "clean")
+    if distributed.world_size() > 1:  # averages the gradients over ranks during backward
+        step_loss = DistributedDataParallel(step_loss, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    return torch.compile(step_loss, mode=config.compile_mode) if config.compile else step_loss
+
+
 @torch.no_grad()
 def evaluate(model: TTTModel, task, test: ImageSet, device: torch.device, batch_size: int = 1000, amp: bool = True) -> dict:
     """Main-head accuracy and ssl quality (rotation accuracy over all four rotations, or masked MSE).
@@ -142,11 +153,12 @@ def evaluate(model: TTTModel, task, test: ImageSet, device: torch.device, batch_
     return metrics
 
 
-def check_config(config: TrainConfig, resume: bool = False, force: bool = False) -> None:
-    """Fail before any data is read or file written: unknown backbone/task/split/schedule, bad sizes,
-    or an existing checkpoint in `config.out` (building the model on the CPU validates the architecture)."""
-    for name in ("epochs", "batch_size"):
-        check_range(f"optim.{name}", getattr(config.optim, name), 1)
+def check_config(config: TrainConfig, resume: bool = False, force: bool = False, classifier: Classifier | None = None) -> None:
+    """Fail before any data is read or file written: unknown backbone/task/split/schedule, bad sizes, an --init
+    classifier that does not fit the model, or an existing checkpoint in `config.out` (building the model on the CPU
+    validates the architecture). `classifier`: the --init one when already read."""
+    check_range("optim.epochs", config.optim.epochs, 0 if config.init.weights else 1)  # --init --epochs 0: the classifier as is
+    check_range("optim.batch_size", config.optim.batch_size, 1)
     for name in ("lr", "weight_decay", "ssl_weight", "warmup_epochs", "gamma"):
         check_range(f"optim.{name}", getattr(config.optim, name), 0)
     for name in ("momentum", "label_smoothing"):
@@ -167,6 +179,8 @@ def check_config(config: TrainConfig, resume: bool = False, force: bool = False)
     if config.data.pad_mode not in PAD_MODES:
         raise TTAError(f"unknown data.pad_mode {config.data.pad_mode!r}; choose one of: {', '.join(PAD_MODES)}")
     build_model(config.model, build_task(config.task))
+    if config.init.weights is not None and not resume:
+        check_init(config, classifier or read_classifier(config.init.weights), build_task(config.task))
     refuse_overwrite(Path(config.out), resume, force)
 
 
@@ -219,9 +233,12 @@ def train(
 ) -> TrainResult:
     """Train a TTTModel jointly and write its checkpoint to `config.out` (rank 0 writes; every rank returns the result)."""
     out_dir = Path(config.out)
-    check_config(config, resume, force)
+    classifier = read_classifier(config.init.weights) if config.init.weights is not None and not resume else None
+    check_config(config, resume, force, classifier)
     check_data(config, train_set, test_set)
     config.model.num_classes = len(train_set.class_names)
+    if classifier is not None:
+        check_classes(classifier, config, train_set.class_names)
     prepare_out_dir(out_dir, resume, force)
     torch.manual_seed(config.seed)
     rank, world_size = distributed.rank(), distributed.world_size()
@@ -231,7 +248,11 @@ def train(
     on_gpu = device.type == "cuda"
     train_images = train_set.images.to(device)
     mean, std = channel_stats(train_images)
+    if classifier is not None:
+        mean, std = normalization(config.init, classifier, mean, std)
     model = build_model(config.model, task, mean, std).to(device)
+    if classifier is not None:
+        load_classifier(model, classifier.state, config.model, classifier.where)
     if on_gpu and config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
@@ -255,32 +276,34 @@ def train(
     )
     generator = torch.Generator(device=device).manual_seed(config.seed + 1)  # the task's random draws
     start_epoch, history = 0, []
+    before = evaluate(model, task, test_set, device, amp=config.amp) if classifier is not None else {}  # the classifier as given
     if resume:
         state = checkpoint.load_resume(out_dir)
         checkpoint.load_state(model, state["model"], str(out_dir / checkpoint.RESUME))
         optimizer.load_state_dict(state["optimizer"])
         if "task_rng" in state:
             generator.set_state(state["task_rng"])
-        start_epoch, history = state["epoch"], state["history"]
+        start_epoch, history, before = state["epoch"], state["history"], state.get("init_before", {})
         on_event("resumed", epoch=start_epoch)
 
     clean_statistics = config.bn_statistics == "clean"
-    step_loss = JointLoss(model, task, config.optim.ssl_weight, config.optim.label_smoothing, clean_statistics)
-    if world_size > 1:  # averages the gradients over ranks during backward
-        step_loss = DistributedDataParallel(step_loss, device_ids=[device.index] if on_gpu else None, gradient_as_bucket_view=True)
-    compiled_loss = torch.compile(step_loss, mode=config.compile_mode) if config.compile else step_loss
     use_amp = config.amp and on_gpu
     steps_per_epoch = len(loader)
     # seconds count training time over every process of a run: a resumed run goes on from the saved total
     started = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
     metrics: dict = history[-1] if history else {}
     on_event("start", epochs=config.optim.epochs, steps_per_epoch=steps_per_epoch, start_epoch=start_epoch)
+    compiled_loss, ssl_only = None, None
     for epoch in range(start_epoch, config.optim.epochs):
         loader.set_epoch(epoch)
+        phase = in_ssl_phase(config, epoch)
+        set_phase(model, phase)  # every epoch: evaluate leaves the whole model in training mode
+        if phase != ssl_only or compiled_loss is None:  # a new phase trains other parameters
+            compiled_loss, ssl_only = make_step(model, task, config, device), phase
         totals = torch.zeros(4, device=device)  # loss sum, main loss sum, ssl loss sum, correct
         seen = 0
         for step, (images, labels) in enumerate(loader):
-            lr = lr_at(config.optim, epoch + step / steps_per_epoch)
+            lr = phase_lr(config, epoch + step / steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             ssl_inputs, ssl_targets = task.make_batch(images, mode="train", generator=generator, shard=shard)
@@ -331,13 +354,18 @@ def train(
                     "history": history,
                     "config": to_dict(config),
                     "task_rng": generator.get_state(),
+                    "init_before": before,
                 }
             )
             if force and epoch == start_epoch:
                 drop_replaced_checkpoint(out_dir)
     seconds = time.perf_counter() - started
+    if not history:  # --init --epochs 0: the classifier as given
+        metrics = {"epoch": 0, **before}
     images_seen = config.optim.epochs * steps_per_epoch * config.optim.batch_size  # clean images, all ranks
     final = dict(metrics, train_seconds=seconds, train_images_per_s=images_seen / max(seconds, 1e-9), device=str(device))
+    if before:
+        final.update(init_metrics(before, metrics))
     model = model.to(memory_format=torch.contiguous_format)
     if distributed.is_main():
         checkpoint.save_model(out_dir, model, config, train_set.class_names, final)
