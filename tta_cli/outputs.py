@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -32,8 +33,6 @@ MANIFEST_FORMAT = "tta-output/1"
 # what a manifest-less folder may hold for --force to replace it: the file types tta commands write
 RESULT_SUFFIXES = {".npy", ".json", ".jsonl", ".csv", ".mp4", ".png", ".yaml", ".safetensors", ".pt"}
 _HASH_CHUNK = 1 << 22
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 def check_out_folder(out: Path | None, force: bool, flag: str = "--out") -> None:
@@ -106,13 +105,11 @@ def staged_folder(out: Path, command: str, marks: dict[str, Any] | None = None) 
     (disk full, permission) become one-line TTAErrors that say the earlier result is unchanged. `marks` go into the
     manifest (e.g. {"interrupted": True} for a stream run stopped by Ctrl-C)."""
     out = Path(out)
+    # The name is chosen before the folder exists, so a Ctrl-C at any point (even inside mkdir) is cleaned up below.
+    staging = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700; a result folder gets the usual permissions
-    except OSError as error:
-        raise io_error(error, out) from None
-    try:
+        staging.mkdir()  # the usual permissions (umask), unlike mkdtemp's 0700
         yield staging
         write_manifest(staging, command, marks)
         _swap_into_place(staging, out)
