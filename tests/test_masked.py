@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QUICKSTART, TINY_TRAIN_ARGS, run_cli
+
 from tta_cli.config import ModelConfig, OptimConfig, TaskConfig
 from tta_cli.engine.episodic import EpisodicConfig, EpisodicTTT, adapt_sequential
 from tta_cli.models import build_model
@@ -137,3 +137,25 @@ def test_an_unknown_optimizer_is_one_line_before_any_work(tmp_path):
     result = run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, "--set", "optim.optimizer=lion", "--out", tmp_path / "run"])
     assert result.exit_code == 2 and "unknown optim.optimizer 'lion'" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_the_gpu_script_runs_end_to_end_on_the_cpu_with_tiny_settings(tmp_path):
+    """benchmarks/masked_gpu.sh with its env overrides: train, corrupt, ttt-online, ttt, and the table."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    tiny = {
+        "TRAIN_ARGS": "--device cpu --epochs 1 --limit-train 128 --limit-test 20 --batch-size 64 --set compile=false --set model.depth=8",
+        "CORRUPT_ARGS": "--device cpu --n 6 --corruptions gaussian_noise", "ADAPT_ARGS": "--device cpu --copies 2",
+        "TTT_N": "3", "TTT_FLAGS": "--steps 1", "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
+    }
+    run = subprocess.run(["bash", "benchmarks/masked_gpu.sh", "cifar10-mini", "recipes/masked-resnet26.yaml"], cwd=repo,
+                         env={**os.environ, **tiny}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    table = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert [row["method"] for row in table["runs"]["online"]] == ["source", "ttt-online"]
+    assert [row["method"] for row in table["runs"]["ttt"]] == ["source", "ttt"]
+    assert table["runs"]["ttt"][0]["images_per_corruption"] == 3 and "test_acc" in table["trained"]
+    assert (tmp_path / "out" / "ckpt" / "model.safetensors").is_file() and (tmp_path / "out" / "table.md").is_file()
