@@ -159,3 +159,23 @@ def test_the_gpu_script_runs_end_to_end_on_the_cpu_with_tiny_settings(tmp_path):
     assert [row["method"] for row in table["runs"]["ttt"]] == ["source", "ttt"]
     assert table["runs"]["ttt"][0]["images_per_corruption"] == 3 and "test_acc" in table["trained"]
     assert (tmp_path / "out" / "ckpt" / "model.safetensors").is_file() and (tmp_path / "out" / "table.md").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_masked_views_draw_the_masks_eager_views_draw():
+    """The online CUDA-graph path draws masks from the default generator inside compiled views: the same masks as eager."""
+    from tta_cli.adapt.methods.ttt_online import OnlineTTT
+    from tta_cli.adapt.online import OnlineConfig
+
+    torch.manual_seed(0)
+    task = build_task(TaskConfig(name="masked"))
+    model = build_model(ModelConfig(depth=8, groups=4), task).cuda()
+    images = torch.rand(4, 3, 32, 32, device="cuda")
+    views = []
+    for compiled in (False, True):
+        method = OnlineTTT(copy.deepcopy(model), task, OnlineConfig(copies=8, amp=False, compile=compiled, cuda_graph=False), classes=10)
+        torch.cuda.manual_seed(7)
+        views.append([method._make_views(images) for _ in range(2)])
+    for (eager_inputs, eager_targets), (inputs, targets) in zip(*views, strict=True):
+        assert torch.equal(targets, eager_targets) and torch.equal(inputs, eager_inputs)
+    assert not torch.equal(views[0][0][1], views[0][1][1])  # fresh masks at the next step
