@@ -68,12 +68,14 @@ class TaskConfig:
 
 @dataclass
 class OptimConfig:
-    """Joint training: loss = CE(main) + ssl_weight * L(ssl), SGD + momentum + weight decay."""
+    """Joint training: loss = CE(main) + ssl_weight * L(ssl), SGD + momentum + weight decay, or AdamW (ViTs)."""
 
+    optimizer: str = "sgd"  # sgd | adamw (decoupled weight decay, none on biases and norms: MAE's, for ViTs)
     lr: float = 0.1
-    momentum: float = 0.9
+    momentum: float = 0.9  # sgd only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
     weight_decay: float = 5e-4
-    nesterov: bool = False
+    nesterov: bool = False  # sgd only
     batch_size: int = 128
     epochs: int = 150
     schedule: str = "multistep"  # multistep | cosine | onecycle

@@ -22,7 +22,7 @@ Examples:
 
   tta train recipes/sun2020-rotation-gn.yaml --data ../shared/data/cifar10-jpeg.tar.gz --out runs/sun2020
 
-  tta train recipes/masked-vit-tiny.yaml --epochs 5 --set optim.lr=0.05 --set model.split=block6
+  tta train recipes/masked-vit-tiny.yaml --epochs 5 --set optim.lr=1e-3 --set model.split=block3
 
   tta train recipes/sun2020-rotation-gn.yaml --out runs/sun2020 --resume
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tta_cli import distributed
-from tta_cli.config import TrainConfig, check_range, to_dict
+from tta_cli.config import OptimConfig, TrainConfig, check_choice, check_range, to_dict
 from tta_cli.data.augment import PAD_MODES
 from tta_cli.data.imageset import ImageSet, to_float_nchw
 from tta_cli.data.loader import DeviceLoader
@@ -107,6 +107,23 @@ class JointLoss(nn.Module):
         return self.model(images), self.model.ssl(ssl_inputs)
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig, fused: bool) -> torch.optim.Optimizer:
+    """SGD over every parameter, or AdamW with no weight decay on biases, norms and embeddings of one dimension (as
+    MAE's `add_weight_decay`; the ViT's position embedding and class token are decayed, as timm's ViTs)."""
+    fused_flag = {"fused": True} if fused else {}
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay, nesterov=optim.nesterov, **fused_flag
+        )
+    decayed = [param for param in model.parameters() if param.dim() > 1]
+    undecayed = [param for param in model.parameters() if param.dim() <= 1]
+    groups = [{"params": decayed, "weight_decay": optim.weight_decay}, {"params": undecayed, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), **fused_flag)
+
+
 def make_step(model: TTTModel, task, config: TrainConfig, device: torch.device) -> nn.Module:
     """The step's loss module, under DistributedDataParallel with several ranks and torch.compile when asked. Made
     again when --init's phase changes which parameters train (DDP fixes them when it wraps)."""
@@ -163,6 +180,11 @@ def check_config(config: TrainConfig, resume: bool = False, force: bool = False,
         check_range(f"optim.{name}", getattr(config.optim, name), 0)
     for name in ("momentum", "label_smoothing"):
         check_range(f"optim.{name}", getattr(config.optim, name), 0, 1)
+    check_choice("optim.optimizer", config.optim.optimizer, OPTIMIZERS)
+    if len(config.optim.betas) != 2:
+        raise TTAError(f"optim.betas is two numbers, as [0.9, 0.999], got {config.optim.betas}")
+    for beta in config.optim.betas:
+        check_range("optim.betas", beta, 0, 1)
     clip = config.optim.clip_grad_norm
     if clip is not None and not clip > 0:
         raise TTAError(f"optim.clip_grad_norm must be above 0 (or null for no clip), got {clip}")
@@ -255,14 +277,7 @@ def train(
         load_classifier(model, classifier.state, config.model, classifier.where)
     if on_gpu and config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.optim.lr,
-        momentum=config.optim.momentum,
-        weight_decay=config.optim.weight_decay,
-        nesterov=config.optim.nesterov,
-        **({"fused": True} if on_gpu else {}),
-    )
+    optimizer = make_optimizer(model, config.optim, on_gpu)
     loader = DeviceLoader(
         ImageSet(train_images, train_set.labels.to(device), train_set.class_names),
         batch_size=config.optim.batch_size // world_size,
