@@ -15,7 +15,7 @@ from tta_cli.data.imageset import ImageSet
 from tta_cli.engine.episodic import EpisodicConfig, EpisodicTTT
 from tta_cli.errors import TTAError
 from tta_cli.models import build_model
-from tta_cli.models.adapters import add_adapters, adapter_parameter_names, merged_state
+from tta_cli.models.adapters import adapter_parameter_names, add_adapters, merged_state
 from tta_cli.tasks import build_task
 from tta_cli.train.embedding_index import EmbeddingIndex
 

@@ -35,7 +35,8 @@ def online_config(settings: OnlineSettings, execution: Execution, steps: int, **
         steps=steps, lr=settings.lr, copies=settings.copies, momentum=settings.momentum, params=settings.params,
         per_sample=execution.per_sample, reset=ResetPolicy.parse(settings.reset),
         rollback=RollbackPolicy(enabled=settings.rollback, margin=settings.rollback_margin, min_entropy=settings.collapse_entropy),
-        pre_update=settings.pre_update, forget=settings.forget, amp=execution.amp("online"), cuda_graph=execution.cuda_graph, compile=execution.compile,
+        pre_update=settings.pre_update, forget=settings.forget, amp=execution.amp("online"),
+        cuda_graph=execution.cuda_graph, compile=execution.compile,
         pipeline=execution.pipeline, conv_kernels="triton" if execution.triton_kernels else "torch",
     )
     return OnlineConfig(**{**values, **changes})

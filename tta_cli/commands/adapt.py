@@ -348,7 +348,8 @@ def print_table(results, sets) -> dict:
     console.print(speed)
     for result in results:
         if result.counters.get("cache_lookups"):
-            console.print(f"{result.method}: adapted-weight cache hit rate {cache_hit_rate(result):.1%} of {result.counters['cache_lookups']} samples")
+            lookups = result.counters["cache_lookups"]
+            console.print(f"{result.method}: adapted-weight cache hit rate {cache_hit_rate(result):.1%} of {lookups} samples")
     return {"corruptions": corruptions, "errors": grid, "mean": {k: mean(v) for k, v in grid.items()}, **spread}
 
 
