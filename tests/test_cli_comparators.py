@@ -35,8 +35,12 @@ def test_comparators_run_end_to_end_and_describe_themselves_in_results(tiny_chec
     assert set(results["methods"]["sar"]["counters"]) == {"reliable_samples", "recoveries"}
 
 
-def test_a_bad_comparator_setting_is_one_line_before_any_work(tiny_checkpoint, tmp_path):
-    result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--method", "memo", "--n", "20", "--device", "cpu",
-                      "--set", "memo.copies=0", "--out", tmp_path / "adapt"])
-    assert result.exit_code == 2 and "memo.copies" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize("setting", ["memo.copies=0", "eata.e_margin=-0.4", "eata.d_margin=-0.1", "sar.reset_constant=-1",
+                                     "sar.rho=-0.05", "cotta.anchor_threshold=-0.1", "cotta.restore_probability=1.5"])
+def test_a_bad_comparator_setting_is_one_line_before_any_work(tiny_checkpoint, tmp_path, setting):
+    method = setting.split(".")[0]
+    result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--method", method, "--n", "20", "--device", "cpu",
+                      "--set", setting, "--out", tmp_path / "adapt"])
+    assert result.exit_code == 2, result.output
+    assert setting.split("=")[0] in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "adapt").exists()

@@ -201,6 +201,16 @@ def test_sar_recovers_the_source_when_the_loss_average_falls_under_the_constant(
     assert method.loss_average is None and not moved(source, method.model)
 
 
+def test_sar_with_no_reliable_sample_takes_a_zero_step_not_a_nan_one():
+    """Their first loss is a mean over no samples; its gradient is zero, so the first step moves nothing."""
+    model, task = tiny_model()
+    method = build("sar", model, task, e_margin=1e-6, lr=0.1)
+    before = named_values(method.model)
+    logits = method.adapt(images(8))
+    assert torch.isfinite(logits).all() and method.counters() == {"reliable_samples": 0, "recoveries": 0}
+    assert not moved(before, method.model) and method.loss_average is None
+
+
 def test_sar_reset_restores_the_source():
     model, task = tiny_model()
     method = build("sar", model, task, e_margin=1.0, lr=0.1)
@@ -210,7 +220,8 @@ def test_sar_reset_restores_the_source():
     assert not moved(source, method.model)
 
 
-@pytest.mark.parametrize("setting, value", [("lr", -1e-3), ("rho", -0.05), ("e_margin", -0.4), ("reset_constant", -1), ("batch", 0)])
+@pytest.mark.parametrize("setting, value", [("lr", -1e-3), ("rho", -0.05), ("e_margin", -0.4), ("reset_constant", -1), ("batch", 0),
+                                            ("ema", 1.5), ("momentum", -0.1)])
 def test_sar_bad_settings_are_one_line_errors_at_build(setting, value):
     model, task = tiny_model()
     with pytest.raises(TTAError, match=f"sar.{setting}") as error:
@@ -297,11 +308,14 @@ def test_eata_without_fisher_samples_has_no_penalty_and_reset_restores_the_sourc
     source = named_values(method.model)
     method.adapt(images(8))
     assert method.fisher is None and method.fisher_penalty() == 0.0
+    average = method.average_probs.clone()
     method.reset()
-    assert not moved(source, method.model) and method.average_probs is None
+    assert not moved(source, method.model)
+    assert torch.equal(method.average_probs, average)  # the authors' reset keeps the moving average (eata.py:59-63)
 
 
-@pytest.mark.parametrize("setting, value", [("lr", -0.1), ("e_margin", -0.4), ("d_margin", -0.1), ("fisher_samples", -1), ("batch", 0)])
+@pytest.mark.parametrize("setting, value", [("lr", -0.1), ("e_margin", -0.4), ("d_margin", -0.1), ("fisher_samples", -1), ("batch", 0),
+                                            ("fisher_alpha", -1.0), ("average", 1.5)])
 def test_eata_bad_settings_are_one_line_errors_at_build(setting, value):
     model, task = tiny_model()
     with pytest.raises(TTAError, match=f"eata.{setting}") as error:
@@ -372,7 +386,7 @@ def test_cotta_restores_about_the_stated_fraction_of_weights_and_reset_restores_
 
 
 @pytest.mark.parametrize("setting, value", [("lr", -1e-3), ("restore_probability", 1.5), ("anchor_threshold", -0.1),
-                                            ("augmentations", 0), ("teacher_momentum", 2.0)])
+                                            ("augmentations", 0), ("teacher_momentum", 2.0), ("beta", 1.5), ("batch", 0)])
 def test_cotta_bad_settings_are_one_line_errors_at_build(setting, value):
     model, task = tiny_model()
     with pytest.raises(TTAError, match=f"cotta.{setting}") as error:

@@ -6,6 +6,7 @@ from the first `fisher_samples` test samples the method receives: squared gradie
 cross-entropy against the source model's own predictions, one batch mean at a time and averaged over batches (as the
 authors compute it). Until that many samples have arrived the penalty is off (the paper's ETA); the estimate is a
 property of the source model, so reset() keeps it. `--set eata.fisher_samples=0` switches the penalty off.
+reset() also keeps the moving average of the kept samples' softmax, as the authors' `reset` (`eata.py:59-63`) does.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class EATA(ReliableEntropy):
         self.names = norm_affine_names(model)
         self.fisher = None  # [F_i], once estimated
         self.fisher_sums, self.fisher_batches, self.fisher_seen = [torch.zeros_like(p) for p in self.params], 0, 0
-        self.average_probs = None  # (classes,) moving average of the selected samples' softmax
+        self.average_probs = None  # (classes,) moving average of the selected samples' softmax, kept across reset()
         self.updated = 0
 
     def trained(self, model):
@@ -104,10 +105,6 @@ class EATA(ReliableEntropy):
         past = self.average_probs
         rate = self.settings.average
         self.average_probs = mean_probs if past is None else rate * past + (1 - rate) * mean_probs
-
-    def reset(self) -> None:
-        super().reset()
-        self.average_probs = None
 
     def counters(self) -> dict[str, int]:
         return {"reliable_samples": self.reliable, "updated_samples": self.updated}
