@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -35,3 +36,13 @@ def test_installed_tta_shows_help_and_trains_a_tiny_model(tmp_path):
     refused = subprocess.run([tta, "train", str(QUICKSTART), *TINY_TRAIN_ARGS, "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [refused.stderr.strip()] and refused.stderr.startswith("error: ")
+
+
+def test_help_into_a_pipe_that_closes_early_is_no_traceback():
+    """`tta adapt --help | head -2`: the reader goes away mid-help; the program ends without a traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "tta_cli.cli", "adapt", "--help"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "80"})
+    process.stdout.readline()
+    process.stdout.close()  # as `head` does after its lines
+    _, stderr = process.communicate(timeout=120)
+    assert b"Traceback" not in stderr, stderr.decode()

@@ -27,6 +27,8 @@ try:  # typer >= 0.2x parses with its own copy of click
     from typer._click import exceptions as click_errors  # noqa: E402
 except ImportError:  # older typer: click itself
     from click import exceptions as click_errors  # noqa: E402
+# Ctrl-C inside a prompt or a click callback; typer's own copy of click keeps Abort in typer.exceptions
+ABORT = getattr(click_errors, "Abort", None) or getattr(typer, "Abort", KeyboardInterrupt)
 
 app = typer.Typer(
     name="tta",
@@ -56,7 +58,7 @@ def main() -> None:
         help_hint = f" (see {error.ctx.command_path} --help)" if command else ""
         console.print(f"[bold red]error:[/] {escape(command + error.format_message() + help_hint)}", highlight=False, soft_wrap=True)
         code = error.exit_code
-    except click_errors.Abort:
+    except ABORT:
         code = INTERRUPTED_EXIT
     sys.exit(code or 0)
 
