@@ -177,6 +177,12 @@ def test_save_adapted_writes_the_final_weights_as_a_checkpoint_adapt_loads(check
     ok("adapt", "--ckpt", saved, "--corruptions", "fog", "--n", "10", "--method", "source", "--device", "cpu")
 
 
+def test_a_packaged_checkpoint_name_works_as_ckpt(stream_dir, tmp_path):
+    ok("stream", "run", stream_dir, "--ckpt", "resnet26_gn.rotation_sun2020_cifar10", "--mode", "implicit", "--max-frames", "4",
+       "--copies", "2", "--device", "cpu", "--out", tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["checkpoint"] == "resnet26_gn.rotation_sun2020_cifar10"
+
+
 @pytest.mark.parametrize(("flags", "fragment"), [
     (["--compare"], "--compare"),
     (["--mode", "episodic"], "--mode episodic"),
