@@ -257,3 +257,48 @@ def test_save_adapted_without_an_online_method_or_with_seeds_is_one_line(tiny_ch
     result = run_cli(["adapt", "--ckpt", tiny_checkpoint, *flags, "--save-adapted", tmp_path / "adapted", "--device", "cpu"])
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "adapted").exists()
+
+
+@pytest.fixture
+def unlabelled_folder(tmp_path):
+    """A flat folder of 5 unlabelled images of mixed sizes and formats, as a user's photos would be."""
+    import numpy as np
+    from conftest import write_png
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    root = tmp_path / "photos"
+    for index, size in enumerate([(32, 32), (40, 48), (64, 36), (32, 32)]):
+        write_png(root / f"photo_{index}.png", rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    Image.fromarray(rng.integers(0, 256, (50, 50, 3), dtype=np.uint8)).save(root / "z last.jpg")
+    return root
+
+
+def test_an_unlabelled_folder_gives_predictions_with_file_names_and_no_error_table(tiny_checkpoint, unlabelled_folder, tmp_path):
+    out = tmp_path / "predicted"
+    result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--data", unlabelled_folder, "--method", "source,ttt-online", *TINY_ADAPT_ARGS[2:],
+                      "--out", out])
+    assert result.exit_code == 0, result.output
+    assert "error (%)" not in result.output and "photo_2.png" in result.output
+    assert sorted(path.name for path in out.iterdir()) == ["manifest.json", "predictions.csv", "predictions.json"]
+    class_names = yaml.safe_load((tiny_checkpoint / "model.yaml").read_text())["class_names"]
+    with open(out / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    files = ["photo_0.png", "photo_1.png", "photo_2.png", "photo_3.png", "z last.jpg"]
+    assert [row["file"] for row in rows] == [name for name in files for _ in ("source", "ttt-online")]
+    assert [row["method"] for row in rows[:2]] == ["source", "ttt-online"]
+    for row in rows:
+        assert class_names[int(row["class"])] == row["class_name"] and 0 < float(row["confidence"]) <= 1
+    saved = json.loads((out / "predictions.json").read_text())
+    assert saved["class_names"] == class_names and [row["file"] for row in saved["predictions"]][::2] == files
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--corruptions", "fog"], "--corruptions"),
+    (["--plot", "errors.png"], "--plot"),
+    (["--seeds", "2"], "--seeds"),
+])
+def test_flags_that_need_labels_are_one_line_for_an_unlabelled_folder(tiny_checkpoint, unlabelled_folder, tmp_path, flags, fragment):
+    flags = [str(tmp_path / flag) if flag.endswith(".png") else flag for flag in flags]
+    result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--data", unlabelled_folder, "--method", "source", "--device", "cpu", *flags])
+    assert_one_line_error(result, fragment, "unlabelled")

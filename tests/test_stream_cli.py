@@ -163,6 +163,37 @@ def test_steps_zero_equals_no_adaptation(checkpoint, stream_dir, tmp_path):
     assert not any(row["adapted"] == "True" for row in zero)
 
 
+def test_save_adapted_writes_the_final_weights_as_a_checkpoint_adapt_loads(checkpoint, stream_dir, tmp_path):
+    from tta_cli.train.checkpoint import load_model
+
+    saved = tmp_path / "adapted"
+    ok("stream", "run", stream_dir, "--ckpt", checkpoint, "--mode", "implicit", "--max-frames", "12", "--copies", "4", "--lr", "0.01",
+       "--save-adapted", saved)
+    adapted, _, meta = load_model(saved)
+    source, _, _ = load_model(checkpoint)
+    assert meta["metrics"]["adapted_frames"] == 12 and meta["metrics"]["adapted_counters"]["updates"] == 12
+    changed = [key for key, value in source.state_dict().items() if not torch.equal(value, adapted.state_dict()[key])]
+    assert changed and all(key.startswith("encoder.") for key in changed)  # --params encoder moved, nothing else
+    ok("adapt", "--ckpt", saved, "--corruptions", "fog", "--n", "10", "--method", "source", "--device", "cpu")
+
+
+def test_a_packaged_checkpoint_name_works_as_ckpt(stream_dir, tmp_path):
+    ok("stream", "run", stream_dir, "--ckpt", "resnet26_gn.rotation_sun2020_cifar10", "--mode", "implicit", "--max-frames", "4",
+       "--copies", "2", "--device", "cpu", "--out", tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["checkpoint"] == "resnet26_gn.rotation_sun2020_cifar10"
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--compare"], "--compare"),
+    (["--mode", "episodic"], "--mode episodic"),
+    (["--mode", "none"], "does not adapt"),
+])
+def test_save_adapted_without_one_adapting_run_is_one_line(checkpoint, stream_dir, tmp_path, flags, fragment):
+    result = tta("stream", "run", stream_dir, "--ckpt", checkpoint, *flags, "--save-adapted", tmp_path / "adapted")
+    assert result.exit_code == 2 and fragment in one_line(result.output)
+    assert not (tmp_path / "adapted").exists()
+
+
 def test_compare_prints_error_per_run_and_writes_each(checkpoint, stream_dir, tmp_path):
     out = tmp_path / "compare"
     result = ok("stream", "run", stream_dir, "--ckpt", checkpoint, "--compare", "--max-frames", "16", "--copies", "4", "--out", out)

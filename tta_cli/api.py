@@ -1,7 +1,7 @@
 """The Python API: load a checkpoint, build a method on it, adapt images, keep the adapted weights.
 
     import tta_cli as tta
-    checkpoint = tta.load_checkpoint("runs/quickstart")
+    checkpoint = tta.load_checkpoint("runs/quickstart")   # or a packaged name: tta models lists them
     method = tta.build_method("ttt-online", checkpoint, lr=0.001)
     logits = method.adapt(images)          # uint8 (N, H, W, 3) or float (N, 3, H, W) in [0, 1]
     method.save("runs/adapted")            # a checkpoint folder `tta adapt --ckpt` loads
@@ -44,7 +44,8 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
-    """A `tta train` output folder (or its model.safetensors) on `device` ("cpu", "cuda", "auto")."""
+    """A `tta train` output folder (or its model.safetensors), or a packaged checkpoint's name (`tta models`, e.g.
+    "resnet26_gn.rotation_sun2020_cifar10"), on `device` ("cpu", "cuda", "auto")."""
     from tta_cli.tasks import build_task
     from tta_cli.train.checkpoint import load_model
 

@@ -20,7 +20,7 @@ if os.path.basename(sys.argv[0]) == "tta" and signal.getsignal(signal.SIGINT) is
 import typer  # noqa: E402  (after the handler: these imports are the slow part)
 from rich.markup import escape  # noqa: E402
 
-from tta_cli.commands import adapt, corrupt, stream, train  # noqa: E402
+from tta_cli.commands import adapt, corrupt, models, stream, train  # noqa: E402
 from tta_cli.commands.common import INTERRUPTED_EXIT, console  # noqa: E402
 
 try:  # typer >= 0.2x parses with its own copy of click
@@ -38,7 +38,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-for module in (train, corrupt, adapt, stream):
+for module in (train, corrupt, adapt, stream, models):
     module.register(app)
 
 

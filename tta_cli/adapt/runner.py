@@ -34,12 +34,14 @@ class RunResult:
     convolutions: str = "torch"  # who ran them: "torch" or "triton where faster"
     errors_std: list[float] | None = None  # over seeds (combine_seeds); None for one run
     seed_errors: list[list[float]] | None = None  # seed_errors[k][i]: run k's error on sets[i]
+    sample_wrong: torch.Tensor | None = None  # float (N_total,): 1 wrong, 0 right (mean over seeds), NaN where not visited
+    confidences: torch.Tensor | None = None  # float (N_total,): the softmax probability of the predicted class
 
 
 def combine_seeds(runs: list[RunResult]) -> RunResult:
     """One method's runs with different seeds as one result: per set the mean error and its standard deviation
     over the runs (n - 1 in the denominator; 0 for one run); seconds and samples summed, the first run's
-    predictions and counters summed."""
+    predictions and confidences; counters summed; per-sample wrongness averaged."""
     errors = torch.tensor([run.errors for run in runs], dtype=torch.float64)  # (runs, sets)
     std = errors.std(0, correction=1) if len(runs) > 1 else torch.zeros(errors.shape[1], dtype=torch.float64)
     counters = {name: sum(run.counters.get(name, 0) for run in runs) for name in runs[0].counters}
@@ -47,6 +49,7 @@ def combine_seeds(runs: list[RunResult]) -> RunResult:
     return RunResult(
         first.method, errors.mean(0).tolist(), first.predictions, sum(run.seconds for run in runs), sum(run.samples for run in runs),
         counters, first.precision, first.convolutions, std.tolist(), errors.tolist(),
+        None if first.sample_wrong is None else torch.stack([run.sample_wrong for run in runs]).mean(0), first.confidences,
     )
 
 
@@ -79,9 +82,10 @@ def run_method(
     else:
         done = adapt_in_order(method, images, segments, record, rank, world_size, on_batch)
     counters = method.counters()
-    nonfinite = record.nonfinite
+    nonfinite, confidences = record.nonfinite, record.confidences
     if world_size > 1:  # every sample was predicted by exactly one rank
         mine = (predictions >= 0).nonzero().squeeze(1)
+        confidences = distributed.gather_in_order(confidences[mine], mine, len(labels))
         predictions = distributed.gather_in_order(predictions[mine], mine, len(labels), fill=-1)
         counters = {name: type(value)(distributed.sum_over_ranks(torch.tensor([value], device=device)).item())
                     for name, value in counters.items()}
@@ -98,19 +102,22 @@ def run_method(
         seen = visited[part].sum().clamp_min(1)
         errors.append(float(100.0 * (wrong[part] * visited[part]).sum() / seen))
     return RunResult(method.name, errors, predictions.cpu(), seconds, done, counters, method.precision(side_by_side),
-                     method.convolutions(side_by_side))
+                     method.convolutions(side_by_side), sample_wrong=wrong.masked_fill(~visited, float("nan")).cpu(), confidences=confidences.cpu())
 
 
 class Recorder:
-    """Writes each batch's predicted classes into `predictions` at its rows and counts, on the device (no host
-    sync per batch), the samples whose logits are not finite: the mark of updates that diverged."""
+    """Writes each batch's predicted classes and their softmax probabilities at its rows and counts, on the device
+    (no host sync per batch), the samples whose logits are not finite: the mark of updates that diverged."""
 
     def __init__(self, predictions: torch.Tensor):
         self.predictions = predictions
+        self.confidences = torch.zeros(predictions.shape, dtype=torch.float32, device=predictions.device)
         self.nonfinite = torch.zeros((), dtype=torch.long, device=predictions.device)
 
     def __call__(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
-        self.predictions[rows] = logits.argmax(1)
+        confidence, predicted = logits.float().softmax(1).max(1)
+        self.predictions[rows] = predicted
+        self.confidences[rows] = confidence
         self.nonfinite += (~logits.isfinite().all(1)).sum()
 
 

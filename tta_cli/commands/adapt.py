@@ -22,13 +22,12 @@ from tta_cli.errors import TTAError
 
 EXAMPLES = """
 Methods (--set METHOD.FIELD=VALUE sets a method's own settings):
-
 {methods}
 
 On CUDA the first call compiles (tens of seconds). Examples:
-
   tta adapt --ckpt runs/quickstart --method source,ttt --out runs/adapt
   tta adapt --ckpt runs/bn --method norm,tent --set tent.lr=0.0005
+  tta adapt --ckpt resnet26_gn.rotation_sun2020_cifar10 --data photos
 """
 
 
@@ -90,9 +89,12 @@ def adapt_command(
     force: ForceOpt = False,
     overrides: AdaptSetOpt = None,
 ) -> None:
-    """Adapt a `tta train` checkpoint on shifted test sets; report error (%) per set."""
+    """Adapt a checkpoint (folder or `tta models` name) on shifted sets: error (%), paired 95% intervals to source;
+    unlabelled images: predictions per file."""
     from tta_cli.adapt.collapse import check_collapse
     from tta_cli.adapt.methods import split_method_settings
+    from tta_cli.data.folder import list_unlabelled
+    from tta_cli.data.sources import load_unlabelled
     from tta_cli.outputs import check_out_file, check_out_folder
     from tta_cli.train.checkpoint import load_model
     from tta_cli.validation import check_adapt_flags, check_clean_source, parse_names
@@ -125,25 +127,53 @@ def adapt_command(
     check_adapt_flags({k: v for k, v in flags.items() if v is not None}, settings.methods, settings.order)
     saved = check_saveable(adapters, save_adapted, seeds)
     severity_list = parse_ints(severities, "--severities") or [5]
-    check_clean_source(data or "cifar10-mini", corruptions, severities)
-    sets = load_sets(data or "cifar10-mini", corruptions, severity_list, n, settings.seed, torch_device, train_config.model.img_size)
+    unlabelled = None
+    if data is not None and list_unlabelled(data) is not None:
+        check_unlabelled_flags(data, corruptions, severities, plot, seeds)
+        unlabelled = load_unlabelled(data, meta["class_names"], train_config.model.img_size, n)
+    else:
+        check_clean_source(data or "cifar10-mini", corruptions, severities)
+    sets = [unlabelled] if unlabelled is not None else load_sets(
+        data or "cifar10-mini", corruptions, severity_list, n, settings.seed, torch_device, train_config.model.img_size)
     check_classes(meta["class_names"], sets, ckpt)
     console.print(f"[bold]tta adapt[/] {', '.join(settings.methods)} on {len(sets)} set(s), {sum(len(s) for s in sets)} images, {torch_device}")
     results = run_seeds(adapters, settings, seeds, lambda seeded: build_methods(model, task, seeded, own, len(meta["class_names"]), torch_device),
                         sets, torch_device, in_order=bool(saved))
     check_collapse(results, sets, model, torch_device)  # (NaN is checked as each method runs)
+    if unlabelled is not None:
+        report_unlabelled(results, unlabelled, out, {"checkpoint": str(ckpt), "data": data, "device": str(torch_device)})
+    else:
+        report_errors(results, sets, adapters, out, plot, ckpt, data, {"corruptions": corruptions, "severities": severity_list, "n": n},
+                      torch_device, predictions)
+    if saved and distributed.is_main():
+        write_adapted(save_adapted, saved, model, train_config, meta, settings.order)
+
+
+def report_errors(results, sets, adapters, out: Path | None, plot: Path | None, ckpt, data, selection: dict, device, predictions: bool) -> None:
+    """Labelled sets: the error table (with the paired differences to source), results.json/.csv and the plot."""
     table = print_table(results, sets)
     if out is not None and distributed.is_main():
         from tta_cli.outputs import staged_folder
 
-        selection = {"corruptions": corruptions, "severities": severity_list, "n": n}
         with staged_folder(out, "tta adapt") as folder:
-            write_outputs(folder, results, sets, adapters, ckpt, data, selection, torch_device, table, predictions)
+            write_outputs(folder, results, sets, adapters, ckpt, data, selection, device, table, predictions)
         console.print(f"wrote {out / 'results.json'} and {out / 'results.csv'}")
-    if saved and distributed.is_main():
-        write_adapted(save_adapted, saved, model, train_config, meta, settings.order)
     if plot is not None and distributed.is_main():
         write_plot(plot, results, sets)
+
+
+def check_unlabelled_flags(data: str, corruptions: str | None, severities: str | None, plot: Path | None, seeds: int) -> None:
+    """A folder of unlabelled images is adapted on as it is and gives predictions, no errors: flags that need labels
+    or corrupt it are refused, naming why."""
+    from tta_cli.validation import refuse_together
+
+    where = f"--data {data} (a folder of unlabelled images)"
+    if corruptions is not None or severities is not None:
+        refuse_together("--corruptions" if corruptions is not None else "--severities", where, "unlabelled images are adapted on as they are")
+    if plot is not None:
+        refuse_together("--plot", where, "the plot shows errors, which need labels; --out writes the predictions")
+    if seeds > 1:
+        refuse_together("--seeds", where, "each seed predicts differently; write one run's predictions (--seeds 1)")
 
 
 def check_shardable(methods: list[str]) -> None:
@@ -320,24 +350,55 @@ def seed_summary(results, sets) -> dict:
             "per_seed": per_seed}
 
 
+def differences_to_source(results, sets) -> dict[str, list]:
+    """Each method's (not source's) error difference to source per set, paired per sample (adapt/paired.py); empty
+    without a source run."""
+    from tta_cli.adapt.orders import set_offsets
+    from tta_cli.adapt.paired import paired_difference
+
+    source = next((result for result in results if result.method == "source"), None)
+    if source is None:
+        return {}
+    parts = [slice(offset, offset + len(image_set)) for offset, image_set in zip(set_offsets(sets), sets, strict=True)]
+    return {result.method: [paired_difference(result.sample_wrong[part], source.sample_wrong[part]) for part in parts]
+            for result in results if result is not source}
+
+
+def paired_grid(results, sets) -> tuple[dict, dict]:
+    """The error grid's columns (methods other than source) of paired differences to source, and each column's mean."""
+    from tta_cli.adapt.paired import mean_over_sets
+
+    differences = differences_to_source(results, sets)
+    _, grid = error_grid([result for result in results if result.method in differences], sets, lambda result: differences[result.method])
+    return grid, {key: mean_over_sets([part for part in column if part is not None]) for key, column in grid.items()}
+
+
 def print_table(results, sets) -> dict:
     corruptions, grid = error_grid(results, sets)
     spread = seed_summary(results, sets)
+    paired, paired_mean = paired_grid(results, sets)
 
     def cell(value: float | None, std: float | None) -> str:
         if value is None:
             return "-"
         return f"{value:.1f}" if std is None else f"{value:.1f} ± {std:.1f}"
 
+    def difference(part) -> str:
+        return "-" if part is None else f"{part.points:+.1f} ± {part.half_width:.1f}"
+
     title = f"tta adapt: error (%), mean ± std over {spread['seeds']} seeds" if spread else "tta adapt: error (%)"
-    table = Table(title=title)
+    caption = "vs source: error difference in points, paired per sample, ± its 95% interval" if paired else None
+    table = Table(title=title, caption=caption)
     table.add_column("corruption")
-    for key in grid:
-        table.add_column(key, justify="right")
+    columns = [entry for key in grid for entry in ([(key, False), (key, True)] if key in paired else [(key, False)])]
+    for key, is_difference in columns:
+        table.add_column(f"{key} vs source" if is_difference else key, justify="right")
     for row, corruption in enumerate(corruptions):
-        table.add_row(corruption, *[cell(grid[k][row], spread["std"][k][row] if spread else None) for k in grid])
+        table.add_row(corruption, *[difference(paired[k][row]) if d else cell(grid[k][row], spread["std"][k][row] if spread else None)
+                                    for k, d in columns])
     if len(corruptions) > 1:
-        table.add_row("[bold]mean", *[f"[bold]{cell(mean(grid[k]), spread['mean_std'][k] if spread else None)}" for k in grid])
+        table.add_row("[bold]mean", *[f"[bold]{difference(paired_mean[k]) if d else cell(mean(grid[k]), spread['mean_std'][k] if spread else None)}"
+                                      for k, d in columns])
     console.print(table)
     speed = Table(title="throughput")
     for column in ("method", "samples", "seconds", "samples/s", "counters"):
@@ -350,7 +411,11 @@ def print_table(results, sets) -> dict:
         if result.counters.get("cache_lookups"):
             lookups = result.counters["cache_lookups"]
             console.print(f"{result.method}: adapted-weight cache hit rate {cache_hit_rate(result):.1%} of {lookups} samples")
-    return {"corruptions": corruptions, "errors": grid, "mean": {k: mean(v) for k, v in grid.items()}, **spread}
+    vs_source = {"vs_source": {k: [None if part is None else part.record() for part in column] for k, column in paired.items()},
+                 "vs_source_mean": {k: part.record() for k, part in paired_mean.items()},
+                 "vs_source_semantics": "error difference to source in points (negative: fewer errors), paired per sample, 95% interval "
+                                        "by the normal approximation (tta_cli/adapt/paired.py)"} if paired else {}
+    return {"corruptions": corruptions, "errors": grid, "mean": {k: mean(v) for k, v in grid.items()}, **spread, **vs_source}
 
 
 def cache_hit_rate(result) -> float:
@@ -365,6 +430,7 @@ def write_outputs(out: Path, results, sets, adapters, ckpt, data, selection: dic
     settings = {**dataclasses.asdict(adapters[0].common), **{a.name: dataclasses.asdict(a.settings) for a in adapters}}
     semantics = {a.name: {"computes": a.semantics, "updates": a.updates} for a in adapters}
 
+    differences = differences_to_source(results, sets)
     rows = []
     for result in results:
         for index, (image_set, error) in enumerate(zip(sets, result.errors, strict=True)):
@@ -377,6 +443,9 @@ def write_outputs(out: Path, results, sets, adapters, ckpt, data, selection: dic
             }
             if result.errors_std is not None:  # --seeds K: error is the mean over the K runs
                 row.update(error_std=round(result.errors_std[index], 4), seeds=len(result.seed_errors))
+            if result.method in differences:  # paired per sample, 95% interval (adapt/paired.py)
+                part = differences[result.method][index]
+                row.update(vs_source=round(part.points, 4), vs_source_low=round(part.low, 4), vs_source_high=round(part.high, 4))
             rows.append(row)
     write_csv(out / "results.csv", rows)
     write_json(out / "results.json", {
@@ -406,6 +475,40 @@ def write_outputs(out: Path, results, sets, adapters, ckpt, data, selection: dic
             row.update({r.method: int(r.predictions[index]) for r in results})
             prediction_rows.append(row)
         write_csv(out / "predictions.csv", prediction_rows)
+
+
+def prediction_rows(results, image_set) -> list[dict]:
+    """One row per image and method: file name, predicted class index and name, its softmax probability."""
+    files, names = image_set.meta["files"], image_set.class_names
+    return [
+        {"file": file, "method": result.method, "class": int(result.predictions[index]), "class_name": names[int(result.predictions[index])],
+         "confidence": round(float(result.confidences[index]), 6)}
+        for index, file in enumerate(files) for result in results
+    ]
+
+
+def report_unlabelled(results, image_set, out: Path | None, context: dict, shown: int = 20) -> None:
+    """Unlabelled images: a table of the first `shown` files' predictions per method, and with --out all of them as
+    predictions.csv and predictions.json (no errors: there are no labels)."""
+    from tta_cli.files import write_csv, write_json
+    from tta_cli.outputs import staged_folder
+
+    rows = prediction_rows(results, image_set)
+    table = Table(title=f"tta adapt: predictions on {len(image_set)} unlabelled images (class, confidence)")
+    table.add_column("file")
+    for result in results:
+        table.add_column(result.method, justify="right")
+    methods = len(results)
+    for start in range(0, min(len(rows), shown * methods), methods):
+        table.add_row(rows[start]["file"], *[f"{row['class_name']} ({row['confidence']:.2f})" for row in rows[start : start + methods]])
+    console.print(table)
+    if len(image_set) > shown:
+        console.print(f"(the first {shown} of {len(image_set)} images{'' if out else '; --out DIR writes them all'})")
+    if out is not None and distributed.is_main():
+        with staged_folder(out, "tta adapt") as folder:
+            write_csv(folder / "predictions.csv", rows)
+            write_json(folder / "predictions.json", {**context, "class_names": image_set.class_names, "predictions": rows})
+        console.print(f"wrote {out / 'predictions.csv'} and {out / 'predictions.json'}")
 
 
 def write_plot(path: Path, results, sets) -> None:

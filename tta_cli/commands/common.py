@@ -31,7 +31,7 @@ DataOpt = Annotated[
 DataRootOpt = Annotated[
     str | None, typer.Option("--data-root", help="Folder holding torchvision's cifar-10-batches-py (for --data cifar10).")
 ]
-CkptOpt = Annotated[Path, typer.Option("--ckpt", help="tta train folder or .safetensors.")]
+CkptOpt = Annotated[Path, typer.Option("--ckpt", help="tta train folder or tta models name.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder for the results.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (same seed, same result).")]

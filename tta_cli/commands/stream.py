@@ -204,6 +204,9 @@ def run_command(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Write a PNG: rolling accuracy and ssl loss over the frames, shift shaded.")
     ] = None,
+    save_adapted: Annotated[
+        Path | None, typer.Option("--save-adapted", help="Write the final adapted weights as a checkpoint folder (--ckpt loads it).")
+    ] = None,
     force: ForceOpt = False,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
@@ -219,6 +222,7 @@ def run_command(
     frame's prediction runs beside the next frame's update on a second CUDA stream, the same weights and logits
     (--set overlap=false: right after its own update). Ctrl-C stops early, writes the results of the frames seen
     (marked "interrupted" in summary.json and manifest.json; never over an earlier result in --out) and exits 130.
+    --save-adapted DIR writes the weights the stream ended on as a checkpoint that `tta adapt --ckpt DIR` loads.
     """
     from tta_cli.device import resolve_device
     from tta_cli.outputs import check_out_file, check_out_folder
@@ -247,6 +251,7 @@ def run_command(
         raise TTAError("--compare reads SOURCE once per run; give a file or folder, not stdin")
     check_out_folder(out, force)
     check_out_file(plot, force, "--plot")
+    check_saveable(save_adapted, force, settings, compare)
     torch_device = resolve_device(device or "auto")
     model, train_config, meta = load_model(ckpt, torch_device)
     class_names = list(meta["class_names"])
@@ -288,8 +293,40 @@ def run_command(
 
         console.print(f"wrote {stream_timeline(plot, timeline(results, truth))}")
     check_finite(results)
+    if save_adapted is not None and interrupted:
+        console.print(f"the adapted weights were not written to {save_adapted}: the stream was interrupted")
+    elif save_adapted is not None:
+        write_adapted(save_adapted, results[-1], model, train_config, meta)
     if interrupted:
         raise typer.Exit(INTERRUPTED_EXIT)
+
+
+def check_saveable(save_adapted: Path | None, force: bool, settings, compare: bool) -> None:
+    """--save-adapted needs one run that carries its weights: not --compare (whose run?), not a mode that ends
+    every frame on the trained weights."""
+    from tta_cli.outputs import check_out_folder
+    from tta_cli.validation import refuse_together
+
+    if save_adapted is None:
+        return
+    if compare:
+        refuse_together("--save-adapted", "--compare", "--compare runs every mode and each ends on other weights; save one --mode's run")
+    if not settings.adapting or settings.mode == "episodic":
+        why = "it goes back to the trained weights after every frame" if settings.mode == "episodic" else "it does not adapt"
+        refuse_together("--save-adapted", f"--mode {settings.mode}" + (" --steps 0" if settings.steps == 0 else ""), why)
+    check_out_folder(save_adapted, force, "--save-adapted")
+
+
+def write_adapted(out: Path, result, source_model, train_config, meta: dict) -> None:
+    """The run's final weights as a checkpoint folder `out` (model.safetensors + model.yaml, under the source's config)."""
+    from tta_cli.outputs import staged_folder
+    from tta_cli.train.checkpoint import save_adapted
+
+    metrics = {**meta.get("metrics", {}), "adapted_by": f"tta stream run --mode {result.settings.mode}", "adapted_frames": len(result),
+               "adapted_counters": result.counters}
+    with staged_folder(out, "tta stream run --save-adapted") as folder:
+        save_adapted(folder, result.adapted, source_model, train_config, meta["class_names"], metrics)
+    console.print(f"wrote the adapted weights ({result.name}, {len(result):,} frames) to {out}", highlight=False)
 
 
 def check_stream_memory(settings, size: int) -> None:

@@ -70,6 +70,19 @@ def list_tree(path: str | Path, split: str | None) -> TreeFiles:
     raise TTAError(f"no such file or folder: {path}")
 
 
+def list_unlabelled(path: str | Path) -> list[Path] | None:
+    """The images of a folder of unlabelled images (image files at its top level and no visible subfolders), sorted
+    by name; None for anything else (a class-folder tree, an archive, a file), which the class-folder readers take."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    entries = [entry for entry in path.iterdir() if not _is_hidden(entry.name)]
+    images = sorted(entry for entry in entries if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES))
+    if not images or any(entry.is_dir() for entry in entries):
+        return None
+    return images
+
+
 def decode_images(blobs: Sequence[bytes], names: Sequence[str], image_size: int | None = None) -> torch.Tensor:
     """Encoded files -> uint8 (N, H, W, 3). Differing sizes are an error unless `image_size` is set,
     which resizes each image's shorter side to it (antialiased) and center-crops a square."""
@@ -93,7 +106,7 @@ def _list_folder(root: Path, split: str | None) -> TreeFiles:
     def read_bytes(positions: Sequence[int]) -> list[bytes]:
         paths = [root / relative_paths[chosen[position]] for position in positions]
         with ThreadPoolExecutor(max_workers=8) as pool:
-            return list(pool.map(_read_file, paths))
+            return list(pool.map(read_file, paths))
 
     return TreeFiles(str(root), names, labels, class_names, read_bytes)
 
@@ -182,7 +195,7 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def _read_file(path: Path) -> bytes:
+def read_file(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except OSError as error:

@@ -12,7 +12,7 @@ import torch
 
 from tta_cli.data.cache import cache_key, load_cached, source_identity, store_cached
 from tta_cli.data.cifar_binary import find_batches_folder, load_cifar10
-from tta_cli.data.folder import SPLITS, decode_images, list_tree, resize_square
+from tta_cli.data.folder import SPLITS, decode_images, list_tree, list_unlabelled, read_file, resize_square
 from tta_cli.data.imageset import ImageSet
 from tta_cli.errors import TTAError
 
@@ -65,6 +65,20 @@ def load_folder(path: str | Path, split: str | None = None, image_size: int | No
     if not path.exists():
         raise TTAError(f"no such file or folder: {path}")
     return _load_tree(path, split, image_size, None, 0, str(path))
+
+
+def load_unlabelled(path: str | Path, class_names: list[str], image_size: int, limit: int | None = None) -> ImageSet | None:
+    """A folder of unlabelled images (folder.list_unlabelled), the first `limit` by file name, resized to `image_size`;
+    labels -1, `class_names` those of the checkpoint that will name the predictions, file names in meta["files"].
+    None when `path` is not such a folder."""
+    files = list_unlabelled(path)
+    if files is None:
+        return None
+    files = files[:limit] if limit else files
+    images = decode_images([read_file(file) for file in files], [str(file) for file in files], image_size)
+    labels = torch.full((len(files),), -1, dtype=torch.long)
+    return ImageSet(images, labels, list(class_names), {"corruption": "unlabelled", "severity": 0, "source": str(path),
+                                                        "files": [file.name for file in files]})
 
 
 def balanced_subset(labels: torch.Tensor, limit: int, seed: int) -> torch.Tensor:

@@ -120,6 +120,7 @@ class StreamResult:
     counters: dict
     interrupted: bool = False
     summary: dict = field(default_factory=dict)
+    adapted: torch.nn.Module | None = None  # the model as the run left it (its final adapted weights)
 
     def __len__(self) -> int:
         return len(self.columns["frame"])
@@ -351,7 +352,8 @@ def run_stream(
             on_progress(log.progress(started))
     seconds = clock() - started
     counters = method.counters() if method is not None else {}
-    result = StreamResult(settings.name, settings, log.columns(), seconds, counters, interrupted)
+    adapted = method.model if method is not None else None
+    result = StreamResult(settings.name, settings, log.columns(), seconds, counters, interrupted, adapted=adapted)
     result.summary = summarize(result, method.convolutions() if method is not None else "torch", overlap)
     return result
 

@@ -72,10 +72,22 @@ def save_adapted(out_dir: Path, adapted: torch.nn.Module, source: TTTModel, conf
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a `tta train` folder or its weights file; return the folder."""
+    """Accept a `tta train` folder, its weights file, or a packaged model's name (tta_cli/train/zoo.py: a path on
+    disk of the same name wins); return the folder."""
+    from tta_cli.train import zoo
+
+    packaged = zoo.packaged_folder(str(path))
     path = Path(path)
+    if packaged is not None and not path.exists():
+        if not (packaged / WEIGHTS).is_file():
+            raise TTAError(f"the packaged model {path} is missing from this install ({packaged / WEIGHTS}); reinstall tta")
+        return packaged
     folder = path.parent if path.suffix == ".safetensors" else path
     if not (folder / WEIGHTS).is_file() or not (folder / META).is_file():
+        if not path.exists() and len(path.parts) == 1:  # a bare name: perhaps a mistyped packaged one
+            close = zoo.close_names(str(path))
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise TTAError(f"{path} is neither a tta checkpoint folder nor a packaged model name; {hint}`tta models` lists the packaged ones")
         raise TTAError(f"{path} is not a tta checkpoint: expected {folder / WEIGHTS} and {folder / META} (made by `tta train`)")
     return folder
 
