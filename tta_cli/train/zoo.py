@@ -59,7 +59,25 @@ MODELS: dict[str, PackagedModel] = {
             clean_accuracy=87.73,
             recipe="recipes/sun2020-rotation-gn.yaml",
             command="tta train recipes/sun2020-rotation-gn.yaml --data cifar10-jpeg.tar.gz --out runs/sun2020",
-            trained="CUDA GPU, 2026-12-03, 413 s",
+            trained="one NVIDIA H200, 2026-12-03, 413 s",
+        ),
+        PackagedModel(
+            name="resnet26_bn.rotation_reflect_cifar10",
+            architecture="pre-activation ResNet-26 (width 1), BatchNorm, split after layer2, rotation head on all 4 rotations",
+            data="the 50,000 CIFAR-10 training images of the CIFAR-10 JPEG archive, reflect-padded crops",
+            clean_accuracy=89.17,
+            recipe="recipes/rotation-bn-fast.yaml",
+            command="tta train recipes/rotation-bn-fast.yaml --data cifar10-jpeg.tar.gz --out runs/rotation-bn",
+            trained="one NVIDIA H200, 2026-12-03, 240 s",
+        ),
+        PackagedModel(
+            name="resnet26_bn.supervised_reflect_cifar10",
+            architecture="pre-activation ResNet-26 (width 1), BatchNorm, classifier only (its rotation head is untrained)",
+            data="the 50,000 CIFAR-10 training images of the CIFAR-10 JPEG archive, reflect-padded crops",
+            clean_accuracy=88.49,
+            recipe="recipes/supervised-bn.yaml",
+            command="tta train recipes/supervised-bn.yaml --data cifar10-jpeg.tar.gz --out runs/supervised-bn",
+            trained="one NVIDIA H200, 2026-12-03, 148 s",
         ),
     )
 }
