@@ -4,11 +4,11 @@
 # online stream and 15 streams side by side; first the CUDA tests of the current tree.
 #
 #   git archive <before-commit> tta_cli benchmarks | (mkdir -p .carry/before && tar x -C .carry/before)
-#   CKPT=.carry/gn-paper bash benchmarks/speed_check.sh .carry/before     # results under $OUT (or speed-check/)
+#   bash benchmarks/speed_check.sh .carry/before     # results under $OUT (or speed-check/); CKPT= another GN checkpoint
 #
 # DEADLINE (seconds, default 560) caps every stage, so the call ends with what finished.
 set -uo pipefail
-BEFORE=$1 ROOT=$PWD OUT=${OUT:-speed-check} CKPT=${CKPT:-.carry/gn-paper}
+BEFORE=$1 ROOT=$PWD OUT=${OUT:-speed-check} CKPT=${CKPT:-tta_cli/train/pretrained/resnet26_gn.rotation_sun2020_cifar10}
 export PYTHONUNBUFFERED=1 TTA_CACHE_DIR=${TTA_CACHE_DIR:-/tmp/tta-cache}
 mkdir -p "$OUT"; START=$(date +%s)
 cap() { local l=$(( ${DEADLINE:-560} - ($(date +%s) - START) )); [ $l -lt $1 ] && echo $(( l > 1 ? l : 1 )) || echo $1; }
