@@ -124,6 +124,7 @@ def test_run_writes_one_row_per_frame_a_summary_and_a_plot(checkpoint, stream_di
     assert [int(row["frame"]) for row in rows] == list(range(FRAMES))
     first = json.loads(lines[0])
     assert {"frame", "time", "class", "confidence", "adapted", "rolled_back", "ssl_loss", "latency_ms", "label", "corruption"} <= set(first)
+    assert "file" not in first  # a video's frames have numbers, not file names
     assert [int(row["label"]) for row in rows] == np.load(stream_dir / "labels.npy").tolist()  # found beside the video
     assert all(row["adapted"] == "True" for row in rows)
     summary = json.loads((out / "summary.json").read_text())
@@ -153,6 +154,24 @@ def test_every_source_type_gives_the_same_predictions(checkpoint, stream_dir, tm
         predictions[name] = [(row["class"], row["confidence"]) for row in read_csv(out / "frames.csv")]
     assert len(predictions["video"]) == FRAMES
     assert all(rows == predictions["video"] for rows in predictions.values())
+
+
+def test_a_folder_of_images_names_each_frame_by_its_file_in_order(checkpoint, tmp_path):
+    """Unlabelled frames from image files: each row says which file it classified, in the order they were read."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    names = ["b-002.png", "a-010.jpg", "b-001.jpeg", "a-002.png", "c.PNG"]
+    pixels = np.random.default_rng(0).integers(0, 256, size=(len(names), 40, 48, 3), dtype=np.uint8)
+    for name, frame in zip(names, pixels, strict=True):
+        Image.fromarray(frame).save(folder / name)
+    out = tmp_path / "run"
+    result = ok("stream", "run", folder, "--ckpt", checkpoint, "--copies", "4", "--out", out)
+    assert "labels: none" in result.output
+    rows = read_csv(out / "frames.csv")
+    lines = [json.loads(line) for line in (out / "frames.jsonl").read_text().splitlines()]
+    assert [row["file"] for row in rows] == [line["file"] for line in lines] == sorted(names)
+    assert [int(row["frame"]) for row in rows] == list(range(len(names)))
+    assert list(rows[0])[:2] == ["frame", "file"]
 
 
 def test_steps_zero_equals_no_adaptation(checkpoint, stream_dir, tmp_path):

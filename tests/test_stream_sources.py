@@ -65,6 +65,14 @@ def test_png_folder_source_yields_the_stream_frames_exactly(stream, tmp_path):
     assert torch.equal(read_all(source), stream.frames)
 
 
+def test_only_image_files_give_frames_file_names(stream_dir, tmp_path):
+    for name in ("b.jpg", "a.png"):
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / name)
+    assert open_frames(tmp_path, size=8).file_names == ["a.png", "b.jpg"]
+    assert open_frames(stream_dir, size=32).file_names is None  # a stream folder reads its frames.npy
+    assert open_frames(stream_dir / "stream.mp4", size=32).file_names is None
+
+
 def test_video_source_yields_the_stream_frames_losslessly(stream, stream_dir):
     source = open_frames(stream_dir / "stream.mp4", size=32)
     assert source.native_fps == pytest.approx(30.0)
@@ -190,6 +198,7 @@ class CountingReader:
 
     native_fps = None
     description = "test reader"
+    file_names = None
 
     def __init__(self, frames: int | None = None, fail_after: int | None = None):
         self.length = frames

@@ -214,14 +214,14 @@ def run_command(
 ) -> None:
     """Classify every frame of SOURCE with a `tta train` checkpoint while adapting it online, with a live view.
 
-    --out writes frames.csv and frames.jsonl (one row per frame: time, class, confidence, adapted, rolled back,
-    ssl loss, latency) and summary.json (accuracy, latency p50/p95/max, fps, counts). --set takes any
-    StreamSettings key (e.g. --set momentum=0.9 --set amp=false). On CUDA each convolution runs on the faster of
-    cuDNN and tta's Triton kernels, timed once per shape, and each GroupNorm + ReLU as one Triton kernel (--set
-    conv_kernels=torch for torch's kernels only). Unpaced, each
-    frame's prediction runs beside the next frame's update on a second CUDA stream, the same weights and logits
-    (--set overlap=false: right after its own update). Ctrl-C stops early, writes the results of the frames seen
-    (marked "interrupted" in summary.json and manifest.json; never over an earlier result in --out) and exits 130.
+    --out writes frames.csv and frames.jsonl (one row per frame: number, file name for a folder of images, time,
+    class, confidence, adapted, rolled back, ssl loss, latency) and summary.json (accuracy, latency p50/p95/max,
+    fps, counts). --set takes any StreamSettings key (e.g. --set momentum=0.9 --set amp=false). On CUDA each
+    convolution runs on the faster of cuDNN and tta's Triton kernels, timed once per shape, and each GroupNorm +
+    ReLU as one Triton kernel (--set conv_kernels=torch for torch's kernels only). Unpaced, each frame's prediction
+    runs beside the next frame's update on a second CUDA stream, the same weights and logits (--set overlap=false:
+    right after its own update). Ctrl-C stops early, writes the results of the frames seen (marked "interrupted" in
+    summary.json and manifest.json; never over an earlier result in --out) and exits 130.
     --save-adapted DIR writes the weights the stream ended on as a checkpoint that `tta adapt --ckpt DIR` loads.
     """
     from tta_cli.device import resolve_device
@@ -286,7 +286,7 @@ def run_command(
         console.print(f"the interrupted run's results were not written: {out} keeps its earlier, complete result")
     elif out is not None:
         context = {"checkpoint": str(ckpt), "source": source, "device": str(torch_device), "interrupted": interrupted}
-        write_outputs(out, results, truth, class_names, context)
+        write_outputs(out, results, truth, class_names, context, frames.file_names)
     if plot is not None and not (interrupted and plot.exists()):
         from tta_cli.plots import stream_timeline
         from tta_cli.stream.report import timeline
@@ -514,8 +514,9 @@ def log_console() -> Console:
     return Console(file=console.file, width=LOG_WIDTH, no_color=console.no_color, highlight=False)
 
 
-def write_outputs(out: Path, results, truth, class_names: list[str], context: dict) -> None:
-    """Per-frame CSV + JSONL per run and one summary.json, appearing together in `out` (tta_cli/outputs.py)."""
+def write_outputs(out: Path, results, truth, class_names: list[str], context: dict, file_names: list[str] | None = None) -> None:
+    """Per-frame CSV + JSONL per run (with each frame's image file, for a folder of images) and one summary.json,
+    appearing together in `out` (tta_cli/outputs.py)."""
     from tta_cli.outputs import staged_folder
     from tta_cli.stream.report import frame_rows, frames_stem, write_frames, write_summary
 
@@ -523,6 +524,6 @@ def write_outputs(out: Path, results, truth, class_names: list[str], context: di
     written = []
     with staged_folder(out, "tta stream run", {"interrupted": context["interrupted"]}) as folder:
         for result in results:
-            written += write_frames(folder, frames_stem(result, several), frame_rows(result, class_names, truth))
+            written += write_frames(folder, frames_stem(result, several), frame_rows(result, class_names, truth, file_names))
         written.append(write_summary(folder / "summary.json", results, {"tool": "tta stream run", **context, "class_names": class_names}))
     console.print(f"wrote {', '.join(path.name for path in written)} to {out}", highlight=False)

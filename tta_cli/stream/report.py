@@ -20,9 +20,12 @@ from tta_cli.stream.loop import ROLLING_FRAMES, StreamResult
 from tta_cli.stream.make import StreamLabels
 
 
-def frame_rows(result: StreamResult, class_names: list[str], truth: StreamLabels | None = None) -> list[dict[str, Any]]:
+def frame_rows(
+    result: StreamResult, class_names: list[str], truth: StreamLabels | None = None, file_names: list[str] | None = None
+) -> list[dict[str, Any]]:
     """One dict per frame: what was predicted, when, how sure, and what adaptation did on that frame.
 
+    `file` names the frame's image, relative to its folder, when `file_names` are given (FrameSource.file_names);
     `time` is seconds since the first frame arrived; `ssl_loss` is empty on frames that were not adapted;
     `corruption`/`severity` come from the stream's schedule when it is known.
     """
@@ -35,6 +38,7 @@ def frame_rows(result: StreamResult, class_names: list[str], truth: StreamLabels
         label = int(columns["label"][index])
         row = {
             "frame": frame,
+            **({"file": file_names[frame]} if file_names is not None else {}),
             "time": round(float(columns["arrival"][index]) - start, 6),
             "class": predicted,
             "class_name": class_names[predicted] if predicted < len(class_names) else str(predicted),

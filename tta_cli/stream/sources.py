@@ -65,6 +65,8 @@ def open_frames(
 class FrameSource:
     """Iterate `(index, uint8 (size, size, 3) CPU tensor)`; `len()` works when the frame count is known.
 
+    `file_names` holds each frame's file name relative to its folder when the frames are image files, else None.
+
     Each `iter()` starts a fresh pass with its own decode thread; `close()` (or leaving a `with` block) stops it.
     """
 
@@ -76,6 +78,7 @@ class FrameSource:
         self.fps = fps if fps is not None else reader.native_fps
         self.length = reader.length
         self.description = reader.description
+        self.file_names = reader.file_names
         self._active: _Prefetcher | None = None
 
     def __len__(self) -> int:
@@ -256,6 +259,7 @@ class _Reader:
     length: int | None = None
     native_fps: float | None = None
     description: str = ""
+    file_names: list[str] | None = None  # frame i's image file, relative to the folder (image folders only)
 
     def frames(self, size: int) -> Iterator[np.ndarray | torch.Tensor]:
         raise NotImplementedError
@@ -304,6 +308,7 @@ class _NpyReader(_Reader):
 class _FolderReader(_Reader):
     def __init__(self, folder: Path, images: list[Path]):
         self.images = images
+        self.file_names = [image.relative_to(folder).as_posix() for image in images]
         self.length = len(images)
         self.description = str(folder)
 
