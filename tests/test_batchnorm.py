@@ -117,3 +117,40 @@ def test_test_batch_statistics_cost_at_most_a_point_on_near_clean_images(tmp_pat
     assert result.exit_code == 0, result.output
     errors = json.loads((out / "results.json").read_text())["table"]["mean"]
     assert abs(errors["norm"] - errors["source"]) <= 1.0, errors
+
+
+def test_affine_eval_batchnorm_is_eval_batchnorm_in_float64():
+    from tta_cli.models.batchnorm import AffineEvalBatchNorm2d
+
+    torch.manual_seed(0)
+    reference = torch.nn.BatchNorm2d(5).double().eval()
+    with torch.no_grad():
+        reference.weight.normal_(); reference.bias.normal_()  # noqa: E702
+        reference.running_mean.normal_(); reference.running_var.uniform_(0.5, 2.0)  # noqa: E702
+    affine = copy.deepcopy(reference)
+    affine.__class__ = AffineEvalBatchNorm2d
+    x = torch.randn(4, 5, 6, 6, dtype=torch.float64)
+    assert torch.allclose(affine(x), reference(x), atol=1e-13, rtol=0)
+
+
+def test_episodic_ttt_on_a_batchnorm_model_equals_the_one_sample_loop():
+    """Eval-mode BatchNorm runs as a per-channel scale and shift under vmap (AffineEvalBatchNorm2d): the same
+    results as one sample at a time through the plain BatchNorm2d, in float64."""
+    from tta_cli.config import ModelConfig, TaskConfig
+    from tta_cli.engine.episodic import EpisodicConfig, EpisodicTTT, adapt_sequential
+    from tta_cli.models import build_model
+    from tta_cli.models.batchnorm import AffineEvalBatchNorm2d
+    from tta_cli.tasks import build_task
+
+    torch.manual_seed(0)
+    task = build_task(TaskConfig(name="rotation"))
+    model = build_model(ModelConfig(depth=8, width=1, split="layer2", norm="bn"), task).double().eval()
+    images = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    config = EpisodicConfig(steps=2, lr=0.05, copies=4, params="encoder", chunk=3, amp=False, per_sample="vmap")
+    batched = EpisodicTTT(copy.deepcopy(model), task, config, torch.Generator().manual_seed(7)).adapt(images)
+    reference = adapt_sequential(copy.deepcopy(model), task, config, images, torch.Generator().manual_seed(7))
+    assert torch.allclose(batched, reference, atol=1e-10, rtol=1e-8)
+    assert not torch.allclose(batched, model(images), atol=1e-6)  # adaptation did something
+    adapter = EpisodicTTT(model, task, config, torch.Generator().manual_seed(7))
+    adapter.adapt(images)
+    assert not any(isinstance(m, AffineEvalBatchNorm2d) for m in model.modules())  # the swap happens on a copy

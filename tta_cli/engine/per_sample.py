@@ -19,6 +19,7 @@ from tta_cli.config import PER_SAMPLE
 from tta_cli.engine.compiled import maybe_compile
 from tta_cli.engine.precision import autocast_bf16, full_precision
 from tta_cli.errors import TTAError
+from tta_cli.models.batchnorm import with_affine_eval_batchnorm
 from tta_cli.models.params import adapted_parameter_names
 from tta_cli.tasks.views import grouped_views
 
@@ -66,7 +67,7 @@ class PerSampleModel:
         self.amp = amp
         adapted, self.frozen = split_state(model, names)
         self.source = {name: tensor.clone() for name, tensor in adapted.items()}  # a copy: the live weights may move
-        self._gradients, self._predict = self._build(model, task, with_confidence, compile)
+        self._gradients, self._predict = self._build(with_affine_eval_batchnorm(model), task, with_confidence, compile)
 
     def _build(self, model: nn.Module, task, with_confidence: bool, compile: bool):
         """(gradients(params dict, inputs, targets) -> (grads dict, confidence), predict(params dict, images) -> logits),

@@ -10,6 +10,7 @@ rows (the clean images) and every row, views included, is normalised with them, 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -65,3 +66,31 @@ def statistics_from_first(model: nn.Module, rows: int | None) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.statistics_rows = None
+
+
+class AffineEvalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose eval-mode forward is written as one scale and shift per channel from the running
+    statistics: the same function as the fused kernel, but torch.func's vmap batches it (it has no batching rule
+    for eval-mode batch_norm and falls back to a loop over copies). Same parameter and buffer names, so a
+    functional call with per-sample weights sees no difference."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.running_var is None:
+            return super().forward(x)
+        scale = torch.rsqrt(self.running_var + self.eps)
+        if self.affine:
+            scale = scale * self.weight
+        shift = -self.running_mean * scale + (self.bias if self.affine else 0.0)
+        return x * scale[:, None, None] + shift[:, None, None]
+
+
+def with_affine_eval_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose eval-mode BatchNorm2d layers run as AffineEvalBatchNorm2d (for per-sample vmap);
+    `model` itself is unchanged. A model without such layers is returned as it is."""
+    if not any(isinstance(m, nn.BatchNorm2d) and not m.training for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d) and not module.training:
+            module.__class__ = AffineEvalBatchNorm2d
+    return model
