@@ -8,7 +8,6 @@ single 7x7 becomes a 3x3) and the max-pool is dropped, so the total stride is 8 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from functools import partial
 
 import timm
@@ -20,12 +19,10 @@ from tta_cli.errors import TTAError
 from tta_cli.models.batchnorm import CleanStatsBatchNorm2d
 from tta_cli.models.features import FeatureSpec
 from tta_cli.models.registry import register
+from tta_cli.models.split import SMALL_IMAGE, SPLITS, split_resnet
 
-SPLITS = ("layer1", "layer2", "layer3")
 STEM = ("conv1", "bn1", "act1", "maxpool")
-LAYERS = ("layer1", "layer2", "layer3", "layer4")
 EXAMPLE_NAMES = ("resnet18", "resnet26", "resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2")
-SMALL_IMAGE = 64  # img_size at or below which the CIFAR-style stem is used
 
 
 def check_timm_name(name: str) -> None:
@@ -73,10 +70,7 @@ def build_timm_backbone(config: ModelConfig):
         raise TTAError(f"width {config.width} applies to preact_resnet only; for timm_resnet pick a wider timm_name (e.g. wide_resnet50_2)")
     main_model = build_timm_resnet(config)
     ssl_model = build_timm_resnet(config)  # a fresh, independently initialised copy of the layers after the split
-    cut = LAYERS.index(config.split) + 1
-    encoder = nn.Sequential(OrderedDict((name, getattr(main_model, name)) for name in STEM + LAYERS[:cut]))
-    main_trunk = nn.Sequential(OrderedDict((name, getattr(main_model, name)) for name in LAYERS[cut:]))
-    ssl_trunk = nn.Sequential(OrderedDict((name, getattr(ssl_model, name)) for name in LAYERS[cut:]))
+    encoder, main_trunk, ssl_trunk = split_resnet(main_model, ssl_model, STEM, config.split)
 
     stride = main_model.feature_info[-1]["reduction"] // (4 if config.img_size <= SMALL_IMAGE else 1)
     if config.img_size % stride:

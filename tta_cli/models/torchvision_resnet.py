@@ -8,7 +8,6 @@ is the usual CIFAR one, as in timm_resnet: a 3x3 stride-1 convolution and no max
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from functools import partial
 
 import torchvision.models.resnet as resnets
@@ -19,12 +18,10 @@ from tta_cli.errors import TTAError
 from tta_cli.models.batchnorm import CleanStatsBatchNorm2d
 from tta_cli.models.features import FeatureSpec
 from tta_cli.models.registry import register
+from tta_cli.models.split import SMALL_IMAGE, SPLITS, split_resnet
 
 NAMES = tuple(name for name in resnets.__all__ if name[0].islower())  # resnet18, ..., wide_resnet101_2
-SPLITS = ("layer1", "layer2", "layer3")
 STEM = ("conv1", "bn1", "relu", "maxpool")
-LAYERS = ("layer1", "layer2", "layer3", "layer4")
-SMALL_IMAGE = 64  # img_size at or below which the CIFAR-style stem is used
 
 
 def norm_layer(config: ModelConfig):
@@ -57,10 +54,7 @@ def build_torchvision_backbone(config: ModelConfig):
         raise TTAError(f"unknown split {config.split!r} for torchvision_resnet; choose one of: {', '.join(SPLITS)}")
     main_model = build_torchvision_resnet(config)
     ssl_model = build_torchvision_resnet(config)  # a fresh, independently initialised copy of the layers after the split
-    cut = LAYERS.index(config.split) + 1
-    encoder = nn.Sequential(OrderedDict((name, getattr(main_model, name)) for name in STEM + LAYERS[:cut]))
-    main_trunk = nn.Sequential(OrderedDict((name, getattr(main_model, name)) for name in LAYERS[cut:]))
-    ssl_trunk = nn.Sequential(OrderedDict((name, getattr(ssl_model, name)) for name in LAYERS[cut:]))
+    encoder, main_trunk, ssl_trunk = split_resnet(main_model, ssl_model, STEM, config.split)
     stride = 8 if config.img_size <= SMALL_IMAGE else 32
     if config.img_size % stride:
         raise TTAError(f"torchvision_resnet needs img_size to be a multiple of its total stride {stride}, got {config.img_size}")
