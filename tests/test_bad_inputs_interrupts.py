@@ -44,12 +44,17 @@ def start(args: list, tmp_path: Path, **kwargs) -> tuple[subprocess.Popen, Path]
     return process, log
 
 
-def test_ctrl_c_in_corrupt_leaves_nothing_under_out(tmp_path):
-    out = tmp_path / "c"
-    process, log = start(["corrupt", "--corruptions", "all", "--n", "300", "--device", "cpu", "--out", out], tmp_path)
-    code, _ = interrupt_when(process, said(log, "tta corrupt"))
+def interrupt_leaves_nothing(args: list, tmp_path: Path, ready_text: str) -> None:
+    """Run `tta ARGS --out OUT`, Ctrl-C it once `ready_text` is logged: exit 130, nothing under OUT, no leftovers."""
+    out = tmp_path / "out"
+    process, log = start([*args, "--out", out], tmp_path)
+    code, _ = interrupt_when(process, said(log, ready_text))
     assert_interrupted(code, log.read_text())
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_ctrl_c_in_corrupt_leaves_nothing_under_out(tmp_path):
+    interrupt_leaves_nothing(["corrupt", "--corruptions", "all", "--n", "300", "--device", "cpu"], tmp_path, "tta corrupt")
 
 
 def test_ctrl_c_in_corrupt_with_force_keeps_the_earlier_result(corrupt_folder, tmp_path):
@@ -64,22 +69,12 @@ def test_ctrl_c_in_corrupt_with_force_keeps_the_earlier_result(corrupt_folder, t
 
 
 def test_ctrl_c_in_adapt_leaves_nothing_under_out(tiny_checkpoint, tmp_path):
-    out = tmp_path / "a"
-    args = ["adapt", "--ckpt", tiny_checkpoint, "--data", "cifar10-mini", "--corruptions", "fog", "--n", "200", "--method", "ttt",
-            "--device", "cpu", "--out", out]
-    process, log = start(args, tmp_path)
-    code, _ = interrupt_when(process, said(log, "tta adapt"))
-    assert_interrupted(code, log.read_text())
-    assert not out.exists() and leftovers(tmp_path) == []
+    args = ["adapt", "--ckpt", tiny_checkpoint, "--data", "cifar10-mini", "--corruptions", "fog", "--n", "200", "--method", "ttt", "--device", "cpu"]
+    interrupt_leaves_nothing(args, tmp_path, "tta adapt")
 
 
 def test_ctrl_c_in_stream_make_leaves_nothing_under_out(tmp_path):
-    out = tmp_path / "s"
-    args = ["stream", "make", "--frames", "6000", "--device", "cpu", "--out", out]
-    process, log = start(args, tmp_path)
-    code, _ = interrupt_when(process, said(log, "tta stream make"))
-    assert_interrupted(code, log.read_text())
-    assert not out.exists() and leftovers(tmp_path) == []
+    interrupt_leaves_nothing(["stream", "make", "--frames", "6000", "--device", "cpu"], tmp_path, "tta stream make")
 
 
 def test_ctrl_c_in_train_leaves_only_the_resume_state(tmp_path):

@@ -49,13 +49,15 @@ class PackagedModel:
         return sum(math.prod(entry["shape"]) for key, entry in header.items() if key != "__metadata__")
 
 
+ARCHIVE = "the 50,000 CIFAR-10 training images of the CIFAR-10 JPEG archive"
+
 MODELS: dict[str, PackagedModel] = {
     model.name: model
     for model in (
         PackagedModel(
             name="resnet26_gn.rotation_sun2020_cifar10",
             architecture="pre-activation ResNet-26 (width 1), GroupNorm 8 groups, split after layer2, rotation head on all 4 rotations",
-            data="the 50,000 CIFAR-10 training images of the CIFAR-10 JPEG archive (quality ~75; data/README.md)",
+            data=f"{ARCHIVE} (quality ~75; data/README.md)",
             clean_accuracy=87.73,
             recipe="recipes/sun2020-rotation-gn.yaml",
             command="tta train recipes/sun2020-rotation-gn.yaml --data cifar10-jpeg.tar.gz --out runs/sun2020",
@@ -64,7 +66,7 @@ MODELS: dict[str, PackagedModel] = {
         PackagedModel(
             name="resnet26_bn.rotation_reflect_cifar10",
             architecture="pre-activation ResNet-26 (width 1), BatchNorm, split after layer2, rotation head on all 4 rotations",
-            data="the 50,000 CIFAR-10 training images of the CIFAR-10 JPEG archive, reflect-padded crops",
+            data=f"{ARCHIVE}, reflect-padded crops",
             clean_accuracy=89.17,
             recipe="recipes/rotation-bn-fast.yaml",
             command="tta train recipes/rotation-bn-fast.yaml --data cifar10-jpeg.tar.gz --out runs/rotation-bn",
@@ -73,7 +75,7 @@ MODELS: dict[str, PackagedModel] = {
         PackagedModel(
             name="resnet26_bn.supervised_reflect_cifar10",
             architecture="pre-activation ResNet-26 (width 1), BatchNorm, classifier only (its rotation head is untrained)",
-            data="the 50,000 CIFAR-10 training images of the CIFAR-10 JPEG archive, reflect-padded crops",
+            data=f"{ARCHIVE}, reflect-padded crops",
             clean_accuracy=88.49,
             recipe="recipes/supervised-bn.yaml",
             command="tta train recipes/supervised-bn.yaml --data cifar10-jpeg.tar.gz --out runs/supervised-bn",
