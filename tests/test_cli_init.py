@@ -132,6 +132,28 @@ def test_init_metrics_say_the_clean_accuracy_before_and_after(initialised):
     assert meta["normalization"]["mean"] == pytest.approx(MEAN) and meta["normalization"]["std"] == pytest.approx(STD)
 
 
+def test_the_joint_epoch_trains_the_encoder_and_main_head(initialised, classifiers):
+    family, out = initialised
+    images = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    model = tta.load_checkpoint(out).model.eval()
+    with torch.no_grad():
+        change = (model(images) - user_model(family, classifiers[family])((images - model.mean) / model.std)).abs().max()
+    assert change > 1e-4
+
+
+def test_a_compiled_run_drops_its_graphs_when_the_phase_changes(classifiers, tmp_path, monkeypatch):
+    """The joint phase must not replay the ssl phase's graph, traced with a frozen encoder (make_step's docstring)."""
+    resets = []
+    monkeypatch.setattr(torch, "compile", lambda module, **_: module)  # the wiring, without minutes of CPU compiling
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(True))
+    result = run_cli([
+        "train", INIT_RECIPE, "--init", classifiers["torchvision"], *TINY_INIT_ARGS, *FAMILIES["torchvision"],
+        "--epochs", "3", "--set", "init.ssl_epochs=1", "--compile", "--out", tmp_path / "run",
+    ])
+    assert result.exit_code == 0, result.output
+    assert resets == [True]  # once: at the step from the ssl-head epoch to the joint epochs
+
+
 def test_an_initialised_classifier_adapts_with_source_ttt_and_ttt_online(initialised, tmp_path):
     _, ckpt = initialised
     out = tmp_path / "adapt"

@@ -124,9 +124,13 @@ def make_optimizer(model: nn.Module, optim: OptimConfig, fused: bool) -> torch.o
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), **fused_flag)
 
 
-def make_step(model: TTTModel, task, config: TrainConfig, device: torch.device) -> nn.Module:
+def make_step(model: TTTModel, task, config: TrainConfig, device: torch.device, new_phase: bool = False) -> nn.Module:
     """The step's loss module, under DistributedDataParallel with several ranks and torch.compile when asked. Made
-    again when --init's phase changes which parameters train (DDP fixes them when it wraps)."""
+    again when --init's phase changes which parameters train (`new_phase`): DDP fixes them when it wraps, and
+    Dynamo does not guard on a parameter's requires_grad (pytorch/pytorch#139476), so without a reset some torch
+    versions replay the frozen phase's graph, whose backward leaves the encoder and main head without gradients."""
+    if new_phase and config.compile:
+        torch._dynamo.reset()
     step_loss = JointLoss(model, task, config.optim.ssl_weight, config.optim.label_smoothing, config.bn_statistics == "clean")
     if distributed.world_size() > 1:  # averages the gradients over ranks during backward
         step_loss = DistributedDataParallel(step_loss, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
@@ -314,7 +318,7 @@ def train(
         phase = in_ssl_phase(config, epoch)
         set_phase(model, phase)  # every epoch: evaluate leaves the whole model in training mode
         if phase != ssl_only or compiled_loss is None:  # a new phase trains other parameters
-            compiled_loss, ssl_only = make_step(model, task, config, device), phase
+            compiled_loss, ssl_only = make_step(model, task, config, device, new_phase=compiled_loss is not None), phase
         totals = torch.zeros(4, device=device)  # loss sum, main loss sum, ssl loss sum, correct
         seen = 0
         for step, (images, labels) in enumerate(loader):
