@@ -205,23 +205,34 @@ def test_nan_loss_stops_training_and_overwrites_nothing(tiny_checkpoint, tmp_pat
     assert file_bytes(run) == before
 
 
-def leaf_commands() -> list[list[str]]:
-    """Every runnable command path of the app (`train`, ..., `stream make`), read from the click tree."""
+def leaf_commands() -> dict[str, object]:
+    """Every runnable command of the app by its path (`train`, ..., `stream make`), read from the click tree."""
     import typer
 
     from tta_cli.cli import app
 
-    def walk(command, path: list[str]) -> list[list[str]]:
+    def walk(command, path: list[str]) -> dict[str, object]:
         children = getattr(command, "commands", None)  # a group (typer vendors its own click)
         if children:
-            return [leaf for name, child in sorted(children.items()) for leaf in walk(child, [*path, name])]
-        return [path]
+            return {leaf: found for name, child in sorted(children.items()) for leaf, found in walk(child, [*path, name]).items()}
+        return {" ".join(path): command}
 
     return walk(typer.main.get_command(app), [])
 
 
-@pytest.mark.parametrize("command", leaf_commands(), ids=" ".join)
+@pytest.mark.parametrize("command", list(leaf_commands()))
 def test_every_command_help_shows_examples(command):
-    result = run_cli([*command, "--help"])
+    result = run_cli([*command.split(), "--help"])
     assert result.exit_code == 0, result.output
-    assert "Examples:" in result.stdout and f"tta {' '.join(command)} " in result.stdout
+    assert "Examples:" in result.stdout and f"tta {command} " in result.stdout
+
+
+@pytest.mark.parametrize("command", list(leaf_commands()))
+def test_every_command_help_keeps_prose_whole_and_examples_within_80_columns(command):
+    """Typer keeps single line breaks: a prose line broken in the source shows as a ragged half line, and an
+    indented example wider than the terminal wraps without its indent."""
+    for block in (leaf_commands()[command].help or "").split("\n\n"):
+        lines = block.split("\n")
+        for before, line in zip(lines, lines[1:], strict=False):
+            assert before.startswith("  ") or line.startswith("  "), f"prose broken after {before!r}"
+        assert all(len(line) <= 78 for line in lines if line.startswith("  ")), "an example over 78 columns"

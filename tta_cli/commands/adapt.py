@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +14,7 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from tta_cli import distributed
-from tta_cli.commands.common import AdaptSetOpt, CkptOpt, DataOpt, DeviceOpt, ForceOpt, OutOpt, SeedOpt, console, user_errors
+from tta_cli.commands.common import AdaptSetOpt, CkptOpt, DataOpt, DeviceOpt, ForceOpt, OutOpt, SeedOpt, console, help_text, user_errors
 from tta_cli.config import AdaptSettings, check_range, load_config, merge, parse_overrides, read_yaml
 from tta_cli.device import resolve_device
 from tta_cli.errors import TTAError
@@ -39,7 +38,7 @@ class AdaptCommand(TyperCommand):
         from tta_cli.adapt.methods import help_lines
 
         methods = "\n".join(f"  {line}" for line in help_lines())
-        return inspect.cleandoc(adapt_command.__doc__ or "") + "\n" + EXAMPLES.format(methods=methods)
+        return help_text(adapt_command, EXAMPLES.format(methods=methods))
 
     @help.setter
     def help(self, value: str | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,22 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (same s
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Replace an existing result, whole.")
 ]
+def help_text(command: Callable, examples: str = "") -> str:
+    """A command's --help: its docstring, then `examples`. Typer's rich mode keeps single line breaks, so the
+    lines of each prose run are joined into one (the terminal wraps it); indented lines (examples, lists) stay."""
+    text = inspect.cleandoc(command.__doc__ or "") + "\n\n" + examples.strip("\n")
+    blocks = []
+    for block in text.strip().split("\n\n"):
+        lines: list[str] = []
+        for line in block.split("\n"):
+            if lines and not line.startswith("  ") and not lines[-1].startswith("  "):
+                lines[-1] += " " + line
+            else:
+                lines.append(line)
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
 def set_option(what: str, example: str):
     """The `--set key=value` option, with help that names this command's own keys."""
     return Annotated[list[str] | None, typer.Option("--set", help=f"Override any {what} (repeatable): {example}.")]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tta_cli.commands.common import DataOpt, DataRootOpt, DeviceOpt, ForceOpt, OutOpt, SeedOpt, console, user_errors
+from tta_cli.commands.common import DataOpt, DataRootOpt, DeviceOpt, ForceOpt, OutOpt, SeedOpt, console, help_text, user_errors
 from tta_cli.corrupt.writer import PREVIEW_IMAGES, write_sets
 from tta_cli.data.imageset import mix_classes
 from tta_cli.device import resolve_device
@@ -20,19 +19,15 @@ DEFAULT_SOURCE = "cifar10-mini"
 
 EXAMPLES = """
 Examples:
-
   tta corrupt --out data/cifar10_c
-
-  tta corrupt --data ../shared/data/cifar10-jpeg.tar.gz --out data/cifar10_c --device cuda
-
-  tta corrupt --corruptions gaussian_noise,fog --n 500 --out /tmp/c --preview /tmp/c/preview.png
-
+  tta corrupt --data cifar10-jpeg.tar.gz --out data/cifar10_c --device cuda
+  tta corrupt --corruptions gaussian_noise,fog --n 500 --out c --preview c.png
   tta corrupt --corruptions extra --severities 5 --out data/cifar10_c_extra
 """
 
 
 def register(app: typer.Typer) -> None:
-    app.command("corrupt", help=inspect.cleandoc(corrupt_command.__doc__ or "") + "\n" + EXAMPLES)(user_errors(corrupt_command))
+    app.command("corrupt", help=help_text(corrupt_command, EXAMPLES))(user_errors(corrupt_command))
 
 
 def corrupt_command(

@@ -6,23 +6,23 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tta_cli.commands.common import user_errors
+from tta_cli.commands.common import help_text, user_errors
 
 EXAMPLES = """
 Examples:
-
   tta models
-
-  tta adapt --ckpt resnet26_gn.rotation_sun2020_cifar10 --corruptions gaussian_noise --n 200 --method source,ttt-online
+  tta adapt --ckpt resnet26_gn.rotation_sun2020_cifar10 --method ttt-online
 """
 
 
 def register(app: typer.Typer) -> None:
-    app.command("models", help=(models_command.__doc__ or "") + "\n" + EXAMPLES)(user_errors(models_command))
+    app.command("models", help=help_text(models_command, EXAMPLES))(user_errors(models_command))
 
 
 def models_command() -> None:
-    """List the packaged pretrained checkpoints: name, clean accuracy, size and the recipe that made them."""
+    """List the packaged pretrained checkpoints: name, clean accuracy, size and the recipe that made them.
+
+    They ship inside the package (no download); `--ckpt NAME` loads one in `tta adapt` and `tta stream run`."""
     from tta_cli.train.zoo import MODELS
 
     table = Table(title="packaged checkpoints (--ckpt NAME)", caption="clean: top-1 on the 10,000 CIFAR-10 test images")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 from typing import Annotated
@@ -26,6 +25,7 @@ from tta_cli.commands.common import (
     SeedOpt,
     StreamSetOpt,
     console,
+    help_text,
     single_process,
     user_errors,
 )
@@ -42,13 +42,9 @@ Writes stream.mp4 (lossless), frames.npy, labels.npy, schedule.csv (frame, clip,
 severity) and stream.json; `tta stream run` finds the labels and the schedule beside the video.
 
 Examples:
-
   tta stream make --out runs/stream
-
-  tta stream make --out runs/stream-long --frames 20000 --corruptions all --seed 1 --device cuda
-
-  tta stream make --data ../shared/data/cifar10-jpeg.tar.gz --corruptions fog,clean,snow --max-severity 3 --out runs/fog-snow
-
+  tta stream make --out runs/long --frames 20000 --corruptions all --seed 1
+  tta stream make --data cifar10 --corruptions fog,clean,snow --out runs/fog
   tta stream make --out /tmp/quick --frames 300 --clip-length 10 --no-video
 """
 
@@ -58,16 +54,12 @@ implicit (weights carried from frame to frame), explicit (default: implicit memo
 trains on --copies frames drawn from the last --window frames, with fresh crops, flips and rotations).
 
 Examples:
-
   tta stream run runs/stream/stream.mp4 --ckpt runs/quickstart
-
-  tta stream run runs/stream --ckpt runs/sun2020 --compare --out runs/stream-compare --plot runs/stream-compare/timeline.png
-
-  tta stream run clip.mp4 --ckpt runs/sun2020 --fps native --pre-update --labels clip-labels.npy
-
-  tta stream run runs/stream/frames.npy --ckpt runs/sun2020 --mode implicit --reset every:300 --rollback --lr 0.0005
-
-  ffmpeg -i camera.mp4 -f rawvideo -pix_fmt rgb24 - | tta stream run - --stdin-size 640x480 --ckpt runs/sun2020 --fps 30
+  tta stream run runs/stream --ckpt runs/sun --compare --out cmp --plot t.png
+  tta stream run clip.mp4 --ckpt runs/sun --fps native --labels labels.npy
+  tta stream run runs/stream --ckpt runs/sun --mode implicit --reset on-shift
+  ffmpeg -i cam.mp4 -f rawvideo -pix_fmt rgb24 - | \\
+    tta stream run - --stdin-size 640x480 --ckpt runs/sun --fps 30
 """
 
 
@@ -84,11 +76,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(stream_app, name="stream")
 
 
-def help_text(command, examples: str) -> str:
-    """The docstring, then the examples. Typer's rich mode keeps single line breaks, so prose paragraphs are
-    joined into one line each (the terminal wraps them); indented example lines stay as they are."""
-    paragraphs = (inspect.cleandoc(command.__doc__ or "") + "\n\n" + examples.strip("\n")).split("\n\n")
-    return "\n\n".join(text if text.startswith("  ") else " ".join(text.split("\n")) for text in paragraphs) + "\n"
 
 
 # ---- tta stream make --------------------------------------------------------------------------

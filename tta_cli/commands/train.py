@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Annotated
 
@@ -11,31 +10,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tta_cli import distributed
-from tta_cli.commands.common import DataOpt, DataRootOpt, DeviceOpt, OutOpt, SeedOpt, SetOpt, console, user_errors
+from tta_cli.commands.common import DataOpt, DataRootOpt, DeviceOpt, OutOpt, SeedOpt, SetOpt, console, help_text, user_errors
 from tta_cli.config import TrainConfig, load_config, parse_overrides, set_dotted
 from tta_cli.device import resolve_device
 
 EXAMPLES = """
 Examples:
-
   tta train recipes/quickstart.yaml
-
-  tta train recipes/sun2020-rotation-gn.yaml --data ../shared/data/cifar10-jpeg.tar.gz --out runs/sun2020
-
-  tta train recipes/masked-vit-tiny.yaml --epochs 5 --set optim.lr=1e-3 --set model.split=block3
-
-  tta train recipes/sun2020-rotation-gn.yaml --out runs/sun2020 --resume
-
-  tta train recipes/init-from-classifier.yaml --init resnet18-cifar10.pth --data cifar10 --out runs/resnet18-ttt
-
-  tta train recipes/init-resnet26-gn.yaml --init runs/supervised-gn --data cifar10 --out runs/init-gn
-
-  torchrun --nproc-per-node 4 -m tta_cli.cli -- train recipes/sun2020-rotation-gn.yaml --out runs/sun2020-4gpu
+  tta train recipes/sun2020-rotation-gn.yaml --data cifar10 --out runs/sun
+  tta train recipes/sun2020-rotation-gn.yaml --out runs/sun --resume
+  tta train recipes/masked-vit-tiny.yaml --epochs 5 --set optim.lr=1e-3
+  tta train recipes/init-from-classifier.yaml --init r18.pth --out runs/r18
+  torchrun --nproc-per-node 4 -m tta_cli.cli -- train RECIPE --out runs/4gpu
 """
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train", help=inspect.cleandoc(train_command.__doc__ or "") + "\n" + EXAMPLES)(user_errors(train_command))
+    app.command("train", help=help_text(train_command, EXAMPLES))(user_errors(train_command))
 
 
 def train_command(
