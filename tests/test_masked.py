@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import QUICKSTART, TINY_TRAIN_ARGS, run_cli
 
+from tta_cli import load_checkpoint
 from tta_cli.config import ModelConfig, OptimConfig, TaskConfig
 from tta_cli.engine.episodic import EpisodicConfig, EpisodicTTT, adapt_sequential
 from tta_cli.models import build_model
@@ -109,6 +110,24 @@ def test_the_loss_has_no_gradient_on_visible_patches():
     per_patch = patchify(outputs.grad, 4).abs().sum(dim=-1)  # (B, L)
     hidden = targets[..., -1].bool()
     assert (per_patch[~hidden] == 0).all() and (per_patch[hidden] > 0).all()
+
+
+@pytest.mark.parametrize("norm_targets", [True, False])
+def test_targets_are_each_patchs_pixels_normalised_or_as_they_are(norm_targets):
+    images = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    _, targets = MaskedTask(0.75, 4, norm_targets=norm_targets).make_batch(images, generator=torch.Generator().manual_seed(0))
+    pixels = patchify(images, 4)
+    if norm_targets:
+        pixels = (pixels - pixels.mean(-1, keepdim=True)) / pixels.std(-1, keepdim=True)
+    torch.testing.assert_close(targets[..., :-1], pixels, rtol=1e-4, atol=1e-4)  # the 1e-6 under the root
+
+
+def test_a_masked_recipe_with_pixel_targets_trains_and_keeps_the_setting(tmp_path):
+    out = tmp_path / "run"
+    arguments = ["--set", "task.name=masked", "--set", "task.norm_targets=false"]
+    result = run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, *arguments, "--out", out])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(out).task.norm_targets is False
 
 
 @pytest.mark.parametrize("params", ["encoder", "norm"])

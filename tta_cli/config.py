@@ -58,12 +58,14 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     """Self-supervised task. rotation: `rotation_mode` expand (all 4 per image) | random (one each).
-    masked: hide `mask_ratio` of `patch_size` patches and reconstruct them."""
+    masked: hide `mask_ratio` of `patch_size` patches and reconstruct them, as each patch's pixels normalised by
+    its own mean and deviation (`norm_targets`, MAE's norm_pix_loss) or as they are."""
 
     name: str = "rotation"  # rotation | masked
     rotation_mode: str = "expand"
     mask_ratio: float = 0.75
     patch_size: int = 4
+    norm_targets: bool = True
 
 
 @dataclass

@@ -14,7 +14,7 @@ def build_task(config: TaskConfig, view_pad_mode: str = "zeros"):
     if config.name == "rotation":
         return RotationTask(config.rotation_mode, view_pad_mode)
     if config.name == "masked":
-        return MaskedTask(config.mask_ratio, config.patch_size, view_pad_mode)
+        return MaskedTask(config.mask_ratio, config.patch_size, view_pad_mode, config.norm_targets)
     raise TTAError(f"unknown task {config.name!r}; choose one of: {', '.join(TASKS)}")
 
 

@@ -61,7 +61,8 @@ class TokenDecoder(nn.Module):
 
 
 class MaskedTask:
-    """Hide `mask_ratio` of `patch_size` patches; loss = MSE on hidden patches, per-patch normalised targets.
+    """Hide `mask_ratio` of `patch_size` patches; loss = MSE on hidden patches, against per-patch normalised
+    pixels (`norm_targets`, MAE's default: a flat patch's small differences are magnified) or the pixels as they are.
 
     targets pack, per patch, the normalised target pixels and a last column that is 1 where hidden:
     (B, L, patch*patch*3 + 1), so a batch stays one tensor (which batched adaptation needs).
@@ -69,12 +70,13 @@ class MaskedTask:
 
     name = "masked"
 
-    def __init__(self, mask_ratio: float = 0.75, patch_size: int = 4, view_pad_mode: str = "zeros"):
+    def __init__(self, mask_ratio: float = 0.75, patch_size: int = 4, view_pad_mode: str = "zeros", norm_targets: bool = True):
         if not 0.0 < mask_ratio < 1.0:
             raise TTAError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.mask_ratio = mask_ratio
         self.patch = patch_size
         self.view_pad_mode = view_pad_mode  # the crop padding of test-time views (tasks/views.py)
+        self.norm_targets = norm_targets
 
     def build_output(self, spec: FeatureSpec, img_size: int) -> nn.Module:
         if img_size % self.patch:
@@ -95,9 +97,9 @@ class MaskedTask:
         mask = self.sample_mask(patches.shape[0], patches.shape[1], images.device, generator, shard)
         masked_patches = torch.where(mask[..., None].bool(), torch.full_like(patches, FILL), patches)
         inputs = unpatchify(masked_patches, self.patch, images.shape[1])
-        mean = patches.mean(dim=-1, keepdim=True)
-        var = patches.var(dim=-1, keepdim=True)
-        targets = (patches - mean) / (var + 1e-6).sqrt()
+        targets = patches
+        if self.norm_targets:
+            targets = (patches - patches.mean(dim=-1, keepdim=True)) / (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()
         return inputs, torch.cat([targets, mask[..., None]], dim=-1)
 
     def per_image_error(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
