@@ -24,10 +24,14 @@ def test_the_paper_recipe_resnet26_is_packaged_with_its_record():
     assert (REPO / model.recipe).is_file() and model.recipe in model.command
 
 
-def test_the_recorded_clean_accuracy_is_the_one_training_measured():
+def test_every_packaged_folder_is_listed_and_its_card_states_what_training_measured():
+    folders = {path.parent.name for path in zoo.PRETRAINED_DIR.glob("*/model.safetensors")}
+    assert set(zoo.MODELS) == folders and NAME in folders
     for model in zoo.MODELS.values():
         metrics = yaml.safe_load((model.folder / "model.yaml").read_text())["metrics"]
-        assert model.clean_accuracy == pytest.approx(100 * metrics["test_acc"], abs=0.05)
+        assert model.clean_accuracy == pytest.approx(100 * metrics["test_acc"], abs=0.005)
+        assert f"{model.clean_accuracy:.2f}%" in (model.folder / "README.md").read_text()
+        assert (REPO / model.recipe).is_file() and model.recipe in model.command
 
 
 def test_pyproject_ships_every_packaged_file():
