@@ -8,7 +8,7 @@ negative gains nothing from TTT however the rate is tuned.
 
     python benchmarks/gradient_alignment.py SETS CKPT [CKPT ...] [--n 64] [--severity 5] [--copies 32]
 
-SETS is a `tta corrupt` folder (<corruption>.npy, labels.npy); CKPT a `tta train` folder or a packaged name.
+SETS is any shifted-set folder `tta adapt --data` reads (a `tta corrupt` output, say); CKPT a `tta train` folder or a packaged name.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from tta_cli import load_checkpoint
+from tta_cli.data.imageset import to_float_nchw
+from tta_cli.data.shifted import load_shifted
 from tta_cli.tasks.views import make_views
 
 
@@ -59,17 +60,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the table as JSON")
     args = parser.parse_args()
 
-    labels_all = torch.from_numpy(np.load(args.sets / "labels.npy").astype(np.int64))
-    images_per_severity = len(labels_all) // 5
-    rows = slice((args.severity - 1) * images_per_severity, (args.severity - 1) * images_per_severity + args.n)
-    corruptions = sorted(path.stem for path in args.sets.glob("*.npy") if path.stem != "labels")
+    sets = load_shifted(args.sets, severities=[args.severity], n=args.n)  # read once, for every checkpoint
     table: dict[str, dict[str, list[float]]] = {}
     for ckpt in args.ckpts:
         checkpoint = load_checkpoint(ckpt)
-        checkpoint.model.eval()
-        for name in corruptions:
-            images = torch.from_numpy(np.load(args.sets / f"{name}.npy", mmap_mode="r")[rows].copy()).permute(0, 3, 1, 2).float() / 255
-            values = cosines(checkpoint, images, labels_all[rows], args.copies, args.seed)
+        for shifted in sets:
+            name = shifted.meta["corruption"]
+            values = cosines(checkpoint, to_float_nchw(shifted.images), shifted.labels, args.copies, args.seed)
             mean, error, positive = values.mean().item(), values.std().item() / math.sqrt(len(values)), (values > 0).float().mean().item()
             table.setdefault(ckpt, {})[name] = [mean, error, positive]
             print(f"{Path(ckpt).name:<40} {name:<18} cos {mean:+.3f} +- {error:.3f}  positive {positive:.0%}", flush=True)
@@ -77,7 +74,7 @@ def main() -> None:
     print(f"\nmean cosine of the encoder gradients, ssl loss vs main loss, severity {args.severity}, first {args.n} images "
           f"(+- standard error; share positive)")
     print(f"{'corruption':<18} " + " ".join(f"{Path(c).name[:30]:>30}" for c in args.ckpts))
-    for name in corruptions:
+    for name in table[args.ckpts[0]]:
         cells = [f"{table[c][name][0]:+.3f} +- {table[c][name][1]:.3f} ({table[c][name][2]:.0%})" for c in args.ckpts]
         print(f"{name:<18} " + " ".join(f"{cell:>30}" for cell in cells))
     if args.json:
