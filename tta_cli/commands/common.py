@@ -39,6 +39,8 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (same s
 ForceOpt = Annotated[
     bool, typer.Option("--force", help="Replace an existing result, whole.")
 ]
+
+
 def help_text(command: Callable, examples: str = "") -> str:
     """A command's --help: its docstring, then `examples`. Typer's rich mode keeps single line breaks, so the
     lines of each prose run are joined into one (the terminal wraps it); indented lines (examples, lists) stay."""

@@ -76,8 +76,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(stream_app, name="stream")
 
 
-
-
 # ---- tta stream make --------------------------------------------------------------------------
 
 
