@@ -154,6 +154,26 @@ def test_a_compiled_run_drops_its_graphs_when_the_phase_changes(classifiers, tmp
     assert resets == [True]  # once: at the step from the ssl-head epoch to the joint epochs
 
 
+def test_the_joint_phase_steps_a_fused_optimizer(classifiers, tmp_path, monkeypatch):
+    """On a GPU the optimizer is fused, and a fused step needs momentum buffers for all of its parameters or for none:
+    the joint phase starts with fresh momentum, so the encoder's first step does not meet the ssl head's buffers."""
+    from tta_cli.train import loop
+
+    make_optimizer = loop.make_optimizer
+    monkeypatch.setattr(loop, "make_optimizer", lambda model, optim, fused: make_optimizer(model, optim, True))
+    out = tmp_path / "run"
+    result = run_cli([
+        "train", INIT_RECIPE, "--init", classifiers["torchvision"], *TINY_INIT_ARGS, *FAMILIES["torchvision"],
+        "--epochs", "2", "--set", "init.ssl_epochs=1", "--out", out,
+    ])
+    assert result.exit_code == 0, result.output
+    images = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    model = tta.load_checkpoint(out).model.eval()
+    with torch.no_grad():
+        change = (model(images) - user_model("torchvision", classifiers["torchvision"])((images - model.mean) / model.std)).abs().max()
+    assert change > 1e-4
+
+
 def test_an_initialised_classifier_adapts_with_source_ttt_and_ttt_online(initialised, tmp_path):
     _, ckpt = initialised
     out = tmp_path / "adapt"
