@@ -196,5 +196,6 @@ def test_compiled_masked_views_draw_the_masks_eager_views_draw():
         torch.cuda.manual_seed(7)
         views.append([method._make_views(images) for _ in range(2)])
     for (eager_inputs, eager_targets), (inputs, targets) in zip(*views, strict=True):
-        assert torch.equal(targets, eager_targets) and torch.equal(inputs, eager_inputs)
+        assert torch.equal(inputs, eager_inputs) and torch.equal(targets[..., -1], eager_targets[..., -1])  # crops, masks
+        torch.testing.assert_close(targets, eager_targets, rtol=0, atol=1e-5)  # normalised pixels, rounded as compiled
     assert not torch.equal(views[0][0][1], views[0][1][1])  # fresh masks at the next step
