@@ -199,3 +199,31 @@ def test_compiled_masked_views_draw_the_masks_eager_views_draw():
         assert torch.equal(inputs, eager_inputs) and torch.equal(targets[..., -1], eager_targets[..., -1])  # crops, masks
         torch.testing.assert_close(targets, eager_targets, rtol=0, atol=1e-5)  # normalised pixels, rounded as compiled
     assert not torch.equal(views[0][0][1], views[0][1][1])  # fresh masks at the next step
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("draws", ["crops", "mask", "crops+mask"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_each_random_draw_of_the_views_is_the_same_compiled_and_eager(device, draws):
+    """The draws of the views one at a time and together (`tasks/views.py` order), so a compiled run that sees
+    other views than eager shows which draw differs."""
+    from tta_cli.data.augment import sample_crop_flip
+    from tta_cli.engine.compiled import SAME_RANDOM_NUMBERS
+
+    task = MaskedTask()
+    parts = {"crops": lambda x: torch.stack(sample_crop_flip(32, 4, None, x.device)), "mask": lambda x: task.sample_mask(32, 64, x.device)}
+
+    def draw(x: torch.Tensor) -> list[torch.Tensor]:
+        return [parts[name](x) for name in draws.split("+")]
+
+    torch._dynamo.reset()
+    anchor = torch.zeros(1, device=device)
+    results = []
+    for function in (draw, torch.compile(draw, options=SAME_RANDOM_NUMBERS)):
+        torch.manual_seed(7)
+        results.append([function(anchor) for _ in range(2)])
+    for eager, compiled in zip(*results, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(eager, compiled, strict=True))
+    assert not torch.equal(results[1][0][-1], results[1][1][-1])  # the next call draws new numbers
