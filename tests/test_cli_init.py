@@ -154,17 +154,17 @@ def test_a_compiled_run_drops_its_graphs_when_the_phase_changes(classifiers, tmp
     assert resets == [True]  # once: at the step from the ssl-head epoch to the joint epochs
 
 
-def test_the_joint_phase_steps_a_fused_optimizer_also_when_resumed_at_the_phase_change(classifiers, tmp_path, monkeypatch):
+def test_a_fused_optimizer_steps_the_joint_phase_and_resumes_anywhere_as_the_whole_run(classifiers, tmp_path, monkeypatch):
     """On a GPU the optimizer is fused, and a fused step needs momentum buffers for all of its parameters or for none:
-    the first joint epoch starts with fresh momentum, so the encoder's first step does not meet the ssl head's
-    buffers, in a whole run and in one resumed after its ssl-head epoch alike."""
+    the first joint epoch starts with fresh optimizer state, in a whole run and in one resumed at the phase change
+    alike, while a run resumed inside the joint phase keeps its momentum (both equal the whole run)."""
     from tta_cli.train import checkpoint, loop
 
     make_optimizer = loop.make_optimizer
     monkeypatch.setattr(loop, "make_optimizer", lambda model, optim, fused: make_optimizer(model, optim, True))
     arguments = [
         "train", INIT_RECIPE, "--init", classifiers["torchvision"], *TINY_INIT_ARGS, *FAMILIES["torchvision"],
-        "--epochs", "2", "--set", "init.ssl_epochs=1",
+        "--epochs", "3", "--set", "init.ssl_epochs=1",
     ]
     whole = tmp_path / "whole"
     result = run_cli([*arguments, "--out", whole])
@@ -174,21 +174,24 @@ def test_the_joint_phase_steps_a_fused_optimizer_also_when_resumed_at_the_phase_
     with torch.no_grad():
         change = (model(images) - user_model("torchvision", classifiers["torchvision"])((images - model.mean) / model.std)).abs().max()
     assert change > 1e-4
+    expected = load_file(whole / "model.safetensors")
 
     save_resume = checkpoint.save_resume
+    for crash_epoch in (1, 2):  # after the ssl-head epoch; after the first joint epoch
 
-    def crash_after_the_ssl_epoch(out_dir, state):
-        save_resume(out_dir, state)
-        if state["epoch"] == 1:
-            raise RuntimeError("simulated crash")
+        def crash(out_dir, state, crash_epoch=crash_epoch):
+            save_resume(out_dir, state)
+            if state["epoch"] == crash_epoch:
+                raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(checkpoint, "save_resume", crash_after_the_ssl_epoch)
-    assert isinstance(run_cli([*arguments, "--out", tmp_path / "resumed"]).exception, RuntimeError)
-    monkeypatch.setattr(checkpoint, "save_resume", save_resume)
-    resumed = run_cli(["train", "--resume", "--out", tmp_path / "resumed"])
-    assert resumed.exit_code == 0, resumed.output
-    expected, got = load_file(whole / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
-    assert all(torch.equal(expected[name], got[name]) for name in expected)
+        out = tmp_path / f"resumed-{crash_epoch}"
+        monkeypatch.setattr(checkpoint, "save_resume", crash)
+        assert isinstance(run_cli([*arguments, "--out", out]).exception, RuntimeError)
+        monkeypatch.setattr(checkpoint, "save_resume", save_resume)
+        resumed = run_cli(["train", "--resume", "--out", out])
+        assert resumed.exit_code == 0, resumed.output
+        got = load_file(out / "model.safetensors")
+        assert all(torch.equal(expected[name], got[name]) for name in expected), f"resumed after epoch {crash_epoch}"
 
 
 def test_an_initialised_classifier_adapts_with_source_ttt_and_ttt_online(initialised, tmp_path):

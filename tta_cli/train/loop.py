@@ -319,7 +319,8 @@ def train(
         set_phase(model, phase)  # every epoch: evaluate leaves the whole model in training mode
         if phase != ssl_only or compiled_loss is None:  # a new phase trains other parameters
             if epoch > 0 and phase != in_ssl_phase(config, epoch - 1):  # the first joint epoch, resumed or not
-                optimizer.state.clear()  # fresh momentum: a fused optimizer steps buffers for all its parameters or none
+                optimizer.state.clear()  # the joint phase starts its own schedule with fresh optimizer state (and a
+                # fused SGD needs momentum buffers for all of its parameters or for none)
             compiled_loss, ssl_only = make_step(model, task, config, device, new_phase=compiled_loss is not None), phase
         totals = torch.zeros(4, device=device)  # loss sum, main loss sum, ssl loss sum, correct
         seen = 0
