@@ -204,26 +204,38 @@ def test_compiled_masked_views_draw_the_masks_eager_views_draw():
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
-@pytest.mark.parametrize("draws", ["crops", "mask", "crops+mask"])
+@pytest.mark.parametrize("draws", ["crops", "mask", "crops+mask", "views"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_each_random_draw_of_the_views_is_the_same_compiled_and_eager(device, draws):
-    """The draws of the views one at a time and together (`tasks/views.py` order), so a compiled run that sees
-    other views than eager shows which draw differs."""
+    """The draws of the views one at a time, together, and whole views (`tasks/views.py`: copies, crops, masks),
+    compiled as the online path compiles them (`CompiledOrEager`, inductor, SAME_RANDOM_NUMBERS), so a run whose
+    compiled views differ from eager ones shows which draw differs."""
     from tta_cli.data.augment import sample_crop_flip
-    from tta_cli.engine.compiled import SAME_RANDOM_NUMBERS
+    from tta_cli.engine.compiled import SAME_RANDOM_NUMBERS, CompiledOrEager
 
     task = MaskedTask()
-    parts = {"crops": lambda x: torch.stack(sample_crop_flip(32, 4, None, x.device)), "mask": lambda x: task.sample_mask(32, 64, x.device)}
+    parts = {
+        "crops": lambda x: torch.stack(sample_crop_flip(32, 4, None, x.device)),
+        "mask": lambda x: task.sample_mask(32, 64, x.device),
+    }
 
     def draw(x: torch.Tensor) -> list[torch.Tensor]:
+        if draws == "views":
+            return list(make_views(task, x, 8))  # inputs, targets
         return [parts[name](x) for name in draws.split("+")]
 
     torch._dynamo.reset()
-    anchor = torch.zeros(1, device=device)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(device)
+    compiled_draw = CompiledOrEager(draw, "inductor", options=SAME_RANDOM_NUMBERS)
     results = []
-    for function in (draw, torch.compile(draw, options=SAME_RANDOM_NUMBERS)):
+    for function in (draw, compiled_draw):
         torch.manual_seed(7)
-        results.append([function(anchor) for _ in range(2)])
+        results.append([function(images) for _ in range(2)])
+    assert compiled_draw.failed is None  # compiled, not the eager fallback
     for eager, compiled in zip(*results, strict=True):
-        assert all(torch.equal(a, b) for a, b in zip(eager, compiled, strict=True))
+        if draws == "views":  # the inputs hold every draw; the normalised targets are computed, equal within rounding
+            assert torch.equal(compiled[0], eager[0])
+            torch.testing.assert_close(compiled[1], eager[1], rtol=0, atol=1e-5)
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(eager, compiled, strict=True))
     assert not torch.equal(results[1][0][-1], results[1][1][-1])  # the next call draws new numbers
