@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,9 +64,15 @@ def run_tta(args: list, prefix: list[str] = (), **kwargs) -> subprocess.Complete
     return subprocess.run([*prefix, *TTA, *[str(arg) for arg in args]], capture_output=True, env=env, cwd=REPO, timeout=300, **kwargs)
 
 
+def default_sigint() -> None:
+    """In the child before exec: Ctrl-C as in a terminal. A shell's background job (`pytest &`) inherits SIGINT
+    ignored, and Python then installs no KeyboardInterrupt handler, so the interrupt tests would wait in vain."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def popen_tta(args: list, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "COLUMNS": "200"}
-    return subprocess.Popen([*TTA, *[str(arg) for arg in args]], env=env, cwd=REPO, **kwargs)
+    return subprocess.Popen([*TTA, *[str(arg) for arg in args]], env=env, cwd=REPO, preexec_fn=default_sigint, **kwargs)
 
 
 @contextlib.contextmanager

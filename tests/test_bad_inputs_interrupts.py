@@ -21,7 +21,12 @@ def interrupt_when(process: subprocess.Popen, ready, limit_s: float = 120.0) -> 
         time.sleep(0.02)
     assert process.poll() is None, f"finished before it could be interrupted: {process.stderr.read().decode()}"
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        process.kill()  # leave no child running past the test
+        process.communicate()
+        raise AssertionError("still running 120 s after Ctrl-C") from None
     return process.returncode, stderr.decode()
 
 
