@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -93,6 +94,25 @@ def run_cli(args: list[str]):
     from tta_cli.cli import app
 
     return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+@contextlib.contextmanager
+def crash_after_epoch(epoch: int):
+    """Inside: `tta train` raises RuntimeError right after writing its resume state for `epoch`, as a crash would."""
+    from tta_cli.train import checkpoint
+
+    save_resume = checkpoint.save_resume
+
+    def crash(out_dir, state):
+        save_resume(out_dir, state)
+        if state["epoch"] == epoch:
+            raise RuntimeError("simulated crash")
+
+    checkpoint.save_resume = crash
+    try:
+        yield
+    finally:
+        checkpoint.save_resume = save_resume
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import torch
 import torchvision
 import yaml
 from bad_inputs import assert_one_line_error
-from conftest import QUICKSTART, REPO, run_cli
+from conftest import QUICKSTART, REPO, crash_after_epoch, run_cli
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -72,6 +72,14 @@ def user_model(family: str, weights: Path) -> nn.Module:
     model = torchvision_resnet18() if family == "torchvision" else timm_resnet10t()
     model.load_state_dict(torch.load(weights) if weights.suffix == ".pth" else load_file(weights))
     return model.eval()
+
+
+def largest_logit_change(family: str, weights: Path, checkpoint: Path) -> float:
+    """How far the checkpoint's main head has moved from the user's classifier: the largest logit difference."""
+    images = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    model = tta.load_checkpoint(checkpoint).model.eval()
+    with torch.no_grad():
+        return (model(images) - user_model(family, weights)((images - model.mean) / model.std)).abs().max().item()
 
 
 def assert_same_logits(family: str, weights: Path, checkpoint: Path) -> None:
@@ -134,11 +142,7 @@ def test_init_metrics_say_the_clean_accuracy_before_and_after(initialised):
 
 def test_the_joint_epoch_trains_the_encoder_and_main_head(initialised, classifiers):
     family, out = initialised
-    images = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    model = tta.load_checkpoint(out).model.eval()
-    with torch.no_grad():
-        change = (model(images) - user_model(family, classifiers[family])((images - model.mean) / model.std)).abs().max()
-    assert change > 1e-4
+    assert largest_logit_change(family, classifiers[family], out) > 1e-4
 
 
 def test_a_compiled_run_drops_its_graphs_when_the_phase_changes(classifiers, tmp_path, monkeypatch):
@@ -158,7 +162,7 @@ def test_a_fused_optimizer_steps_the_joint_phase_and_resumes_anywhere_as_the_who
     """On a GPU the optimizer is fused, and a fused step needs momentum buffers for all of its parameters or for none:
     the first joint epoch starts with fresh optimizer state, in a whole run and in one resumed at the phase change
     alike, while a run resumed inside the joint phase keeps its momentum (both equal the whole run)."""
-    from tta_cli.train import checkpoint, loop
+    from tta_cli.train import loop
 
     make_optimizer = loop.make_optimizer
     monkeypatch.setattr(loop, "make_optimizer", lambda model, optim, fused: make_optimizer(model, optim, True))
@@ -169,25 +173,13 @@ def test_a_fused_optimizer_steps_the_joint_phase_and_resumes_anywhere_as_the_who
     whole = tmp_path / "whole"
     result = run_cli([*arguments, "--out", whole])
     assert result.exit_code == 0, result.output
-    images = torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    model = tta.load_checkpoint(whole).model.eval()
-    with torch.no_grad():
-        change = (model(images) - user_model("torchvision", classifiers["torchvision"])((images - model.mean) / model.std)).abs().max()
-    assert change > 1e-4
+    assert largest_logit_change("torchvision", classifiers["torchvision"], whole) > 1e-4
     expected = load_file(whole / "model.safetensors")
 
-    save_resume = checkpoint.save_resume
     for crash_epoch in (1, 2):  # after the ssl-head epoch; after the first joint epoch
-
-        def crash(out_dir, state, crash_epoch=crash_epoch):
-            save_resume(out_dir, state)
-            if state["epoch"] == crash_epoch:
-                raise RuntimeError("simulated crash")
-
         out = tmp_path / f"resumed-{crash_epoch}"
-        monkeypatch.setattr(checkpoint, "save_resume", crash)
-        assert isinstance(run_cli([*arguments, "--out", out]).exception, RuntimeError)
-        monkeypatch.setattr(checkpoint, "save_resume", save_resume)
+        with crash_after_epoch(crash_epoch):
+            assert isinstance(run_cli([*arguments, "--out", out]).exception, RuntimeError)
         resumed = run_cli(["train", "--resume", "--out", out])
         assert resumed.exit_code == 0, resumed.output
         got = load_file(out / "model.safetensors")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import QUICKSTART, TINY_TRAIN_ARGS, run_cli
+from conftest import QUICKSTART, TINY_TRAIN_ARGS, crash_after_epoch, run_cli
 from safetensors.torch import load_file
 
 
@@ -61,24 +61,14 @@ def test_checkpoint_reloads_to_identical_outputs_and_metrics(tiny_checkpoint):
     assert recomputed["test_ssl_acc"] == meta["metrics"]["test_ssl_acc"]
 
 
-def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path, monkeypatch):
-    from tta_cli.train import checkpoint
-
+def test_resume_after_a_crash_gives_the_uninterrupted_result(tmp_path):
     args = ["train", QUICKSTART, *TINY_TRAIN_ARGS, "--epochs", "2", "--batch-size", "64"]
     assert run_cli([*args, "--out", tmp_path / "whole"]).exit_code == 0
 
-    save_resume = checkpoint.save_resume
-
-    def crash_after_epoch_one(out_dir, state):
-        save_resume(out_dir, state)
-        if state["epoch"] == 1:
-            raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(checkpoint, "save_resume", crash_after_epoch_one)
-    crashed = run_cli([*args, "--out", tmp_path / "resumed"])
+    with crash_after_epoch(1):
+        crashed = run_cli([*args, "--out", tmp_path / "resumed"])
     assert isinstance(crashed.exception, RuntimeError)
     assert not (tmp_path / "resumed" / "model.yaml").exists()
-    monkeypatch.setattr(checkpoint, "save_resume", save_resume)
 
     resumed = run_cli(["train", "--resume", "--out", tmp_path / "resumed"])  # the saved config wins
     assert resumed.exit_code == 0, resumed.output
