@@ -64,7 +64,7 @@ class MaskedTask:
     """Hide `mask_ratio` of `patch_size` patches; loss = MSE on hidden patches, against per-patch normalised
     pixels (`norm_targets`, MAE's default: a flat patch's small differences are magnified) or the pixels as they are.
 
-    targets pack, per patch, the normalised target pixels and a last column that is 1 where hidden:
+    targets pack, per patch, the target pixels (normalised or not) and a last column that is 1 where hidden:
     (B, L, patch*patch*3 + 1), so a batch stays one tensor (which batched adaptation needs).
     """
 
