@@ -105,4 +105,3 @@ def test_adapt_help_fits_in_60_lines():
     result = subprocess.run([sys.executable, "-m", "tta_cli.cli", "adapt", "--help"], capture_output=True, text=True, env=environment)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) <= 60
-
