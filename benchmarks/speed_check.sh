@@ -33,8 +33,7 @@ for path in ${PATHS:-stream online parallel episodic}; do
           tests/test_corrupt.py::test_cuda_output_stays_on_cuda_and_deterministic_ones_match_cpu \
           tests/test_augment.py::test_crop_flip_on_cuda_matches_reference_and_stays_on_device \
           tests/test_augment.py::test_loader_on_cuda_keeps_data_and_batches_on_the_gpu \
-          tests/test_masked.py::test_compiled_masked_views_draw_the_masks_eager_views_draw \
-          tests/test_masked.py::test_each_random_draw_of_the_views_is_the_same_compiled_and_eager \
+          tests/test_masked.py::test_compiled_online_views_are_the_eager_views \
           tests/test_stream_loop.py::test_cuda_stream_overlapped_predictions_follow_the_plain_loop \
           tests/test_stream_loop.py::test_cuda_stream_with_triton_convolutions_follows_torch_convolutions \
           tests/test_stream_loop.py::test_cuda_stream_logs_every_frame_with_device_timing \

@@ -48,21 +48,6 @@ def test_compiled_online_step_matches_eager_on_cuda():
     assert ((logits[1] - logits[0]).abs().max() / scale) < 1e-2  # TF32 convolutions in different cuDNN algorithms
 
 
-def test_compiled_views_draw_the_numbers_eager_views_draw():
-    """The CUDA-graph path draws from the default generator; the compiled views (crops, flips, rotations, a window
-    draw) must take torch's numbers from it (SAME_RANDOM_NUMBERS), not inductor's own."""
-    model, task = tiny()
-    images = torch.rand(32, 3, 32, 32, device="cuda")
-    views = []
-    for compiled in (False, True):
-        config = OnlineConfig(copies=1, amp=False, compile=compiled, cuda_graph=False)
-        method = OnlineTTT(copy.deepcopy(model), task, config, classes=10, train_source=lambda: images[torch.rand(32, device="cuda").mul(32).long()])
-        torch.cuda.manual_seed(7)
-        views.append([method._make_views(images) for _ in range(2)])
-    for (eager_inputs, eager_targets), (inputs, targets) in zip(*views, strict=True):
-        assert torch.equal(targets, eager_targets) and torch.equal(inputs, eager_inputs)
-
-
 @pytest.mark.parametrize("per_sample", ["vmap", "grouped"])
 def test_parallel_streams_on_cuda_equal_the_reference_in_float64(per_sample):
     model, task = tiny(torch.float64)

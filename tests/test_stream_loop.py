@@ -57,10 +57,10 @@ class RecordingTask:
     def __getattr__(self, name):
         return getattr(self.task, name)
 
-    def make_batch(self, images, mode="train", generator=None):
+    def apply(self, images, drawn, mode="train"):
         values = images.amax(dim=(1, 2, 3)) * 255  # crops pad with zeros, so the max is the frame's value
         self.view_frames.append({round(value / 2) - 1 for value in values.tolist()})
-        return self.task.make_batch(images, mode=mode, generator=generator)
+        return self.task.apply(images, drawn, mode=mode)
 
 
 class FakeClock:
@@ -106,7 +106,7 @@ def test_updates_train_on_views_of_the_last_window_frames(tiny, mode, window, lo
     frames = [(index, torch.full((32, 32, 3), 2 * (index + 1), dtype=torch.uint8)) for index in range(12)]
     recording = RecordingTask(task)
     run_stream(model, recording, frames, settings(mode=mode, window=window, copies=16), CLASSES, CPU)
-    assert len(recording.view_frames) == len(frames)  # one step per frame, one make_batch per step
+    assert len(recording.view_frames) == len(frames)  # one step per frame, one apply per step
     for index, drawn in enumerate(recording.view_frames):
         assert drawn <= set(range(max(0, index - lookback + 1), index + 1))
         assert index in drawn or lookback > 1

@@ -22,11 +22,10 @@ class CompiledOrEager:
     compiler, which inductor reports as one) switches to `function`. Errors of the computation itself, such as
     running out of memory, are raised as they are."""
 
-    def __init__(self, function: Callable, backend: str = "inductor", dynamic: bool | None = False, options: dict | None = None):
+    def __init__(self, function: Callable, backend: str = "inductor", dynamic: bool | None = False):
         allow_recompiles()
         self.eager = function
-        options = options if backend == "inductor" else None  # inductor's own settings; other backends take none
-        self.compiled = torch.compile(function, backend=backend, dynamic=dynamic, options=options)
+        self.compiled = torch.compile(function, backend=backend, dynamic=dynamic)
         self.failed: str | None = None
 
     def __call__(self, *args, **kwargs):
@@ -45,11 +44,7 @@ class CompiledOrEager:
 BACKEND = "inductor"  # tests on the CPU set "aot_eager" (traces without generating code)
 
 
-def maybe_compile(function: Callable, enabled: bool, options: dict | None = None) -> Callable:
-    """`function` compiled with BACKEND (with the eager fallback) when `enabled`, else unchanged; `options`: inductor's."""
-    return CompiledOrEager(function, BACKEND, options=options) if enabled else function
+def maybe_compile(function: Callable, enabled: bool) -> Callable:
+    """`function` compiled with BACKEND (with the eager fallback) when `enabled`, else unchanged."""
+    return CompiledOrEager(function, BACKEND) if enabled else function
 
-
-# For compiled code that draws random numbers: inductor's own generator would draw other numbers than eager torch
-# from the same seed; with this it calls torch's, so compiled and eager runs see the same views.
-SAME_RANDOM_NUMBERS = {"fallback_random": True}

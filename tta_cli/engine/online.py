@@ -1,8 +1,8 @@
 """How an online method's calls run fast: compiled passes in bf16, CUDA graphs, pipelined and overlapped predictions.
 
 `OnlineExecution` is the base of an online method's maths (methods/ttt_online.py). The method defines its update
-(`_update`, `_apply_gradient`), its raw passes (`_views`, `_outputs_and_loss`, `_forward_main`) and its state
-tensors; this class compiles the passes and runs them under bf16 autocast where asked, swaps in the Triton kernels,
+(`_update`, `_apply_gradient`), its raw passes (`_view_draws`, `_views`, `_outputs_and_loss`, `_forward_main`) and
+its state tensors; this class compiles the passes and runs them under bf16 autocast where asked, swaps in the Triton kernels,
 fuses a prediction into an update's first forward pass (`_forward_both`), and runs five kinds of call, each replayed
 from a CUDA graph when the input is a whole batch:
 step (update, then logits), predict, update (no logits), pipelined (a prediction folded into the next update's first
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tta_cli.config import CONV_KERNELS, check_choice
-from tta_cli.engine.compiled import SAME_RANDOM_NUMBERS, maybe_compile
+from tta_cli.engine.compiled import maybe_compile
 from tta_cli.engine.execution import uses_triton_kernels
 from tta_cli.engine.graphs import CapturedCall
 from tta_cli.engine.precision import autocast_bf16, full_precision
@@ -57,7 +57,8 @@ class OnlineExecution:
             triton_norm.use_triton_norms(self.model)
         self._main_forward = maybe_compile(self._forward_main, config.compile)
         self._both_forward = self._in_precision(maybe_compile(self._forward_both, config.compile), logits_first=True)
-        self._make_views = maybe_compile(self._views, config.compile, SAME_RANDOM_NUMBERS)
+        views = maybe_compile(self._views, config.compile)  # random numbers stay eager: compiled code may reorder them
+        self._make_views = lambda images: views(*self._view_draws(images))
         self._ssl_outputs_and_loss = self._in_precision(maybe_compile(self._outputs_and_loss, config.compile))
         self._apply = maybe_compile(self._step_and_forget, config.compile)  # _apply_gradient + policies' forgetting
         self._graphs: dict[str, CapturedCall] = {}

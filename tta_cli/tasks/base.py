@@ -27,7 +27,20 @@ class SSLTask(Protocol):
         shard: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`shard=(rank, world_size)`: `images` are rows rank, rank + world_size, ... of a global batch
-        (data-parallel training); random draws then follow `draw_for_shard`."""
+        (data-parallel training); random draws then follow `draw_for_shard`. Equals
+        `apply(images, draw(images.shape, images.device, mode, generator, shard), mode)`."""
+        ...
+
+    def draw(
+        self, shape: torch.Size, device: torch.device, mode: str = "train", generator: torch.Generator | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> torch.Tensor | None:
+        """Every random number `make_batch` needs for images of `shape` (None: it needs none)."""
+        ...
+
+    def apply(self, images: torch.Tensor, drawn: torch.Tensor | None, mode: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """`make_batch` given its random numbers: deterministic, so it can be compiled (the draws stay eager and in
+        program order; a compiler may reorder random ops, pytorch/pytorch#181136)."""
         ...
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...

@@ -90,17 +90,24 @@ class MaskedTask:
         ranks = noise.argsort(dim=1).argsort(dim=1)
         return (ranks < hidden).float()
 
-    def make_batch(self, images, mode="train", generator=None, shard=None):
-        if images.shape[-1] % self.patch or images.shape[-2] % self.patch:
-            raise TTAError(f"image size {tuple(images.shape[-2:])} is not a multiple of the patch size {self.patch}")
+    def draw(self, shape: torch.Size, device, mode: str = "train", generator=None, shard=None) -> torch.Tensor:
+        """The random part of `make_batch` for images of `shape` (B, C, H, W): the (B, L) mask."""
+        if shape[-1] % self.patch or shape[-2] % self.patch:
+            raise TTAError(f"image size {tuple(shape[-2:])} is not a multiple of the patch size {self.patch}")
+        return self.sample_mask(shape[0], (shape[-2] // self.patch) * (shape[-1] // self.patch), device, generator, shard)
+
+    def apply(self, images: torch.Tensor, mask: torch.Tensor, mode: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """The deterministic part of `make_batch`: hide the patches `mask` marks, and pack the targets."""
         patches = patchify(images, self.patch)  # (B, L, P)
-        mask = self.sample_mask(patches.shape[0], patches.shape[1], images.device, generator, shard)
         masked_patches = torch.where(mask[..., None].bool(), torch.full_like(patches, FILL), patches)
         inputs = unpatchify(masked_patches, self.patch, images.shape[1])
         targets = patches
         if self.norm_targets:
             targets = (patches - patches.mean(dim=-1, keepdim=True)) / (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()
         return inputs, torch.cat([targets, mask[..., None]], dim=-1)
+
+    def make_batch(self, images, mode="train", generator=None, shard=None):
+        return self.apply(images, self.draw(images.shape, images.device, mode, generator, shard), mode)
 
     def per_image_error(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(B,) mean squared error over each image's hidden patches."""

@@ -37,16 +37,25 @@ class RotationTask:
     def build_output(self, spec: FeatureSpec, img_size: int) -> nn.Module:
         return LinearClassifier(spec, self.classes)
 
-    def make_batch(self, images, mode="train", generator=None, shard=None):
-        """images (B, C, H, W) -> inputs (B or 4B, C, H, W), targets (B or 4B,) quarter turns."""
+    def draw(self, shape: torch.Size, device, mode: str = "train", generator=None, shard=None) -> torch.Tensor | None:
+        """The random part of `make_batch` for images of `shape`: (B,) quarter turns, or None when training in
+        `expand` mode (every image in all four turns: nothing to draw)."""
+        if mode == "train" and self.mode == "expand":
+            return None
+        return draw_for_shard(lambda n: torch.randint(0, 4, (n,), device=device, generator=generator), shape[0], shard)
+
+    def apply(self, images: torch.Tensor, quarter_turns: torch.Tensor | None, mode: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """The deterministic part of `make_batch`: each image turned by its quarter turns (None: all four turns)."""
         if images.shape[-1] != images.shape[-2]:
             raise TTAError(f"rotation needs square images, got {tuple(images.shape[-2:])}")
-        if mode == "train" and self.mode == "expand":
+        if quarter_turns is None:
             inputs = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
-            targets = torch.arange(4, device=images.device).repeat_interleave(images.shape[0])
-            return inputs, targets
-        targets = draw_for_shard(lambda n: torch.randint(0, 4, (n,), device=images.device, generator=generator), images.shape[0], shard)
-        return rotate(images, targets), targets
+            return inputs, torch.arange(4, device=images.device).repeat_interleave(images.shape[0])
+        return rotate(images, quarter_turns), quarter_turns
+
+    def make_batch(self, images, mode="train", generator=None, shard=None):
+        """images (B, C, H, W) -> inputs (B or 4B, C, H, W), targets (B or 4B,) quarter turns."""
+        return self.apply(images, self.draw(images.shape, images.device, mode, generator, shard), mode)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(outputs.float(), targets)

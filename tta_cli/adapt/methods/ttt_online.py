@@ -17,7 +17,7 @@ from tta_cli.adapt.policies import PolicyState, check_confidence
 from tta_cli.engine.flat import FlatParameters
 from tta_cli.engine.online import OnlineExecution
 from tta_cli.models.params import adapted_parameter_names
-from tta_cli.tasks.views import make_views
+from tta_cli.tasks.views import draw_views, views_from_draws
 
 
 @dataclass
@@ -44,9 +44,13 @@ class OnlineTTT(OnlineExecution, PolicyState):
         self._accelerate()
 
     # ---- the passes (engine/online.py wraps them as self._make_views, self._ssl_outputs_and_loss, ...) ---------
-    def _views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _view_draws(self, images: torch.Tensor) -> tuple[torch.Tensor, int, tuple]:
+        """The views' images, copies of each, and every random number of them (drawn eagerly, in program order)."""
         source, copies = (self.train_source(), 1) if self.train_source is not None else (images, self.config.copies)
-        return make_views(self.task, source, copies, self.generator)
+        return source, copies, draw_views(self.task, source.shape, copies, source.device, self.generator)
+
+    def _views(self, source: torch.Tensor, copies: int, draws: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        return views_from_draws(self.task, source, copies, draws)
 
     def _outputs_and_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outputs = self.model(inputs.contiguous(), head="ssl")
