@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -205,7 +206,9 @@ def test_compiled_online_views_are_the_eager_views(device, task_name, window, mo
         method = OnlineTTT(copy.deepcopy(model), task, OnlineConfig(copies=8, amp=False, compile=compile_views, cuda_graph=False),
                            classes=10, train_source=frames)
         torch.manual_seed(7)
-        views.append([method._make_views(images) for _ in range(2)])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", "torch.compile failed")  # compiled, not the eager fallback
+            views.append([method._make_views(images) for _ in range(2)])
     for (eager_inputs, eager_targets), (inputs, targets) in zip(*views, strict=True):
         assert torch.equal(inputs, eager_inputs)  # every draw shows in the inputs
         torch.testing.assert_close(targets, eager_targets, rtol=0, atol=1e-5)  # normalised pixels, rounded as compiled

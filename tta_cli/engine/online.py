@@ -2,9 +2,9 @@
 
 `OnlineExecution` is the base of an online method's maths (methods/ttt_online.py). The method defines its update
 (`_update`, `_apply_gradient`), its raw passes (`_view_draws`, `_views`, `_outputs_and_loss`, `_forward_main`) and
-its state tensors; this class compiles the passes and runs them under bf16 autocast where asked, swaps in the Triton kernels,
-fuses a prediction into an update's first forward pass (`_forward_both`), and runs five kinds of call, each replayed
-from a CUDA graph when the input is a whole batch:
+its state tensors; this class compiles the passes (not `_view_draws`: random numbers stay eager) and runs them under
+bf16 autocast where asked, swaps in the Triton kernels, fuses a prediction into an update's first forward pass
+(`_forward_both`), and runs five kinds of call, each replayed from a CUDA graph when the input is a whole batch:
 step (update, then logits), predict, update (no logits), pipelined (a prediction folded into the next update's first
 forward pass) and overlapped (a prediction on a side CUDA stream beside the next update).
 """

@@ -1,4 +1,4 @@
-"""Self-supervised tasks behind one interface (`make_batch`, `loss`), shared by train and adapt."""
+"""Self-supervised tasks behind one interface (`make_batch` = `apply` of a `draw`, `loss`), shared by train and adapt."""
 
 from tta_cli.config import TaskConfig
 from tta_cli.errors import TTAError

@@ -32,13 +32,13 @@ class SSLTask(Protocol):
         ...
 
     def draw(
-        self, shape: torch.Size, device: torch.device, mode: str = "train", generator: torch.Generator | None = None,
+        self, shape: tuple[int, ...], device: torch.device, mode: str = "train", generator: torch.Generator | None = None,
         shard: tuple[int, int] | None = None,
     ) -> torch.Tensor | None:
         """Every random number `make_batch` needs for images of `shape` (None: it needs none)."""
         ...
 
-    def apply(self, images: torch.Tensor, drawn: torch.Tensor | None, mode: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    def apply(self, images: torch.Tensor, drawn: torch.Tensor | None, /, mode: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         """`make_batch` given its random numbers: deterministic, so it can be compiled (the draws stay eager and in
         program order; a compiler may reorder random ops, pytorch/pytorch#181136)."""
         ...

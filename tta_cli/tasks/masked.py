@@ -90,13 +90,13 @@ class MaskedTask:
         ranks = noise.argsort(dim=1).argsort(dim=1)
         return (ranks < hidden).float()
 
-    def draw(self, shape: torch.Size, device, mode: str = "train", generator=None, shard=None) -> torch.Tensor:
+    def draw(self, shape: tuple[int, ...], device, mode: str = "train", generator=None, shard=None) -> torch.Tensor:
         """The random part of `make_batch` for images of `shape` (B, C, H, W): the (B, L) mask."""
         if shape[-1] % self.patch or shape[-2] % self.patch:
             raise TTAError(f"image size {tuple(shape[-2:])} is not a multiple of the patch size {self.patch}")
         return self.sample_mask(shape[0], (shape[-2] // self.patch) * (shape[-1] // self.patch), device, generator, shard)
 
-    def apply(self, images: torch.Tensor, mask: torch.Tensor, mode: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    def apply(self, images: torch.Tensor, mask: torch.Tensor, /, mode: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         """The deterministic part of `make_batch`: hide the patches `mask` marks, and pack the targets."""
         patches = patchify(images, self.patch)  # (B, L, P)
         masked_patches = torch.where(mask[..., None].bool(), torch.full_like(patches, FILL), patches)

@@ -37,14 +37,14 @@ class RotationTask:
     def build_output(self, spec: FeatureSpec, img_size: int) -> nn.Module:
         return LinearClassifier(spec, self.classes)
 
-    def draw(self, shape: torch.Size, device, mode: str = "train", generator=None, shard=None) -> torch.Tensor | None:
+    def draw(self, shape: tuple[int, ...], device, mode: str = "train", generator=None, shard=None) -> torch.Tensor | None:
         """The random part of `make_batch` for images of `shape`: (B,) quarter turns, or None when training in
         `expand` mode (every image in all four turns: nothing to draw)."""
         if mode == "train" and self.mode == "expand":
             return None
         return draw_for_shard(lambda n: torch.randint(0, 4, (n,), device=device, generator=generator), shape[0], shard)
 
-    def apply(self, images: torch.Tensor, quarter_turns: torch.Tensor | None, mode: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    def apply(self, images: torch.Tensor, quarter_turns: torch.Tensor | None, /, mode: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
         """The deterministic part of `make_batch`: each image turned by its quarter turns (None: all four turns)."""
         if images.shape[-1] != images.shape[-2]:
             raise TTAError(f"rotation needs square images, got {tuple(images.shape[-2:])}")
