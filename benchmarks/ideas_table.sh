@@ -9,7 +9,9 @@
 # (severity 5, on the device) or a CIFAR-10-C folder. TRAIN_DATA: ttt-nn's training images when the checkpoint's
 # recorded data.source is not reachable from here. N: images per set (all when unset). CORRUPTIONS (all), TAU (the
 # cache's cosine threshold, 0.99), FORGET (the decay per step, 0.01), EXTRA (flags added to every run, e.g.
-# "--device cpu --steps 1 --copies 2" for a smoke test), WORK (runs/ideas-table), PYTHON (python3).
+# "--device cpu --steps 1 --copies 2" for a smoke test), WORK (runs/ideas-table), PYTHON (python3), DEADLINE (seconds
+# for all rows: a row is cut at it and later rows are skipped; the table of the finished rows is printed anyway),
+# ROWS (the names of the rows to run, e.g. "continual continual-forget"; all when unset).
 set -uo pipefail
 CKPT=${CKPT:?set CKPT to a tta train checkpoint folder}
 DATA=${DATA:-cifar10}
@@ -25,9 +27,11 @@ NN=(); [ -n "${TRAIN_DATA:-}" ] && NN=(--set "ttt-nn.train_data=$TRAIN_DATA")
 
 # row NAME ARGS...: one `tta adapt` into $WORK/NAME (its log beside it); a failure is reported and the table goes on
 row() {
-  local name=$1; shift
+  local name=$1 left=$(( ${DEADLINE:-864000} - SECONDS )); shift
+  [ -z "${ROWS:-}" ] || [[ " $ROWS " == *" $name "* ]] || return 0
+  [ $left -gt 5 ] || { echo "[$(date +%T)] $name: skipped, past DEADLINE"; return; }
   echo "[$(date +%T)] $name: ${*}"
-  "${ADAPT[@]}" "$@" ${EXTRA:-} --out "$WORK/$name" > "$WORK/$name.log" 2>&1
+  timeout $left "${ADAPT[@]}" "$@" ${EXTRA:-} --out "$WORK/$name" > "$WORK/$name.log" 2>&1
   local rc=$?
   [ $rc -eq 0 ] || echo "  failed (exit $rc): $(tail -1 "$WORK/$name.log")"
 }
