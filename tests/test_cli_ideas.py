@@ -53,3 +53,16 @@ def test_views_with_an_online_method_and_forget_without_one_are_one_line_errors(
     assert_one_line_error(run_cli(["adapt", "--ckpt", tiny_checkpoint, "--method", "ttt-online", *TINY, "--views", "2"]), "online")
     assert_one_line_error(run_cli(["adapt", "--ckpt", tiny_checkpoint, "--method", "ttt", *TINY, "--forget", "0.1"]), "--forget")
     assert_one_line_error(run_cli(["adapt", "--ckpt", tiny_checkpoint, "--method", "ttt-online", *TINY, "--forget", "2"]), "--forget")
+
+
+def test_the_cache_on_a_stream_make_stream_hits_on_consecutive_frames(tiny_checkpoint, tmp_path):
+    from test_shifted import make_stream_folder
+
+    stream = make_stream_folder(tmp_path / "stream", frames=24)  # 4 clips of 6 frames, each clip one image
+    out = tmp_path / "adapt"
+    result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--data", stream, "--method", "ttt", "--steps", "1", "--copies", "2",
+                      "--device", "cpu", "--set", "ttt.cache=0.9", "--out", out])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert [(row["corruption"], row["n"]) for row in results["rows"]] == [("stream", 24)]
+    assert results["methods"]["ttt"]["cache_hit_rate"] >= 0.5  # most frames follow a frame of their own clip

@@ -134,3 +134,33 @@ def test_corruption_severity_folders_are_read_per_set(tmp_path, tiny_folder):
     assert is_shifted_root(tmp_path)
     (data,) = load_shifted(tmp_path, severities=(5,))
     assert (data.meta["corruption"], data.meta["severity"], len(data)) == ("fog", 5, 6)
+
+
+def make_stream_folder(folder: Path, frames: int = 24) -> Path:
+    from conftest import run_cli
+
+    result = run_cli(["stream", "make", "--out", folder, "--frames", str(frames), "--clip-length", "6", "--no-video"])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def test_a_stream_make_folder_is_one_set_of_its_frames_in_order(tmp_path):
+    folder = make_stream_folder(tmp_path / "stream")
+    assert is_shifted_root(folder)
+    (frames,) = load_shifted(folder, corruptions="fog", severities=[5])  # a stream's drift is its own: no selection
+    assert frames.meta["corruption"] == "stream" and frames.meta["severity"] == 0
+    assert np.array_equal(frames.images.numpy(), np.load(folder / "frames.npy"))
+    assert frames.labels.tolist() == np.load(folder / "labels.npy").tolist()
+    assert frames.class_names == json.loads((folder / "stream.json").read_text())["class_names"]
+    (first,) = load_shifted(folder, n=5)
+    assert np.array_equal(first.images.numpy(), np.load(folder / "frames.npy")[:5])
+
+
+def test_a_stream_folder_with_changed_frames_is_refused(tmp_path):
+    folder = make_stream_folder(tmp_path / "stream")
+    np.save(folder / "frames.npy", np.load(folder / "frames.npy")[:10])  # fewer frames than its labels and manifest
+    with pytest.raises(TTAError, match="frames.npy has .* bytes but its manifest says"):
+        load_shifted(folder)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(TTAError, match="has 10 frames but labels for 24"):
+        load_shifted(folder)

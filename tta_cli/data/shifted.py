@@ -1,5 +1,5 @@
 """Readers for distribution-shifted test sets: CIFAR-10-C (official download or `tta corrupt`
-output), CIFAR-10.1, and class-folder trees of shifted images, each as ImageSets with
+output), CIFAR-10.1, a `tta stream make` folder, and class-folder trees of shifted images, each as ImageSets with
 meta = {"corruption", "severity", "source"}.
 
 Layouts (see data/README.md): `<root>/CIFAR-10-C/<corruption>.npy` uint8 (5*N, H, W, 3) with
@@ -69,12 +69,18 @@ def _severity_folders(root: Path) -> list[tuple[str, int, Path]]:
     return found
 
 
+def _is_stream_folder(root: Path) -> bool:
+    """A `tta stream make` output: frames.npy with its labels and stream.json."""
+    return all((root / name).is_file() for name in ("frames.npy", "labels.npy", "stream.json"))
+
+
 def is_shifted_root(path: str | Path) -> bool:
-    """Does `path` hold CIFAR-10-C style .npy files, CIFAR-10.1, or `<corruption>/<severity>/` folders?"""
+    """Does `path` hold CIFAR-10-C style .npy files, CIFAR-10.1, a `tta stream make` stream, or `<corruption>/<severity>/`
+    folders?"""
     root = Path(path).expanduser()
     if not root.is_dir():
         return False
-    return _c_folder(root) is not None or _cifar101_files(root) is not None or bool(_severity_folders(root))
+    return _c_folder(root) is not None or _cifar101_files(root) is not None or _is_stream_folder(root) or bool(_severity_folders(root))
 
 
 def load_shifted(
@@ -87,7 +93,9 @@ def load_shifted(
 
     `corruptions=None` takes every corruption whose file is there (and CIFAR-10.1); names may
     include "cifar10.1". `n` keeps the first n images of each set. A plain class-folder tree is
-    read whole by the data layer as one set (corruption = folder name, severity 0).
+    read whole by the data layer as one set (corruption = folder name, severity 0). A `tta stream make` folder is one
+    set of its frames in order (corruption "stream", severity 0): its drift has its own schedule, so `corruptions` and
+    `severities` do not apply to it.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -95,6 +103,8 @@ def load_shifted(
     severities = _check_severities(severities)
     if n is not None and n < 1:
         raise TTAError(f"n must be a positive number of images, got {n}")
+    if _is_stream_folder(root) and _c_folder(root) is None:
+        return [_load_stream_folder(root, n)]
     wanted = _wanted(corruptions)
     sets: list[ImageSet] = []
     c_folder = _c_folder(root)
@@ -293,6 +303,29 @@ def _load_severity_folders(
         data.meta.update(corruption=name, severity=severity, source=str(folder))
         sets.append(data)
     return sets
+
+
+def _load_stream_folder(root: Path, n: int | None) -> ImageSet:
+    """A `tta stream make` folder's frames (T, S, S, 3) and per-frame labels, checked against its manifest."""
+    from tta_cli.stream.make import load_stream_labels
+
+    truth = load_stream_labels(root)  # verifies the manifest of the label files
+    frames_path = root / "frames.npy"
+    frames = open_npy(frames_path)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise TTAError(f"{frames_path} is {frames.dtype} {tuple(frames.shape)}; expected uint8 (T, S, S, 3) frames")
+    if truth.labels.shape[0] != frames.shape[0]:
+        raise TTAError(f"{root} has {frames.shape[0]} frames but labels for {truth.labels.shape[0]}: make the stream again")
+    class_names = truth.class_names or list(CIFAR10_CLASSES)
+    if int(truth.labels.max()) >= len(class_names) or int(truth.labels.min()) < 0:
+        raise TTAError(f"the labels of {root} are not class indices of its {len(class_names)} classes")
+    keep = frames.shape[0] if n is None else min(n, frames.shape[0])
+    return ImageSet(
+        torch.from_numpy(np.array(frames[:keep])),
+        truth.labels[:keep].clone(),
+        list(class_names),
+        {"corruption": "stream", "severity": 0, "source": str(frames_path)},
+    )
 
 
 def _load_class_folder(root: Path, n: int | None) -> ImageSet:
