@@ -11,7 +11,8 @@
 # cache's cosine threshold, 0.99), FORGET (the decay per step, 0.01), EXTRA (flags added to every run, e.g.
 # "--device cpu --steps 1 --copies 2" for a smoke test), WORK (runs/ideas-table), PYTHON (python3), DEADLINE (seconds
 # for all rows: a row is cut at it and later rows are skipped; the table of the finished rows is printed anyway),
-# ROWS (the names of the rows to run, e.g. "continual continual-forget"; all when unset).
+# ROWS (the names of the rows to run, e.g. "continual continual-forget"; all when unset), STREAM (a `tta stream make`
+# folder: two more rows, ttt and ttt with the cache on its frames in order, which is what the cache is for).
 set -uo pipefail
 CKPT=${CKPT:?set CKPT to a tta train checkpoint folder}
 DATA=${DATA:-cifar10}
@@ -21,7 +22,8 @@ FORGET=${FORGET:-0.01}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 mkdir -p "$WORK"
 PYTHON=${PYTHON:-python3}
-ADAPT=("$PYTHON" -m tta_cli.cli adapt --ckpt "$CKPT" --data "$DATA" --corruptions "${CORRUPTIONS:-all}" --severities 5 --force)
+ADAPT=("$PYTHON" -m tta_cli.cli adapt --ckpt "$CKPT" --force)
+SETS=(--data "$DATA" --corruptions "${CORRUPTIONS:-all}" --severities 5)  # the rows' data; the stream rows change it
 [ -n "${N:-}" ] && ADAPT+=(--n "$N")
 NN=(); [ -n "${TRAIN_DATA:-}" ] && NN=(--set "ttt-nn.train_data=$TRAIN_DATA")
 
@@ -31,7 +33,7 @@ row() {
   [ -z "${ROWS:-}" ] || [[ " $ROWS " == *" $name "* ]] || return 0
   [ $left -gt 5 ] || { echo "[$(date +%T)] $name: skipped, past DEADLINE"; return; }
   echo "[$(date +%T)] $name: ${*}"
-  timeout $left "${ADAPT[@]}" "$@" ${EXTRA:-} --out "$WORK/$name" > "$WORK/$name.log" 2>&1
+  timeout $left "${ADAPT[@]}" "${SETS[@]}" "$@" ${EXTRA:-} --out "$WORK/$name" > "$WORK/$name.log" 2>&1
   local rc=$?
   [ $rc -eq 0 ] || echo "  failed (exit $rc): $(tail -1 "$WORK/$name.log")"
 }
@@ -48,6 +50,11 @@ row continual-reset --method ttt-online --order continual --reset on-shift
 row continual-rollback --method ttt-online --order continual --rollback
 row continual-forget --method ttt-online --order continual --forget "$FORGET"
 row continual-forget-momentum --method ttt-online --order continual --forget "$FORGET" --set momentum=0.9 --lr 0.0001
+if [ -n "${STREAM:-}" ]; then
+  SETS=(--data "$STREAM")
+  row stream-ttt --method ttt
+  row stream-ttt-cache --method ttt --set "ttt.cache=$TAU"
+fi
 
 "$PYTHON" - "$WORK" <<'PY'
 import json, sys
@@ -60,6 +67,7 @@ for folder in sorted((p for p in work.iterdir() if (p / "results.json").is_file(
     (method, speed), = results["methods"].items()
     settings = results["settings"]
     notes = [f"order {settings['order']}"] if settings["order"] != "per-corruption" else []
+    notes += ["a tta stream make stream"] if results["rows"][0]["corruption"] == "stream" else []
     notes += [f"params {settings['params']}"] if settings["params"] != "encoder" and method.startswith("ttt") else []
     if "cache_hit_rate" in speed:
         notes.append(f"cache hit rate {speed['cache_hit_rate']:.1%} (tau {settings['ttt']['cache']})")
