@@ -317,12 +317,11 @@ def _load_stream_folder(root: Path, n: int | None) -> ImageSet:
     if truth.labels.shape[0] != frames.shape[0]:
         raise TTAError(f"{root} has {frames.shape[0]} frames but labels for {truth.labels.shape[0]}: make the stream again")
     class_names = truth.class_names or list(CIFAR10_CLASSES)
-    if int(truth.labels.max()) >= len(class_names) or int(truth.labels.min()) < 0:
-        raise TTAError(f"the labels of {root} are not class indices of its {len(class_names)} classes")
+    labels = as_class_indices(truth.labels.numpy(), f"the labels of {root}", len(class_names))
     keep = frames.shape[0] if n is None else min(n, frames.shape[0])
     return ImageSet(
         torch.from_numpy(np.array(frames[:keep])),
-        truth.labels[:keep].clone(),
+        torch.from_numpy(labels[:keep]),
         list(class_names),
         {"corruption": "stream", "severity": 0, "source": str(frames_path)},
     )
