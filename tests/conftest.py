@@ -96,6 +96,13 @@ def run_cli(args: list[str]):
     return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
+def make_stream_folder(folder: Path, frames: int = 24) -> Path:
+    """A `tta stream make` folder of `frames` frames in clips of 6 (each clip one image) from the embedded data."""
+    result = run_cli(["stream", "make", "--out", folder, "--frames", str(frames), "--clip-length", "6", "--no-video"])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
 @contextlib.contextmanager
 def crash_after_epoch(epoch: int):
     """Inside: `tta train` raises RuntimeError right after writing its resume state for `epoch`, as a crash would."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from conftest import run_cli
+from conftest import make_stream_folder, run_cli
 from test_cli_train import assert_one_line_error
 
 TINY = ["--data", "cifar10-mini", "--corruptions", "gaussian_noise", "--n", "8", "--steps", "1", "--copies", "2", "--device", "cpu"]
@@ -56,8 +56,6 @@ def test_views_with_an_online_method_and_forget_without_one_are_one_line_errors(
 
 
 def test_the_cache_on_a_stream_make_stream_hits_on_consecutive_frames(tiny_checkpoint, tmp_path):
-    from test_shifted import make_stream_folder
-
     stream = make_stream_folder(tmp_path / "stream", frames=24)  # 4 clips of 6 frames, each clip one image
     out = tmp_path / "adapt"
     result = run_cli(["adapt", "--ckpt", tiny_checkpoint, "--data", stream, "--method", "ttt", "--steps", "1", "--copies", "2",

@@ -1,4 +1,4 @@
-"""Readers of shifted test sets: CIFAR-10-C folders, CIFAR-10.1, shifted class-folder trees."""
+"""Readers of shifted test sets: CIFAR-10-C folders, CIFAR-10.1, `tta stream make` folders, shifted class-folder trees."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_stream_folder
 
 from tta_cli.data.shifted import CIFAR10_CLASSES, is_shifted_root, load_shifted
 from tta_cli.errors import TTAError
@@ -134,14 +135,6 @@ def test_corruption_severity_folders_are_read_per_set(tmp_path, tiny_folder):
     assert is_shifted_root(tmp_path)
     (data,) = load_shifted(tmp_path, severities=(5,))
     assert (data.meta["corruption"], data.meta["severity"], len(data)) == ("fog", 5, 6)
-
-
-def make_stream_folder(folder: Path, frames: int = 24) -> Path:
-    from conftest import run_cli
-
-    result = run_cli(["stream", "make", "--out", folder, "--frames", str(frames), "--clip-length", "6", "--no-video"])
-    assert result.exit_code == 0, result.output
-    return folder
 
 
 def test_a_stream_make_folder_is_one_set_of_its_frames_in_order(tmp_path):

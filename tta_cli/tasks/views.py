@@ -11,7 +11,7 @@ from tta_cli.data.augment import crop_flip, sample_crop_flip
 PADDING = 4
 
 
-def draw_views(task, shape: torch.Size, copies: int, device, generator: torch.Generator | None = None) -> tuple:
+def draw_views(task, shape: tuple[int, ...], copies: int, device, generator: torch.Generator | None = None) -> tuple:
     """Every random number of `copies` views of each of `shape[0]` images (B, C, H, W): the crops' offsets and
     flips, then the task's draw, in that order."""
     rows = shape[0] * copies
