@@ -61,7 +61,7 @@ import json, sys
 from pathlib import Path
 
 work = Path(sys.argv[1])
-print(f"\n{'row':<27}{'error %':>9}{'samples/s':>11}  notes")
+print(f"\n{'row':<27}{'error %':>9}{'samples/s':>11}{'steady':>9}  notes")
 for folder in sorted((p for p in work.iterdir() if (p / "results.json").is_file()), key=lambda p: p.stat().st_mtime):
     results = json.loads((folder / "results.json").read_text())
     (method, speed), = results["methods"].items()
@@ -73,5 +73,6 @@ for folder in sorted((p for p in work.iterdir() if (p / "results.json").is_file(
         notes.append(f"cache hit rate {speed['cache_hit_rate']:.1%} (tau {settings['ttt']['cache']})")
     notes += [f"{key} {value}" for key, value in speed["counters"].items() if value and key in ("resets", "rollbacks")]
     error = results["table"]["mean"][method]
-    print(f"{folder.name:<27}{error:>9.2f}{speed['samples_per_s']:>11,.0f}  {', '.join(notes)}")
+    steady = speed.get("steady_samples_per_s")  # after the first batch, which compiles
+    print(f"{folder.name:<27}{error:>9.2f}{speed['samples_per_s']:>11,.0f}{steady or float('nan'):>9,.0f}  {', '.join(notes)}")
 PY

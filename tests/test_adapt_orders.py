@@ -170,3 +170,20 @@ def test_combine_seeds_gives_the_mean_and_sample_std_per_set():
     assert combined.seed_errors == [[10.0, 20.0], [14.0, 20.0], [12.0, 26.0]]
     assert combined.counters == {"updates": 15} and combined.samples == 30
     assert combine_seeds([run([10.0, 20.0])]).errors_std == [0.0, 0.0]
+
+
+def test_the_steady_rate_leaves_out_the_first_batch_which_compiles():
+    from tta_cli.adapt.runner import RunResult, run_method
+
+    def run(first_batch):
+        return RunResult("ttt", [1.0], torch.zeros(1, dtype=torch.long), 10.0, 100, {}, "float32", first_batch=first_batch)
+
+    assert run((8.0, 20)).steady_samples_per_s == pytest.approx(80 / 2.0)
+    assert run((10.0, 100)).steady_samples_per_s is None and run(None).steady_samples_per_s is None  # one batch only
+
+    sets = shifted_sets(("fog", "snow"), (1,), size=5)
+    method = NaNAfterTwo(tiny("gn"), None, None, AdaptSettings(), len(CLASSES), torch.device("cpu"))
+    method.adapt = lambda images: torch.zeros(images.shape[0], len(CLASSES))
+    result = run_method(method, sets, build_order(sets, "per-corruption"), device=torch.device("cpu"))
+    seconds, samples = result.first_batch
+    assert samples == method.default_batch and 0 < seconds <= result.seconds and result.steady_samples_per_s > 0

@@ -36,12 +36,20 @@ class RunResult:
     seed_errors: list[list[float]] | None = None  # seed_errors[k][i]: run k's error on sets[i]
     sample_wrong: torch.Tensor | None = None  # float (N_total,): 1 wrong, 0 right (mean over seeds), NaN where not visited
     confidences: torch.Tensor | None = None  # float (N_total,): the softmax probability of the predicted class
+    first_batch: tuple[float, int] | None = None  # (seconds, samples) when the first batch was done: compiling is in it
+
+    @property
+    def steady_samples_per_s(self) -> float | None:
+        """Samples/s after the first batch, which pays for compiling and CUDA-graph capture; None for one batch."""
+        if self.first_batch is None or self.samples <= self.first_batch[1]:
+            return None
+        return (self.samples - self.first_batch[1]) / max(self.seconds - self.first_batch[0], 1e-9)
 
 
 def combine_seeds(runs: list[RunResult]) -> RunResult:
     """One method's runs with different seeds as one result: per set the mean error and its standard deviation
     over the runs (n - 1 in the denominator; 0 for one run); seconds and samples summed, the first run's
-    predictions and confidences; counters summed; per-sample wrongness averaged."""
+    predictions, confidences and first batch; counters summed; per-sample wrongness averaged."""
     errors = torch.tensor([run.errors for run in runs], dtype=torch.float64)  # (runs, sets)
     std = errors.std(0, correction=1) if len(runs) > 1 else torch.zeros(errors.shape[1], dtype=torch.float64)
     counters = {name: sum(run.counters.get(name, 0) for run in runs) for name in runs[0].counters}
@@ -50,6 +58,7 @@ def combine_seeds(runs: list[RunResult]) -> RunResult:
         first.method, errors.mean(0).tolist(), first.predictions, sum(run.seconds for run in runs), sum(run.samples for run in runs),
         counters, first.precision, first.convolutions, std.tolist(), errors.tolist(),
         None if first.sample_wrong is None else torch.stack([run.sample_wrong for run in runs]).mean(0), first.confidences,
+        first.first_batch,
     )
 
 
@@ -75,12 +84,21 @@ def run_method(
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
+    first_batch: list[tuple[float, int]] = []
+
+    def timed(done: int) -> None:
+        if not first_batch:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            first_batch.append((time.perf_counter() - started, done))
+        on_batch(done)
+
     side_by_side = world_size == 1 and not in_order and method.side_by_side(len(segments))
     record = Recorder(predictions)
     if side_by_side:
-        done = adapt_side_by_side(method, images, segments, record, on_batch)
+        done = adapt_side_by_side(method, images, segments, record, timed)
     else:
-        done = adapt_in_order(method, images, segments, record, rank, world_size, on_batch)
+        done = adapt_in_order(method, images, segments, record, rank, world_size, timed)
     counters = method.counters()
     nonfinite, confidences = record.nonfinite, record.confidences
     if world_size > 1:  # every sample was predicted by exactly one rank
@@ -102,7 +120,8 @@ def run_method(
         seen = visited[part].sum().clamp_min(1)
         errors.append(float(100.0 * (wrong[part] * visited[part]).sum() / seen))
     return RunResult(method.name, errors, predictions.cpu(), seconds, done, counters, method.precision(side_by_side),
-                     method.convolutions(side_by_side), sample_wrong=wrong.masked_fill(~visited, float("nan")).cpu(), confidences=confidences.cpu())
+                     method.convolutions(side_by_side), sample_wrong=wrong.masked_fill(~visited, float("nan")).cpu(), confidences=confidences.cpu(),
+                     first_batch=first_batch[0] if first_batch else None)
 
 
 class Recorder:

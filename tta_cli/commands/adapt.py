@@ -400,11 +400,13 @@ def print_table(results, sets) -> dict:
                                       for k, d in columns])
     console.print(table)
     speed = Table(title="throughput")
-    for column in ("method", "samples", "seconds", "samples/s", "counters"):
+    for column in ("method", "samples", "seconds", "samples/s", "after 1st batch", "counters"):
         speed.add_column(column, justify="right" if column != "counters" else "left")
     for result in results:
         counters = ", ".join(f"{k} {v}" for k, v in result.counters.items() if v)
-        speed.add_row(result.method, str(result.samples), f"{result.seconds:.1f}", f"{result.samples / max(result.seconds, 1e-9):,.1f}", counters)
+        steady = result.steady_samples_per_s
+        speed.add_row(result.method, str(result.samples), f"{result.seconds:.1f}", f"{result.samples / max(result.seconds, 1e-9):,.1f}",
+                      "" if steady is None else f"{steady:,.1f}", counters)
     console.print(speed)
     for result in results:
         if result.counters.get("cache_lookups"):
@@ -458,7 +460,8 @@ def write_outputs(out: Path, results, sets, adapters, ckpt, data, selection: dic
         "rows": rows,
         "methods": {
             r.method: {
-                "seconds": r.seconds, "samples": r.samples, "samples_per_s": r.samples / max(r.seconds, 1e-9), "counters": r.counters,
+                "seconds": r.seconds, "samples": r.samples, "samples_per_s": r.samples / max(r.seconds, 1e-9),
+                "steady_samples_per_s": r.steady_samples_per_s, "counters": r.counters,
                 "precision": r.precision, "convolutions": r.convolutions,
                 **({"cache_hit_rate": cache_hit_rate(r)} if r.counters.get("cache_lookups") else {}),
             }
