@@ -11,7 +11,7 @@
 # cache's cosine threshold, 0.99), FORGET (the decay per step, 0.01), EXTRA (flags added to every run, e.g.
 # "--device cpu --steps 1 --copies 2" for a smoke test), WORK (runs/ideas-table), PYTHON (python3), DEADLINE (seconds
 # for all rows: a row is cut at it and later rows are skipped; the table of the finished rows is printed anyway),
-# ROWS (the names of the rows to run, e.g. "continual continual-forget"; all when unset), STREAM (a `tta stream make`
+# ROWS (the names of the rows to run, in that order, e.g. "continual continual-forget"; all when unset), STREAM (a `tta stream make`
 # folder: two more rows, ttt and ttt with the cache on its frames in order, which is what the cache is for).
 set -uo pipefail
 CKPT=${CKPT:?set CKPT to a tta train checkpoint folder}
@@ -23,38 +23,44 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 mkdir -p "$WORK"
 PYTHON=${PYTHON:-python3}
 ADAPT=("$PYTHON" -m tta_cli.cli adapt --ckpt "$CKPT" --force)
-SETS=(--data "$DATA" --corruptions "${CORRUPTIONS:-all}" --severities 5)  # the rows' data; the stream rows change it
+SETS=(--data "$DATA" --corruptions "${CORRUPTIONS:-all}" --severities 5)  # the corrupted rows' data
 [ -n "${N:-}" ] && ADAPT+=(--n "$N")
 NN=(); [ -n "${TRAIN_DATA:-}" ] && NN=(--set "ttt-nn.train_data=$TRAIN_DATA")
 
-# row NAME ARGS...: one `tta adapt` into $WORK/NAME (its log beside it); a failure is reported and the table goes on
+# row NAME ARGS...: one `tta adapt` into $WORK/NAME (its log beside it); a failure is reported and the table goes on.
+# The stream rows read $STREAM instead of the corrupted sets.
 row() {
   local name=$1 left=$(( ${DEADLINE:-864000} - SECONDS )); shift
-  [ -z "${ROWS:-}" ] || [[ " $ROWS " == *" $name "* ]] || return 0
+  local sets=("${SETS[@]}"); [[ $name == stream-* ]] && sets=(--data "$STREAM")
   [ $left -gt 5 ] || { echo "[$(date +%T)] $name: skipped, past DEADLINE"; return; }
   echo "[$(date +%T)] $name: ${*}"
-  timeout $left "${ADAPT[@]}" "${SETS[@]}" "$@" ${EXTRA:-} --out "$WORK/$name" > "$WORK/$name.log" 2>&1
+  timeout $left "${ADAPT[@]}" "${sets[@]}" "$@" ${EXTRA:-} --out "$WORK/$name" > "$WORK/$name.log" 2>&1
   local rc=$?
   [ $rc -eq 0 ] || echo "  failed (exit $rc): $(tail -1 "$WORK/$name.log")"
 }
-row source --method source
-row ttaug --method ttaug
-row ttt --method ttt
-row ttt-nn --method ttt-nn "${NN[@]}"
-row ttt-cache --method ttt --set "ttt.cache=$TAU"
-row ttt-adapters --method ttt --params adapters
-row online --method ttt-online
-row online-adapters --method ttt-online --params adapters
-row continual --method ttt-online --order continual
-row continual-reset --method ttt-online --order continual --reset on-shift
-row continual-rollback --method ttt-online --order continual --rollback
-row continual-forget --method ttt-online --order continual --forget "$FORGET"
-row continual-forget-momentum --method ttt-online --order continual --forget "$FORGET" --set momentum=0.9 --lr 0.0001
+declare -A FLAGS; NAMES=()
+define() { local name=$1; shift; FLAGS[$name]=$(printf '%q ' "$@"); NAMES+=("$name"); }  # a row's flags, quoted for eval
+define source --method source
+define ttaug --method ttaug
+define ttt --method ttt
+define ttt-nn --method ttt-nn "${NN[@]}"
+define ttt-cache --method ttt --set "ttt.cache=$TAU"
+define ttt-adapters --method ttt --params adapters
+define online --method ttt-online
+define online-adapters --method ttt-online --params adapters
+define continual --method ttt-online --order continual
+define continual-reset --method ttt-online --order continual --reset on-shift
+define continual-rollback --method ttt-online --order continual --rollback
+define continual-forget --method ttt-online --order continual --forget "$FORGET"
+define continual-forget-momentum --method ttt-online --order continual --forget "$FORGET" --set momentum=0.9 --lr 0.0001
 if [ -n "${STREAM:-}" ]; then
-  SETS=(--data "$STREAM")
-  row stream-ttt --method ttt
-  row stream-ttt-cache --method ttt --set "ttt.cache=$TAU"
+  define stream-ttt --method ttt
+  define stream-ttt-cache --method ttt --set "ttt.cache=$TAU"
 fi
+for name in ${ROWS:-${NAMES[*]}}; do  # in the order ROWS lists them
+  [ -n "${FLAGS[$name]+set}" ] || { echo "no row $name (rows: ${NAMES[*]}; the stream rows need STREAM)"; continue; }
+  eval "row $name ${FLAGS[$name]}"
+done
 
 "$PYTHON" - "$WORK" <<'PY'
 import json, sys
