@@ -104,6 +104,15 @@ class InitConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """TTT-MAE's training instead of joint training (train/phases.py): the first `ssl_epochs` of optim.epochs train
+    the encoder and ssl head on the ssl loss alone, the rest the main head alone on the frozen encoder. 0: joint."""
+
+    ssl_epochs: int = 0
+    main_lr: float | None = None  # peak learning rate of the main head's epochs; None: optim.lr
+
+
+@dataclass
 class TrainConfig:
     """Everything `tta train` needs; saved in full beside every checkpoint."""
 
@@ -112,6 +121,7 @@ class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     eval_every: int = 5  # epochs between test evaluations (the last epoch always evaluates)
     device: str = "auto"
     seed: int = 0

@@ -1,4 +1,4 @@
-"""`tta train --init FILE`: the classifier's weights read from a file, and the two phases that attach an ssl head.
+"""`tta train --init FILE`: the classifier's weights read from a file (its two phases: phases.py).
 
 Files: a `.pth`/`.pt`/`.bin` state dict (read with `torch.load(weights_only=True)`, so it cannot run code; a dict
 holding one under `state_dict`, `model_state_dict` or `model` works too), a `.safetensors`, or a `tta train`
@@ -18,12 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load
 
-from tta_cli.config import InitConfig, ModelConfig, OptimConfig, TrainConfig, check_range
+from tta_cli.config import InitConfig, ModelConfig, TrainConfig, check_range
 from tta_cli.errors import TTAError
 from tta_cli.models import TTTModel
 from tta_cli.models.attach import classifier_classes, load_classifier
 from tta_cli.train import checkpoint
-from tta_cli.train.schedule import lr_at
 
 WRAPPING_KEYS = ("state_dict", "model_state_dict", "model")  # where training scripts commonly keep the state dict
 
@@ -122,31 +121,3 @@ def normalization(settings: InitConfig, classifier: Classifier, data_mean: list[
     own, else the training set's statistics."""
     known = classifier.normalization or {"mean": data_mean, "std": data_std}
     return settings.mean or known["mean"], settings.std or known["std"]
-
-
-def in_ssl_phase(config: TrainConfig, epoch: int) -> bool:
-    """Whether `epoch` (0-based) trains the ssl head alone."""
-    return config.init.weights is not None and epoch < config.init.ssl_epochs
-
-
-def phase_lr(config: TrainConfig, epoch_float: float) -> float:
-    """optim.schedule within the current phase: the whole run without --init; with it, the ssl-head epochs at
-    optim.lr, then the joint epochs at init.joint_lr."""
-    optim, settings = config.optim, config.init
-    if settings.weights is None:
-        return lr_at(optim, epoch_float)
-    if epoch_float < settings.ssl_epochs:
-        return lr_at(phase_optim(optim, settings.ssl_epochs, optim.lr), epoch_float)
-    return lr_at(phase_optim(optim, optim.epochs - settings.ssl_epochs, settings.joint_lr), epoch_float - settings.ssl_epochs)
-
-
-def phase_optim(optim: OptimConfig, epochs: int, lr: float) -> OptimConfig:
-    return dataclasses.replace(optim, epochs=max(epochs, 1), lr=lr)
-
-
-def set_phase(model: TTTModel, ssl_only: bool) -> None:
-    """In the ssl-head phase the encoder and main head get no gradients and stay in evaluation mode (BatchNorm
-    statistics kept); in the joint phase all of the model trains. Call with the model in training mode."""
-    for part in (model.encoder, model.main_head):
-        part.requires_grad_(not ssl_only)
-        part.train(not ssl_only)

@@ -33,7 +33,8 @@ from tta_cli.models.attach import load_classifier
 from tta_cli.models.batchnorm import has_clean_stats_batchnorm, statistics_from_first
 from tta_cli.tasks import build_task
 from tta_cli.train import checkpoint, embedding_index
-from tta_cli.train.init import Classifier, check_classes, check_init, in_ssl_phase, init_metrics, normalization, phase_lr, read_classifier, set_phase
+from tta_cli.train.init import Classifier, check_classes, check_init, init_metrics, normalization, read_classifier
+from tta_cli.train.phases import Phase, check_probe, phase_at, phase_lr, set_phase
 from tta_cli.train.schedule import lr_at
 
 Events = Callable[..., None]
@@ -63,7 +64,7 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 
 
 class JointLoss(nn.Module):
-    """One step's loss, CE(main head on clean images) + ssl_weight * L(ssl head on the task's inputs).
+    """One step's loss, main_weight * CE(main head on clean images) + ssl_weight * L(ssl head on the task's inputs).
 
     How the encoder sees the two batches:
     - ssl_weight 0: the clean batch alone (a plain supervised model; the ssl head stays as built).
@@ -75,11 +76,13 @@ class JointLoss(nn.Module):
       head reads the 0-degree quarter; other tasks run a separate pass per head.
     """
 
-    def __init__(self, model: TTTModel, task, ssl_weight: float, label_smoothing: float, clean_statistics: bool = False):
+    def __init__(self, model: TTTModel, task, ssl_weight: float, label_smoothing: float, clean_statistics: bool = False,
+                 main_weight: float = 1.0):
         super().__init__()
         self.model = model
         self.task = task
         self.ssl_weight = ssl_weight
+        self.main_weight = main_weight  # 0: the main loss is only reported (probing's pre-training phase)
         self.label_smoothing = label_smoothing
         self.clean_statistics = clean_statistics and has_clean_stats_batchnorm(model)
 
@@ -90,7 +93,8 @@ class JointLoss(nn.Module):
         if ssl_outputs is None:
             return main_loss, main_loss.detach(), torch.zeros_like(main_loss), correct
         ssl_loss = self.task.loss(ssl_outputs, ssl_targets)
-        return main_loss + self.ssl_weight * ssl_loss, main_loss.detach(), ssl_loss.detach(), correct
+        total = self.ssl_weight * ssl_loss if self.main_weight == 0 else self.main_weight * main_loss + self.ssl_weight * ssl_loss
+        return total, main_loss.detach(), ssl_loss.detach(), correct
 
     def outputs(self, images: torch.Tensor, ssl_inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Main logits of `images` and ssl outputs of `ssl_inputs` (None when the ssl loss has weight 0)."""
@@ -124,14 +128,14 @@ def make_optimizer(model: nn.Module, optim: OptimConfig, fused: bool) -> torch.o
     return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), **fused_flag)
 
 
-def make_step(model: TTTModel, task, config: TrainConfig, device: torch.device, new_phase: bool = False) -> nn.Module:
-    """The step's loss module, under DistributedDataParallel with several ranks and torch.compile when asked. Made
-    again when --init's phase changes which parameters train (`new_phase`): DDP fixes them when it wraps, and
+def make_step(model: TTTModel, task, config: TrainConfig, device: torch.device, phase: Phase, new_phase: bool = False) -> nn.Module:
+    """The step's loss module for `phase`, under DistributedDataParallel with several ranks and torch.compile when
+    asked. Made again when the phase changes which parameters train (`new_phase`): DDP fixes them when it wraps, and
     Dynamo does not guard on a parameter's requires_grad (pytorch/pytorch#139476), so without a reset some torch
     versions replay the frozen phase's graph, whose backward leaves the encoder and main head without gradients."""
     if new_phase and config.compile:
         torch._dynamo.reset()
-    step_loss = JointLoss(model, task, config.optim.ssl_weight, config.optim.label_smoothing, config.bn_statistics == "clean")
+    step_loss = JointLoss(model, task, phase.ssl_weight, config.optim.label_smoothing, config.bn_statistics == "clean", phase.main_weight)
     if distributed.world_size() > 1:  # averages the gradients over ranks during backward
         step_loss = DistributedDataParallel(step_loss, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     return torch.compile(step_loss, mode=config.compile_mode) if config.compile else step_loss
@@ -205,6 +209,7 @@ def check_config(config: TrainConfig, resume: bool = False, force: bool = False,
     if config.data.pad_mode not in PAD_MODES:
         raise TTAError(f"unknown data.pad_mode {config.data.pad_mode!r}; choose one of: {', '.join(PAD_MODES)}")
     build_model(config.model, build_task(config.task))
+    check_probe(config)
     if config.init.weights is not None and not resume:
         check_init(config, classifier or read_classifier(config.init.weights), build_task(config.task))
     refuse_overwrite(Path(config.out), resume, force)
@@ -312,16 +317,16 @@ def train(
     started = time.perf_counter() - (history[-1]["seconds"] if history else 0.0)
     metrics: dict = history[-1] if history else {}
     on_event("start", epochs=config.optim.epochs, steps_per_epoch=steps_per_epoch, start_epoch=start_epoch)
-    compiled_loss, ssl_only = None, None
+    compiled_loss, current = None, None
     for epoch in range(start_epoch, config.optim.epochs):
         loader.set_epoch(epoch)
-        phase = in_ssl_phase(config, epoch)
+        phase = phase_at(config, epoch)
         set_phase(model, phase)  # every epoch: evaluate leaves the whole model in training mode
-        if phase != ssl_only or compiled_loss is None:  # a new phase trains other parameters
-            if epoch > 0 and phase != in_ssl_phase(config, epoch - 1):  # the first joint epoch, resumed or not
-                optimizer.state.clear()  # the joint phase starts its own schedule with fresh optimizer state (and a
+        if phase != current:  # a new phase trains other parameters
+            if epoch > 0 and phase != phase_at(config, epoch - 1):  # a later phase's first epoch, resumed or not
+                optimizer.state.clear()  # each phase starts its own schedule with fresh optimizer state (and a
                 # fused SGD needs momentum buffers for all of its parameters or for none)
-            compiled_loss, ssl_only = make_step(model, task, config, device, new_phase=compiled_loss is not None), phase
+            compiled_loss, current = make_step(model, task, config, device, phase, new_phase=compiled_loss is not None), phase
         totals = torch.zeros(4, device=device)  # loss sum, main loss sum, ssl loss sum, correct
         seen = 0
         for step, (images, labels) in enumerate(loader):
