@@ -173,13 +173,16 @@ def test_combine_seeds_gives_the_mean_and_sample_std_per_set():
 
 
 def test_the_steady_rate_leaves_out_the_first_batch_which_compiles():
-    from tta_cli.adapt.runner import RunResult, run_method
+    from tta_cli.adapt.runner import RunResult, combine_seeds, run_method
 
     def run(first_batch):
         return RunResult("ttt", [1.0], torch.zeros(1, dtype=torch.long), 10.0, 100, {}, "float32", first_batch=first_batch)
 
     assert run((8.0, 20)).steady_samples_per_s == pytest.approx(80 / 2.0)
     assert run((10.0, 100)).steady_samples_per_s is None and run(None).steady_samples_per_s is None  # one batch only
+    combined = combine_seeds([run((8.0, 20)), run((8.0, 20))])  # each seed compiles again: both first batches count
+    assert combined.first_batch == (16.0, 40) and combined.steady_samples_per_s == pytest.approx(160 / 4.0)
+    assert combine_seeds([run((8.0, 20)), run(None)]).first_batch is None
 
     sets = shifted_sets(("fog", "snow"), (1,), size=5)
     method = NaNAfterTwo(tiny("gn"), None, None, AdaptSettings(), len(CLASSES), torch.device("cpu"))

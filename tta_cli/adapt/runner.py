@@ -36,11 +36,13 @@ class RunResult:
     seed_errors: list[list[float]] | None = None  # seed_errors[k][i]: run k's error on sets[i]
     sample_wrong: torch.Tensor | None = None  # float (N_total,): 1 wrong, 0 right (mean over seeds), NaN where not visited
     confidences: torch.Tensor | None = None  # float (N_total,): the softmax probability of the predicted class
-    first_batch: tuple[float, int] | None = None  # (seconds, samples) when the first batch was done: compiling is in it
+    # (seconds, samples) at the first progress report: after the first batch, the first 64 steps of online streams
+    # side by side, or the first ~1,000 samples of a sequence method. Compiling and CUDA-graph capture happen there.
+    first_batch: tuple[float, int] | None = None
 
     @property
     def steady_samples_per_s(self) -> float | None:
-        """Samples/s after the first batch, which pays for compiling and CUDA-graph capture; None for one batch."""
+        """Samples/s after the first progress report (first_batch); None when that report was the last."""
         if self.first_batch is None or self.samples <= self.first_batch[1]:
             return None
         return (self.samples - self.first_batch[1]) / max(self.seconds - self.first_batch[0], 1e-9)
@@ -49,7 +51,8 @@ class RunResult:
 def combine_seeds(runs: list[RunResult]) -> RunResult:
     """One method's runs with different seeds as one result: per set the mean error and its standard deviation
     over the runs (n - 1 in the denominator; 0 for one run); seconds and samples summed, the first run's
-    predictions, confidences and first batch; counters summed; per-sample wrongness averaged."""
+    predictions and confidences; counters and first batches summed (each run compiles or captures again);
+    per-sample wrongness averaged."""
     errors = torch.tensor([run.errors for run in runs], dtype=torch.float64)  # (runs, sets)
     std = errors.std(0, correction=1) if len(runs) > 1 else torch.zeros(errors.shape[1], dtype=torch.float64)
     counters = {name: sum(run.counters.get(name, 0) for run in runs) for name in runs[0].counters}
@@ -58,8 +61,15 @@ def combine_seeds(runs: list[RunResult]) -> RunResult:
         first.method, errors.mean(0).tolist(), first.predictions, sum(run.seconds for run in runs), sum(run.samples for run in runs),
         counters, first.precision, first.convolutions, std.tolist(), errors.tolist(),
         None if first.sample_wrong is None else torch.stack([run.sample_wrong for run in runs]).mean(0), first.confidences,
-        first.first_batch,
+        first_batches(runs),
     )
+
+
+def first_batches(runs: list[RunResult]) -> tuple[float, int] | None:
+    """Every run's first batch together (seconds, samples), or None when a run has none."""
+    if any(run.first_batch is None for run in runs):
+        return None
+    return sum(run.first_batch[0] for run in runs), sum(run.first_batch[1] for run in runs)
 
 
 def run_method(
