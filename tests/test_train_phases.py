@@ -83,8 +83,34 @@ def test_a_probe_run_moves_each_part_only_in_its_phase(tmp_path):
     (["--set", "probe.ssl_epochs=1", "--set", "optim.ssl_weight=0"], "optim.ssl_weight is 0"),
     (["--set", "probe.ssl_epochs=-1"], "probe.ssl_epochs"),
     (["--set", "probe.ssl_epochs=1", "--set", "probe.main_lr=-0.1"], "probe.main_lr"),
+    (["--set", "probe.ssl_epochs=1", "--set", "probe.main_lr=0"], "probe.main_lr must be above 0"),
     (["--set", "probe.ssl_epochs=1", "--init", "classifier.pth"], "use one of them"),
 ])
 def test_bad_probe_settings_are_one_line(flags, message, tmp_path):
     result = run_cli(["train", QUICKSTART, *TINY_TRAIN_ARGS, "--epochs", "2", *flags, "--out", tmp_path / "run"])
     assert_one_line_error(result, message)
+
+
+@pytest.mark.parametrize("task", ["masked", "rotation"])
+def test_the_ssl_phase_gives_the_encoder_the_ssl_loss_gradient_alone(task):
+    """main_weight 0: the encoder's gradient is exactly the ssl loss's, whatever the main head predicts."""
+    from tta_cli.config import ModelConfig, TaskConfig
+    from tta_cli.tasks import build_task
+    from tta_cli.train.loop import JointLoss
+
+    torch.manual_seed(0)
+    task_object = build_task(TaskConfig(name=task, rotation_mode="expand"))
+    model = build_model(ModelConfig(depth=8), task_object).double()
+    images, labels = torch.rand(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
+    ssl_inputs, ssl_targets = task_object.make_batch(images, mode="train", generator=torch.Generator().manual_seed(1))
+
+    def encoder_gradients(loss: torch.Tensor) -> list[torch.Tensor]:
+        return torch.autograd.grad(loss, list(model.encoder.parameters()))
+
+    probe_loss = JointLoss(model, task_object, 0.5, 0.0, main_weight=0.0)(images, labels, ssl_inputs, ssl_targets)[0]
+    ssl_alone = 0.5 * task_object.loss(model.ssl(ssl_inputs), ssl_targets)
+    joint_loss = JointLoss(model, task_object, 0.5, 0.0)(images, labels, ssl_inputs, ssl_targets)[0]
+    probe, alone, joint = encoder_gradients(probe_loss), encoder_gradients(ssl_alone), encoder_gradients(joint_loss)
+    for from_probe, from_ssl in zip(probe, alone, strict=True):
+        torch.testing.assert_close(from_probe, from_ssl, rtol=1e-12, atol=1e-14)
+    assert any(not torch.allclose(p, j) for p, j in zip(probe, joint, strict=True))  # the main loss does reach it jointly

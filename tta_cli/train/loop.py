@@ -1,4 +1,5 @@
-"""Joint training: loss = CE(main head on clean images) + ssl_weight * L(ssl head on task inputs).
+"""Training: loss = CE(main head on clean images) + ssl_weight * L(ssl head on task inputs), jointly or in the
+phases of train/phases.py (--init's, or probing's ssl pre-training then the main head alone).
 
 GPU-resident data and augmentation, bf16 autocast + channels_last on CUDA, optional torch.compile.
 The loop never prints: it reports through `on_event(kind, **values)` for the CLI to render.
@@ -92,7 +93,7 @@ class JointLoss(nn.Module):
         correct = (main_logits.argmax(1) == labels).sum()
         if ssl_outputs is None:
             return main_loss, main_loss.detach(), torch.zeros_like(main_loss), correct
-        ssl_loss = self.task.loss(ssl_outputs, ssl_targets)
+        ssl_loss = self.task.loss(ssl_outputs, ssl_targets)  # with main_weight 0 the main pass only gives train_acc
         total = self.ssl_weight * ssl_loss if self.main_weight == 0 else self.main_weight * main_loss + self.ssl_weight * ssl_loss
         return total, main_loss.detach(), ssl_loss.detach(), correct
 
@@ -262,7 +263,7 @@ def train(
     force: bool = False,
     on_event: Events = lambda kind, **values: None,
 ) -> TrainResult:
-    """Train a TTTModel jointly and write its checkpoint to `config.out` (rank 0 writes; every rank returns the result)."""
+    """Train a TTTModel (jointly, or in the phases of train/phases.py) and write its checkpoint to `config.out` (rank 0 writes; every rank returns the result)."""
     out_dir = Path(config.out)
     classifier = read_classifier(config.init.weights) if config.init.weights is not None and not resume else None
     check_config(config, resume, force, classifier)

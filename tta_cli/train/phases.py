@@ -45,7 +45,8 @@ def phases(config: TrainConfig) -> list[Phase]:
     elif config.probe.ssl_epochs:
         first = config.probe.ssl_epochs
         planned = [Phase("ssl", 0, first, optim.lr, ("encoder", "ssl_head"), 0.0, optim.ssl_weight),
-                   Phase("probe", first, epochs - first, config.probe.main_lr or optim.lr, ("main_head",), 1.0, 0.0)]
+                   Phase("probe", first, epochs - first, optim.lr if config.probe.main_lr is None else config.probe.main_lr,
+                         ("main_head",), 1.0, 0.0)]
     else:
         planned = [Phase("joint", 0, epochs, optim.lr, PARTS, 1.0, optim.ssl_weight)]
     return [phase for phase in planned if phase.epochs > 0] or planned[-1:]
@@ -75,8 +76,8 @@ def check_probe(config: TrainConfig) -> None:
     """Probing needs a self-supervised loss, epochs left for the main head, and no --init."""
     settings = config.probe
     check_range("probe.ssl_epochs", settings.ssl_epochs, 0)
-    if settings.main_lr is not None:
-        check_range("probe.main_lr", settings.main_lr, 0)
+    if settings.main_lr is not None and not settings.main_lr > 0:
+        raise TTAError(f"probe.main_lr must be above 0 (or null for optim.lr), got {settings.main_lr}")
     if not settings.ssl_epochs:
         return
     if config.init.weights is not None:
