@@ -32,6 +32,8 @@ def test_adapt_writes_results_json_csv_and_a_plot(tiny_checkpoint, tmp_path):
     assert results["table"]["corruptions"] == ["gaussian_noise", "fog"]
     for method in ("source", "ttt", "ttt-online"):
         assert results["methods"][method]["samples"] == 40 and results["methods"][method]["seconds"] > 0
+        first = results["methods"][method]["first_batch"]
+        assert 0 < first["samples"] <= 40 and 0 < first["seconds"] <= results["methods"][method]["seconds"]
         assert results["methods"][method]["precision"] == "float32"  # bf16 autocast happens on CUDA only
         assert results["methods"][method]["convolutions"] == "torch"  # Triton's only on CUDA
         assert 0.0 <= results["table"]["mean"][method] <= 100.0

@@ -461,7 +461,9 @@ def write_outputs(out: Path, results, sets, adapters, ckpt, data, selection: dic
         "methods": {
             r.method: {
                 "seconds": r.seconds, "samples": r.samples, "samples_per_s": r.samples / max(r.seconds, 1e-9),
-                "steady_samples_per_s": r.steady_samples_per_s, "counters": r.counters,
+                "steady_samples_per_s": r.steady_samples_per_s,
+                "first_batch": None if r.first_batch is None else {"seconds": r.first_batch[0], "samples": r.first_batch[1]},
+                "counters": r.counters,
                 "precision": r.precision, "convolutions": r.convolutions,
                 **({"cache_hit_rate": cache_hit_rate(r)} if r.counters.get("cache_lookups") else {}),
             }
