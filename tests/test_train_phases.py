@@ -26,7 +26,7 @@ def test_joint_training_is_one_phase_on_the_whole_schedule():
     assert (joint.name, joint.start, joint.epochs, joint.main_weight, joint.ssl_weight) == ("joint", 0, 10, 1.0, 0.5)
     assert set(joint.trains) == {"encoder", "main_head", "ssl_head"}
     for epoch in (0.0, 0.5, 3.25, 9.9):
-        assert phase_lr(config, epoch) == lr_at(OPTIM, epoch)
+        assert phase_lr(OPTIM, joint, epoch) == lr_at(OPTIM, epoch)
 
 
 def test_probing_pretrains_encoder_and_ssl_head_then_trains_the_main_head_alone():
@@ -38,8 +38,8 @@ def test_probing_pretrains_encoder_and_ssl_head_then_trains_the_main_head_alone(
     assert (probe.main_weight, probe.ssl_weight) == (1.0, 0.0)
     assert phase_at(config, 5) == ssl and phase_at(config, 6) == probe
     # the schedule, warm-up included, starts again in each phase
-    assert phase_lr(config, 6.5) == lr_at(dataclasses.replace(OPTIM, epochs=4, lr=0.02), 0.5)
-    assert phase_lr(config, 2.0) == lr_at(dataclasses.replace(OPTIM, epochs=6), 2.0)
+    assert phase_lr(OPTIM, probe, 6.5) == lr_at(dataclasses.replace(OPTIM, epochs=4, lr=0.02), 0.5)
+    assert phase_lr(OPTIM, ssl, 2.0) == lr_at(dataclasses.replace(OPTIM, epochs=6), 2.0)
 
 
 def test_init_phases_are_as_before():

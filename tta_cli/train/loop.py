@@ -324,14 +324,14 @@ def train(
         phase = phase_at(config, epoch)
         set_phase(model, phase)  # every epoch: evaluate leaves the whole model in training mode
         if phase != current:  # a new phase trains other parameters
-            if epoch > 0 and phase != phase_at(config, epoch - 1):  # a later phase's first epoch, resumed or not
+            if epoch > 0 and epoch == phase.start:  # a later phase's first epoch, resumed or not
                 optimizer.state.clear()  # each phase starts its own schedule with fresh optimizer state (and a
                 # fused SGD needs momentum buffers for all of its parameters or for none)
             compiled_loss, current = make_step(model, task, config, device, phase, new_phase=compiled_loss is not None), phase
         totals = torch.zeros(4, device=device)  # loss sum, main loss sum, ssl loss sum, correct
         seen = 0
         for step, (images, labels) in enumerate(loader):
-            lr = phase_lr(config, epoch + step / steps_per_epoch)
+            lr = phase_lr(config.optim, phase, epoch + step / steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             ssl_inputs, ssl_targets = task.make_batch(images, mode="train", generator=generator, shard=shard)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from tta_cli.config import TrainConfig, check_range
+from tta_cli.config import OptimConfig, TrainConfig, check_range
 from tta_cli.errors import TTAError
 from tta_cli.train.schedule import lr_at
 
@@ -57,11 +57,10 @@ def phase_at(config: TrainConfig, epoch: int) -> Phase:
     return [phase for phase in phases(config) if phase.start <= epoch][-1]
 
 
-def phase_lr(config: TrainConfig, epoch_float: float) -> float:
-    """The learning rate at `epoch_float` (fractional epochs): optim.schedule within the phase, at its rate."""
-    phase = phase_at(config, int(epoch_float))
-    schedule = dataclasses.replace(config.optim, epochs=max(phase.epochs, 1), lr=phase.lr)
-    return lr_at(schedule, epoch_float - phase.start)
+def phase_lr(optim: OptimConfig, phase: Phase, epoch_float: float) -> float:
+    """The learning rate at `epoch_float` (fractional epochs of the run) in `phase`: optim.schedule over the phase's
+    epochs, at its rate."""
+    return lr_at(dataclasses.replace(optim, epochs=max(phase.epochs, 1), lr=phase.lr), epoch_float - phase.start)
 
 
 def set_phase(model, phase: Phase) -> None:
