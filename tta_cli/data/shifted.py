@@ -308,12 +308,11 @@ def _load_severity_folders(
 def _load_stream_folder(root: Path, n: int | None) -> ImageSet:
     """A `tta stream make` folder's frames (T, S, S, 3) and per-frame labels, checked against its manifest."""
     from tta_cli.stream.make import load_stream_labels
+    from tta_cli.stream.sources import open_frames_npy
 
     truth = load_stream_labels(root)  # verifies the manifest of the label files
     frames_path = root / "frames.npy"
-    frames = open_npy(frames_path)
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise TTAError(f"{frames_path} is {frames.dtype} {tuple(frames.shape)}; expected uint8 (T, S, S, 3) frames")
+    frames = open_frames_npy(frames_path)
     if truth.labels.shape[0] != frames.shape[0]:
         raise TTAError(f"{root} has {frames.shape[0]} frames but labels for {truth.labels.shape[0]}: make the stream again")
     class_names = truth.class_names or list(CIFAR10_CLASSES)

@@ -284,19 +284,25 @@ def _open_path(path: Path) -> _Reader:
     )
 
 
+def open_frames_npy(path: Path) -> np.ndarray:
+    """A .npy of frames, memory-mapped and checked: uint8 (T, H, W, 3) with T > 0 (frames.npy of `tta stream make`)."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise TTAError(f"cannot read {path} as a .npy array: {error}") from None
+    if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise TTAError(
+            f"{path} holds a {array.dtype} array of shape {array.shape}; "
+            "frames must be uint8 of shape (T, H, W, 3) (RGB, channels last)"
+        )
+    if array.shape[0] == 0:
+        raise TTAError(f"{path} holds no frames (T = 0)")
+    return array
+
+
 class _NpyReader(_Reader):
     def __init__(self, path: Path):
-        try:
-            self.array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise TTAError(f"cannot read {path} as a .npy array: {error}") from None
-        if self.array.ndim != 4 or self.array.shape[-1] != 3 or self.array.dtype != np.uint8:
-            raise TTAError(
-                f"{path} holds a {self.array.dtype} array of shape {self.array.shape}; "
-                "frames must be uint8 of shape (T, H, W, 3) (RGB, channels last)"
-            )
-        if self.array.shape[0] == 0:
-            raise TTAError(f"{path} holds no frames (T = 0)")
+        self.array = open_frames_npy(path)
         self.length = int(self.array.shape[0])
         self.description = str(path)
 
